@@ -1,0 +1,53 @@
+"""sklearn → ONNX export with a parity check that fails loudly.
+
+The served model is the ONNX file, so it must answer like the model that was evaluated: on a holdout,
+every probability may differ from sklearn's by at most ``PARITY_TOLERANCE``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from skl2onnx import to_onnx
+from skl2onnx.common.data_types import FloatTensorType
+
+PARITY_TOLERANCE = 1e-5
+INPUT_NAME = "features"
+TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
+
+
+class ParityError(RuntimeError):
+    """The ONNX model does not reproduce the sklearn model's probabilities."""
+
+
+def export(model, n_features: int) -> bytes:
+    onx = to_onnx(
+        model,
+        initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))],
+        options={id(model): {"zipmap": False}},
+        target_opset=TARGET_OPSET,
+    )
+    return onx.SerializeToString()
+
+
+def onnx_positive_proba(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {INPUT_NAME: x.astype(np.float32)})
+    return positive_proba(outputs)
+
+
+def positive_proba(outputs: list[np.ndarray]) -> np.ndarray:
+    """The probability of class 1 from a classifier's (label, probabilities) outputs."""
+    return np.asarray(outputs[1], dtype=np.float64)[:, 1]
+
+
+def check_parity(onnx_bytes: bytes, model, x: np.ndarray, tolerance: float = PARITY_TOLERANCE) -> float:
+    """Max |onnx - sklearn| over ``x``; raises :class:`ParityError` above ``tolerance``."""
+    # sklearn trees compare float32 inputs as ONNX does; feed both the same float32 values.
+    x32 = x.astype(np.float32)
+    expected = model.predict_proba(x32)[:, 1]
+    got = onnx_positive_proba(onnx_bytes, x32)
+    diff = float(np.max(np.abs(expected - got))) if len(x32) else 0.0
+    if not np.isfinite(diff) or diff > tolerance:
+        raise ParityError(f"ONNX export differs from sklearn by {diff:.3g} (> {tolerance:g}) on {len(x32)} rows")
+    return diff

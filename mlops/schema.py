@@ -1,0 +1,19 @@
+"""The model's feature contract, shared by data generation, training, Feast, serving and drift."""
+
+from __future__ import annotations
+
+ENTITY = "customer_id"
+FEATURE_VIEW = "customer_stats"
+# Features kept per customer in the online store (Feast feature view `customer_stats`).
+STORE_FEATURES: tuple[str, ...] = (
+    "total_purchases",
+    "avg_order_value",
+    "days_since_last_order",
+    "lifetime_value",
+)
+# Features that only exist at request time and come with each prediction request.
+REQUEST_FEATURES: tuple[str, ...] = ("transaction_amount",)
+# Column order of the model's input matrix.
+MODEL_FEATURES: tuple[str, ...] = STORE_FEATURES + REQUEST_FEATURES
+LABEL = "is_fraud"
+TIMESTAMP = "event_timestamp"

@@ -1,0 +1,352 @@
+"""Start and stop the real Redis and Kafka that the stack and its tests use.
+
+Redis is Debian's ``redis-server``; Kafka is the Apache broker in KRaft mode (one node, broker+controller)
+run from the Maven Central jars, resolved once into a cache folder. Both listen on free loopback ports;
+their addresses go to one env file (``<run-dir>/services.env``) that :class:`mlops.settings.Settings`
+reads. Process ids live in ``<run-dir>/services.json`` so that ``down`` (or the next ``up``) never leaves a
+stray process behind. A service restarted with ``up --only kafka`` keeps its port and data, which is what
+the broker-outage tests rely on.
+
+    python -m mlops.services up|down|status [--only redis|kafka] [--run-dir .run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KAFKA_POM = ROOT / "scripts" / "kafka" / "pom.xml"
+KAFKA_VERSION = "4.1.1"
+DEFAULT_RUN_DIR = Path(".run")
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlops-stack"
+SERVICES = ("redis", "kafka")
+# Topics the stack uses, with their partition counts (more partitions let drift consumers scale out).
+TOPICS = {"predictions": 3, "drift-alerts": 1, "predictions-dlq": 1}
+
+
+class ServiceError(RuntimeError):
+    """A service could not be installed, started or reached."""
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "services.json"
+
+    @property
+    def env_file(self) -> Path:
+        return self.path / "services.env"
+
+    def load(self) -> dict:
+        if self.state_file.exists():
+            return json.loads(self.state_file.read_text())
+        return {}
+
+    def save(self, state: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(state, indent=2))
+        lines = []
+        if "redis" in state:
+            lines.append(f"MLOPS_REDIS_ADDRESS=127.0.0.1:{state['redis']['port']}")
+        if "kafka" in state:
+            lines.append(f"MLOPS_KAFKA_BOOTSTRAP=127.0.0.1:{state['kafka']['port']}")
+        self.env_file.write_text("\n".join(lines) + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def process_alive(pid: int, marker: str) -> bool:
+    """True when ``pid`` runs and its command line names ``marker`` (guards against reused pids)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return marker in cmdline
+
+
+def stop_process(pid: int, marker: str, timeout: float = 30.0) -> None:
+    if not process_alive(pid, marker):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process_alive(pid, marker):
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_checked(cmd: list[str], what: str, **kwargs) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+        raise ServiceError(f"{what} failed ({result.returncode}): {' | '.join(tail)}")
+
+
+# --- Redis -------------------------------------------------------------------------------------------
+
+
+def ensure_redis_installed() -> str:
+    exe = shutil.which("redis-server")
+    if exe:
+        return exe
+    if os.geteuid() != 0:
+        raise ServiceError("redis-server is missing; install it with: sudo apt-get install -y redis-server")
+    run_checked(["apt-get", "update", "-qq"], "apt-get update")
+    run_checked(["apt-get", "install", "-y", "-qq", "redis-server"], "apt-get install redis-server",
+                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    exe = shutil.which("redis-server")
+    if not exe:
+        raise ServiceError("redis-server still missing after apt-get install")
+    return exe
+
+
+def start_redis(run: RunDir, port: int) -> int:
+    exe = ensure_redis_installed()
+    data = run.path / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    log = open(run.path / "redis.log", "ab")
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve()),
+         "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    wait_until(lambda: redis_ping(port), 20, f"redis on port {port}", proc)
+    return proc.pid
+
+
+def redis_ping(port: int) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+# --- Kafka -------------------------------------------------------------------------------------------
+
+
+def kafka_lib(cache: Path = DEFAULT_CACHE) -> Path:
+    """The broker's jars, resolved with Maven on first use and cached afterwards."""
+    lib = cache / f"kafka-{KAFKA_VERSION}" / "lib"
+    if (lib / f"kafka_2.13-{KAFKA_VERSION}.jar").exists():
+        return lib
+    if not shutil.which("mvn") or not shutil.which("java"):
+        raise ServiceError("java and mvn are needed to fetch the Kafka broker jars (apt-get install maven)")
+    tmp = lib.with_name("lib.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    run_checked(["mvn", "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
+                 f"-DoutputDirectory={tmp}", "-DincludeScope=runtime", f"-Dkafka.version={KAFKA_VERSION}"],
+                "mvn dependency:copy-dependencies (Kafka jars)")
+    shutil.rmtree(lib, ignore_errors=True)
+    tmp.rename(lib)
+    return lib
+
+
+def kafka_properties(run: RunDir, port: int, controller_port: int) -> Path:
+    data = (run.path / "kafka" / "data").resolve()
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
+        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "log.dirs": str(data),
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "3",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "num.partitions": "3",
+        "auto.create.topics.enable": "true",
+        "log.retention.hours": "168",
+    }
+    path = run.path / "kafka" / "server.properties"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    return path
+
+
+def start_kafka(run: RunDir, port: int, controller_port: int) -> int:
+    lib = kafka_lib()
+    java = shutil.which("java")
+    assert java
+    props = kafka_properties(run, port, controller_port)
+    classpath = f"{lib}/*"
+    if not (run.path / "kafka" / "data" / "meta.properties").exists():
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        run_checked([java, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+                     "-c", str(props)], "kafka storage format")
+    log = open(run.path / "kafka.log", "ab")
+    proc = subprocess.Popen(
+        [java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+         "-cp", classpath, "kafka.Kafka", str(props)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    wait_until(lambda: kafka_ready(port), 90, f"kafka on port {port}", proc)
+    create_topics(f"127.0.0.1:{port}")
+    return proc.pid
+
+
+def kafka_ready(port: int) -> bool:
+    if not port_open(port):
+        return False
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=3000)
+        try:
+            admin.list_topics()
+            return True
+        finally:
+            admin.close()
+    except (KafkaError, OSError):
+        return False
+
+
+def create_topics(bootstrap: str, topics: dict[str, int] = TOPICS) -> None:
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(name, parts, 1) for name, parts in topics.items() if name not in existing]
+        if new:
+            admin.create_topics(new)
+    finally:
+        admin.close()
+
+
+# --- Orchestration -----------------------------------------------------------------------------------
+
+MARKERS = {"redis": "redis-server", "kafka": "kafka.Kafka"}
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(f"{what} exited with code {proc.returncode} during start (see its log)")
+        if check():
+            return
+        time.sleep(0.3)
+    if proc is not None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    raise ServiceError(f"{what} did not become reachable within {timeout:.0f}s")
+
+
+def is_running(state: dict, name: str) -> bool:
+    entry = state.get(name)
+    return bool(entry) and process_alive(entry["pid"], MARKERS[name])
+
+
+def up(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None) -> dict:
+    """Start what is not running yet (reusing recorded ports, so restarts keep their address)."""
+    run = RunDir(run_dir)
+    state = run.load()
+    for name in SERVICES if only is None else (only,):
+        if is_running(state, name):
+            continue
+        entry = state.get(name, {})
+        if name == "redis":
+            port = entry.get("port") or free_port()
+            state[name] = {"port": port, "pid": start_redis(run, port)}
+        else:
+            port = entry.get("port") or free_port()
+            cport = entry.get("controller_port") or free_port()
+            state[name] = {"port": port, "controller_port": cport, "pid": start_kafka(run, port, cport)}
+        run.save(state)
+    return state
+
+
+def down(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None, purge: bool = False) -> None:
+    """Stop the recorded processes; ``purge`` also deletes their data (ports are forgotten)."""
+    run = RunDir(run_dir)
+    state = run.load()
+    for name in SERVICES if only is None else (only,):
+        entry = state.get(name)
+        if entry:
+            stop_process(entry["pid"], MARKERS[name])
+            entry["pid"] = 0
+    if purge:
+        for name in SERVICES if only is None else (only,):
+            state.pop(name, None)
+            shutil.rmtree(run.path / name, ignore_errors=True)
+    run.save(state)
+
+
+def status(run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, dict]:
+    state = RunDir(run_dir).load()
+    return {
+        name: {"running": is_running(state, name), "port": state.get(name, {}).get("port")}
+        for name in SERVICES
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlops-services", description="Start/stop local Redis and Kafka.")
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--only", choices=SERVICES)
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    parser.add_argument("--purge", action="store_true", help="with down: delete data and forget ports")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "up":
+            up(args.run_dir, args.only)
+            print(f"services up; addresses in {RunDir(args.run_dir).env_file}")
+            print(RunDir(args.run_dir).env_file.read_text().strip())
+        elif args.action == "down":
+            down(args.run_dir, args.only, args.purge)
+            print("services down")
+        else:
+            report = status(args.run_dir)
+            for name, info in report.items():
+                print(f"{name}: {'running' if info['running'] else 'stopped'} port={info['port']}")
+            return 0 if all(i["running"] for i in report.values()) else 1
+    except ServiceError as exc:
+        print(f"mlops-services: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""One typed settings object for every process of the stack.
+
+Values come from environment variables prefixed ``MLOPS_`` and, underneath them, from the env file that
+``mlops-services up`` writes (``.run/services.env`` by default, or the file named by ``MLOPS_ENV_FILE``).
+Real environment variables win over the file, so a deployment can override anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MLOPS_"
+DEFAULT_ENV_FILE = Path(".run/services.env")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    # Local services (written by `mlops-services up`).
+    redis_address: str = Field("127.0.0.1:6379", description="host:port of the Redis online store")
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="comma-separated Kafka bootstrap servers")
+
+    # Topics.
+    predictions_topic: str = "predictions"
+    alerts_topic: str = "drift-alerts"
+
+    # Model and features.
+    model_name: str = "fraud_detector"
+    model_version: str | None = Field(None, description="version to serve; latest in the store when unset")
+    feature_repo: Path = Path("feature_repo")
+    onnx_provider: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Serving.
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    max_latency_ms: int = Field(20, ge=1, le=10_000)
+    max_request_rows: int = Field(256, ge=1, description="largest batch a client may send in one request")
+
+    # Prediction log.
+    publish_queue_size: int = Field(10_000, ge=1)
+    spool_path: Path = Path(".run/spool/predictions.jsonl")
+    spool_max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    kafka_retry_interval_s: float = Field(2.0, gt=0)
+
+    @property
+    def redis_host(self) -> str:
+        return self.redis_address.rsplit(":", 1)[0]
+
+    @property
+    def redis_port(self) -> int:
+        return int(self.redis_address.rsplit(":", 1)[1])
+
+    @classmethod
+    def load(cls, env_file: Path | None = None) -> Settings:
+        """Settings from the environment, over the services env file when it exists."""
+        path = env_file or Path(os.environ.get(f"{ENV_PREFIX}ENV_FILE", DEFAULT_ENV_FILE))
+        return cls(_env_file=path if path.exists() else None)

@@ -1,0 +1,115 @@
+"""Train the fraud model, export it to ONNX with a parity check, and store it with its metadata."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.model_selection import train_test_split
+
+from mlops import data as datamod
+from mlops import model_store
+from mlops.onnx_export import ParityError, check_parity, export
+from mlops.schema import LABEL, MODEL_FEATURES
+from mlops.settings import Settings
+
+DEFAULT_PARAMS: dict[str, Any] = {"n_estimators": 150, "max_depth": 3, "learning_rate": 0.1, "random_state": 0}
+
+
+@dataclass
+class TrainedModel:
+    estimator: GradientBoostingClassifier
+    onnx_bytes: bytes
+    metrics: dict[str, float]
+    params: dict[str, Any]
+    data_hash: str
+    x_holdout: np.ndarray
+    y_holdout: np.ndarray
+
+
+def data_hash(x: np.ndarray, y: np.ndarray) -> str:
+    """Content hash of the training matrix (independent of file layout and timestamps)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(x, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def train(dataset: datamod.Dataset, params: dict[str, Any] | None = None, holdout: float = 0.25) -> TrainedModel:
+    params = {**DEFAULT_PARAMS, **(params or {})}
+    frame = datamod.training_frame(dataset)
+    x = frame[list(MODEL_FEATURES)].to_numpy(dtype=np.float64)
+    y = frame[LABEL].to_numpy(dtype=np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=holdout, random_state=0, stratify=y)
+    estimator = GradientBoostingClassifier(**params).fit(x_tr, y_tr)
+    onnx_bytes = export(estimator, x.shape[1])
+    parity = check_parity(onnx_bytes, estimator, x_te)
+    proba = estimator.predict_proba(x_te.astype(np.float32))[:, 1]
+    metrics = {
+        "auc": float(roc_auc_score(y_te, proba)),
+        "accuracy": float(accuracy_score(y_te, proba >= 0.5)),
+        "onnx_parity_max_abs_diff": parity,
+        "n_train": int(len(y_tr)),
+        "n_holdout": int(len(y_te)),
+    }
+    return TrainedModel(estimator, onnx_bytes, metrics, params, data_hash(x, y), x_te, y_te)
+
+
+def register(trained: TrainedModel, name: str, version: str | None = None) -> model_store.StoredModel:
+    version = version or model_store.next_version(name)
+    metadata = {
+        "name": name,
+        "version": version,
+        "metrics": trained.metrics,
+        "params": trained.params,
+        "training_data_hash": trained.data_hash,
+        "features": list(MODEL_FEATURES),
+        "git_commit": git_commit(),
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+    return model_store.save(name, version, trained.onnx_bytes, metadata)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlops-train", description="Train, export to ONNX and store the model.")
+    parser.add_argument("--data-dir", type=Path, default=Path("feature_repo/data"))
+    parser.add_argument("--name", default=None, help="model name (default: MLOPS_MODEL_NAME)")
+    parser.add_argument("--version", default=None, help="version to store (default: next vN)")
+    args = parser.parse_args(argv)
+    name = args.name or Settings.load().model_name
+    try:
+        dataset = datamod.read(args.data_dir)
+    except FileNotFoundError as exc:
+        print(f"mlops-train: no data at {args.data_dir} ({exc.filename}); run mlops-data first", file=sys.stderr)
+        return 2
+    try:
+        trained = train(dataset)
+        stored = register(trained, name, args.version)
+    except (ParityError, model_store.ModelStoreError) as exc:
+        print(f"mlops-train: {exc}", file=sys.stderr)
+        return 1
+    m = trained.metrics
+    print(f"stored {stored.tag}: auc={m['auc']:.4f} accuracy={m['accuracy']:.4f} "
+          f"onnx_parity={m['onnx_parity_max_abs_diff']:.2e} path={stored.onnx_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
