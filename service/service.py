@@ -1,0 +1,199 @@
+"""The BentoML services: an API server in front of an adaptively batched model service.
+
+``FraudDetector`` (the entry point) validates requests, hands rows to ``FraudModel`` and publishes each
+prediction to Kafka. ``FraudModel.score`` is batchable: BentoML merges concurrent calls into one batch, so
+one Feast lookup and one ONNX Runtime call serve many requests.
+
+    bentoml serve service.service:FraudDetector
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import NotFound
+from fastapi import FastAPI
+from pydantic import Field
+
+from mlops import model_store
+from mlops.schema import ENTITY, MODEL_FEATURES, REQUEST_FEATURES
+from mlops.settings import Settings
+from service import metrics
+from service.feature_lookup import FeatureLookup, open_store
+from service.onnx_predictor import OnnxPredictor
+from service.prediction_log import PredictionLog
+from service.schemas import Prediction, PredictRequest, ScoreResult, ScoreRow
+from service.spool import Spool
+
+log = logging.getLogger(__name__)
+settings = Settings.load()  # read at import: batching limits are part of the API definition
+
+
+@bentoml.service(name="fraud_model", workers=1, traffic={"timeout": 30})
+class FraudModel:
+    """Feature lookup + ONNX inference for whole batches."""
+
+    def __init__(self) -> None:
+        stored = model_store.load(settings.model_name, settings.model_version)
+        self.predictor = OnnxPredictor.load(stored, settings.onnx_provider)
+        self.lookup = FeatureLookup(open_store(settings))
+        self._store_reached = False
+        metrics.MODEL_INFO.labels(stored.name, stored.version, self.predictor.provider).set(1)
+        log.info("serving %s on %s", stored.tag, self.predictor.provider)
+
+    def __is_ready__(self) -> bool:
+        if not self._store_reached:
+            try:
+                self._store_reached = self.lookup.ping()
+            except Exception as exc:  # any failure to reach Redis means "not ready yet"
+                log.warning("online store not reachable yet: %s", exc)
+        return self._store_reached
+
+    @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
+    def score(self, rows: list[ScoreRow]) -> list[ScoreResult]:
+        metrics.BATCH_SIZE.observe(len(rows))
+        model = self.predictor.model
+        ids = [r.customer_id for r in rows if r.customer_id is not None]
+        started = time.perf_counter()
+        looked_up = iter(self.lookup.fetch(ids))
+        metrics.FEATURE_LOOKUP_LATENCY.observe(time.perf_counter() - started)
+
+        vectors: list[dict[str, float]] = []
+        results: list[ScoreResult] = []
+        for row in rows:
+            stats = next(looked_up) if row.customer_id is not None else {}
+            if stats is None:
+                results.append(ScoreResult(model_name=model.name, model_version=model.version,
+                                           error=f"unknown {ENTITY} {row.customer_id!r}: no online features"))
+                continue
+            vector = {**stats, **(row.features or {}), "transaction_amount": row.transaction_amount}
+            vectors.append(vector)
+            results.append(ScoreResult(features=vector, model_name=model.name, model_version=model.version))
+        if vectors:
+            x = np.array([[v[f] for f in self.predictor.features] for v in vectors], dtype=np.float32)
+            started = time.perf_counter()
+            proba = self.predictor.predict(x)
+            metrics.INFERENCE_LATENCY.observe(time.perf_counter() - started)
+            scored = iter(proba.tolist())
+            for result in results:
+                if result.error is None:
+                    result.prediction = next(scored)
+        return results
+
+    @bentoml.api
+    def info(self) -> dict[str, Any]:
+        model = self.predictor.model
+        return {
+            "model_name": model.name,
+            "model_version": model.version,
+            "provider": self.predictor.provider,
+            "features": list(self.predictor.features),
+            "metrics": model.metadata.get("metrics", {}),
+            "max_batch_size": settings.max_batch_size,
+            "max_latency_ms": settings.max_latency_ms,
+        }
+
+
+ops_app = FastAPI(title="fraud_detector ops")
+BatchRequests = Annotated[list[PredictRequest], Field(min_length=1, max_length=settings.max_request_rows)]
+
+
+@bentoml.service(name="fraud_detector", traffic={"timeout": 30, "max_concurrency": 1024})
+@bentoml.asgi_app(ops_app, path="/info")
+class FraudDetector:
+    """Public API: /predict, /predict_batch, GET /info, plus BentoML's /livez, /readyz and /metrics."""
+
+    model = bentoml.depends(FraudModel)
+
+    def __init__(self) -> None:
+        spool = Spool(settings.spool_path, settings.spool_max_bytes)
+        self.prediction_log = PredictionLog(
+            settings.kafka_bootstrap, settings.predictions_topic, spool,
+            queue_size=settings.publish_queue_size, retry_interval_s=settings.kafka_retry_interval_s,
+        ).start()
+
+    @bentoml.on_shutdown
+    def _flush_prediction_log(self) -> None:
+        self.prediction_log.close()
+
+    def __is_ready__(self) -> bool:
+        # The model service's own readiness (model loaded, Redis reached) is checked by BentoML.
+        return self.prediction_log.connected_once.is_set()
+
+    @ops_app.get("/")
+    async def info(self) -> dict[str, Any]:
+        details = await self.model.to_async.info()
+        return {
+            **details,
+            "kafka": {"bootstrap": settings.kafka_bootstrap, "topic": settings.predictions_topic,
+                      "connected": self.prediction_log.broker_up,
+                      "queue_depth": self.prediction_log.queue_depth,
+                      "spool_bytes": self.prediction_log.spool.size()},
+        }
+
+    @bentoml.api(route="/predict", input_spec=PredictRequest)
+    async def predict(self, **fields: Any) -> Prediction:
+        started = time.perf_counter()
+        request = PredictRequest(**fields)
+        (prediction,) = await self._score([request], started, endpoint="predict", single=True)
+        return prediction
+
+    @bentoml.api(route="/predict_batch")
+    async def predict_batch(self, requests: BatchRequests) -> list[Prediction | dict[str, str]]:
+        """Per-row results in request order; a row whose entity is unknown gets ``{"error": ...}``."""
+        return await self._score(requests, time.perf_counter(), endpoint="predict_batch", single=False)
+
+    async def _score(self, requests: list[PredictRequest], started: float, endpoint: str, single: bool) -> list:
+        rows = [ScoreRow(customer_id=r.customer_id, transaction_amount=r.transaction_amount, features=r.features)
+                for r in requests]
+        results: list[ScoreResult] = []
+        step = settings.max_batch_size
+        for i in range(0, len(rows), step):
+            results.extend(await self.model.to_async.score(rows[i:i + step]))
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        answers: list[Prediction | dict[str, str]] = []
+        for request, result in zip(requests, results, strict=True):
+            if result.error is not None:
+                metrics.ERRORS.labels("unknown_entity").inc()
+                if single:
+                    raise NotFound(result.error)
+                answers.append({"error": result.error, "customer_id": request.customer_id or ""})
+                continue
+            answers.append(self._answer(request, result, latency_ms))
+        metrics.REQUEST_LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+        return answers
+
+    def _answer(self, request: PredictRequest, result: ScoreResult, latency_ms: float) -> Prediction:
+        assert result.prediction is not None and result.features is not None
+        prediction = Prediction(
+            request_id=request.request_id or uuid.uuid4().hex,
+            customer_id=request.customer_id,
+            prediction=result.prediction,
+            label=int(result.prediction >= settings.decision_threshold),
+            model_name=result.model_name,
+            model_version=result.model_version,
+            latency_ms=round(latency_ms, 3),
+        )
+        metrics.PREDICTIONS.labels(result.model_name, result.model_version).inc()
+        self.prediction_log.publish({
+            "request_id": prediction.request_id,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "model_name": prediction.model_name,
+            "model_version": prediction.model_version,
+            ENTITY: request.customer_id,
+            "features": {name: result.features[name] for name in MODEL_FEATURES},
+            "request_features": list(REQUEST_FEATURES),
+            "prediction": prediction.prediction,
+            "label": prediction.label,
+            "latency_ms": prediction.latency_ms,
+        })
+        return prediction
+
+
+__all__ = ["FraudDetector", "FraudModel"]
