@@ -37,7 +37,10 @@ class Settings(BaseSettings):
 
     # Serving.
     max_batch_size: int = Field(64, ge=1, le=4096)
-    max_latency_ms: int = Field(20, ge=1, le=10_000)
+    max_latency_ms: int = Field(
+        1000, ge=1, le=60_000,
+        description="adaptive batching: a request that would wait longer in the batch queue is shed with a 503",
+    )
     max_request_rows: int = Field(256, ge=1, description="largest batch a client may send in one request")
     decision_threshold: float = Field(0.5, gt=0, lt=1, description="fraud label is 1 at or above this score")
 

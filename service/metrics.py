@@ -38,7 +38,7 @@ PREDICTIONS = bentoml.metrics.Counter(
 )
 ERRORS = bentoml.metrics.Counter(
     name="mlops_errors_total",
-    documentation="Failed predictions by kind (unknown_entity, invalid_input, feature_lookup, inference)",
+    documentation="Failed predictions by kind (unknown_entity, overloaded)",
     labelnames=["kind"],
 )
 MODEL_INFO = bentoml.metrics.Gauge(

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import NotFound
+from bentoml.exceptions import NotFound, ServiceUnavailable
 from fastapi import FastAPI
 from pydantic import Field
 
@@ -35,7 +35,12 @@ log = logging.getLogger(__name__)
 settings = Settings.load()  # read at import: batching limits are part of the API definition
 
 
-@bentoml.service(name="fraud_model", workers=1, traffic={"timeout": 30})
+# BentoML's client to a dependency recycles its HTTP session every `max_requests` calls and closes the
+# old one with requests still in flight on it (they fail with "Server disconnected"); never recycle.
+NO_SESSION_RECYCLING = {"max_requests": 2**31 - 1, "max_age": 10.0 * 365 * 24 * 3600}
+
+
+@bentoml.service(name="fraud_model", workers=1, traffic={"timeout": 30}, runner_connection=NO_SESSION_RECYCLING)
 class FraudModel:
     """Feature lookup + ONNX inference for whole batches."""
 
@@ -154,8 +159,12 @@ class FraudDetector:
                 for r in requests]
         results: list[ScoreResult] = []
         step = settings.max_batch_size
-        for i in range(0, len(rows), step):
-            results.extend(await self.model.to_async.score(rows[i:i + step]))
+        try:
+            for i in range(0, len(rows), step):
+                results.extend(await self.model.to_async.score(rows[i:i + step]))
+        except ServiceUnavailable as exc:  # batch queue would exceed max_latency_ms: shed load, retryable
+            metrics.ERRORS.labels("overloaded").inc()
+            raise ServiceUnavailable(f"model service overloaded, retry later ({exc})") from exc
         latency_ms = (time.perf_counter() - started) * 1000.0
         answers: list[Prediction | dict[str, str]] = []
         for request, result in zip(requests, results, strict=True):

@@ -1,0 +1,41 @@
+"""Execution provider selection and the ONNX session the service runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlops import data as datamod
+from mlops.schema import MODEL_FEATURES
+from mlops.train import register, train
+from service.onnx_predictor import CPU, CUDA, OnnxPredictor, choose_providers
+
+
+@pytest.mark.parametrize(
+    ("requested", "available", "expected"),
+    [
+        ("auto", [CUDA, CPU], [CUDA, CPU]),
+        ("auto", [CPU], [CPU]),
+        ("cuda", [CUDA, CPU], [CUDA, CPU]),
+        ("cuda", [CPU], [CPU]),  # requested but absent: fall back to CPU, with a warning
+        ("cpu", [CUDA, CPU], [CPU]),
+    ],
+)
+def test_choose_providers(requested, available, expected):
+    assert choose_providers(requested, available) == expected
+
+
+def test_unknown_provider_is_refused():
+    with pytest.raises(ValueError, match="unknown ONNX provider"):
+        choose_providers("tpu", [CPU])
+
+
+def test_predictor_reports_real_provider_and_matches_sklearn():
+    trained = train(datamod.generate(150, 2_000, seed=5))
+    stored = register(trained, "predictor_test", "v1")
+    predictor = OnnxPredictor.load(stored, "cuda")  # no GPU here: must land on CPU and say so
+    assert predictor.provider == CPU
+    assert predictor.features == MODEL_FEATURES
+    x = trained.x_holdout[:200]
+    expected = trained.estimator.predict_proba(x.astype(np.float32))[:, 1]
+    np.testing.assert_allclose(predictor.predict(x), expected, atol=1e-5)
