@@ -11,8 +11,9 @@ import onnxruntime as ort
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import FloatTensorType
 
+from mlops.onnx_contract import INPUT_NAME, positive_proba
+
 PARITY_TOLERANCE = 1e-5
-INPUT_NAME = "features"
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 
 
@@ -34,11 +35,6 @@ def onnx_positive_proba(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     outputs = session.run(None, {INPUT_NAME: x.astype(np.float32)})
     return positive_proba(outputs)
-
-
-def positive_proba(outputs: list[np.ndarray]) -> np.ndarray:
-    """The probability of class 1 from a classifier's (label, probabilities) outputs."""
-    return np.asarray(outputs[1], dtype=np.float64)[:, 1]
 
 
 def check_parity(onnx_bytes: bytes, model, x: np.ndarray, tolerance: float = PARITY_TOLERANCE) -> float:

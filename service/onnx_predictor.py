@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mlops.model_store import StoredModel
-from mlops.onnx_export import INPUT_NAME, positive_proba
+from mlops.onnx_contract import INPUT_NAME, positive_proba
 
 log = logging.getLogger(__name__)
 

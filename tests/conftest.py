@@ -18,7 +18,7 @@ os.environ["MLOPS_ENV_FILE"] = str(WORKSPACE / "run" / "services.env")
 
 import pytest  # noqa: E402
 
-from tests.harness import Server, Workspace, prepare_workspace, start_server  # noqa: E402
+from tests.harness import Workspace, prepare_workspace, start_server  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
@@ -43,6 +43,6 @@ def workspace(services) -> Workspace:
 
 @pytest.fixture(scope="session")
 def server(workspace: Workspace):
-    srv: Server = start_server(workspace)
+    srv = start_server(workspace)
     yield srv
     srv.stop()

@@ -11,10 +11,11 @@ import onnxruntime as ort
 import pytest
 
 from mlops import model_store
-from mlops.onnx_export import INPUT_NAME, positive_proba
+from mlops.kafka_read import read_events
+from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import MODEL_FEATURES
 from service.feature_lookup import FeatureLookup, open_store
-from tests.harness import metric_value, read_events
+from tests.harness import metric_value
 
 pytestmark = pytest.mark.integration
 

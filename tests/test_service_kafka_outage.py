@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from mlops import services as svc
-from tests.harness import metric_value, read_events
+from mlops.kafka_read import read_events
+from tests.harness import metric_value
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import redis
 from kafka import KafkaProducer
 
 from mlops import services as svc
-from tests.harness import read_events
+from mlops.kafka_read import read_events
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,107 @@
+"""The whole path once, for real: services → data → train → store → Feast → serve → predict → Kafka.
+
+    python -m mlops.demo [--keep-running]
+
+Stops what it started unless ``--keep-running`` is given (then `mlops-services down` and Ctrl+C on the
+printed server pid clean up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+
+from mlops import data as datamod
+from mlops import server_process
+from mlops import services as svc
+from mlops.feast_cli import apply_and_materialize, feast_env
+from mlops.kafka_read import read_events
+from mlops.settings import Settings
+
+SAMPLE_REQUESTS = [
+    {"customer_id": "C000001", "transaction_amount": 42.0},
+    {"customer_id": "C000002", "transaction_amount": 1250.0},
+    {"customer_id": "C000003", "transaction_amount": 18.5},
+    {"customer_id": "C000004", "transaction_amount": 980.0},
+    {"customer_id": "C000005", "transaction_amount": 77.3},
+]
+
+
+def step(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlops-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, default=svc.DEFAULT_RUN_DIR)
+    parser.add_argument("--port", type=int, default=3000)
+    parser.add_argument("--keep-running", action="store_true")
+    args = parser.parse_args(argv)
+
+    step("starting Redis and Kafka")
+    started_services = not all(i["running"] for i in svc.status(args.run_dir).values())
+    svc.up(args.run_dir)
+    env_file = svc.RunDir(args.run_dir).env_file
+    print(env_file.read_text().strip())
+    settings = Settings.load(env_file)
+    server = None
+    try:
+        step("generating the seeded synthetic data set")
+        data_dir = settings.feature_repo / "data"
+        paths = datamod.write(datamod.generate(), data_dir)
+        print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+
+        step("training, exporting to ONNX (parity-checked) and storing in the BentoML model store")
+        from mlops.train import register, train
+
+        trained = train(datamod.read(data_dir))
+        stored = register(trained, settings.model_name)
+        print(f"stored {stored.tag}: auc={trained.metrics['auc']:.4f} accuracy={trained.metrics['accuracy']:.4f} "
+              f"onnx parity max diff={trained.metrics['onnx_parity_max_abs_diff']:.2e}")
+
+        step("feast apply + feast materialize-incremental (Redis online store)")
+        env = feast_env(env_file)
+        apply_and_materialize(settings.feature_repo, env)
+        print("feature view customer_stats materialized")
+
+        step(f"bentoml serve on port {args.port}")
+        server = server_process.start(args.port, {**env, "MLOPS_MODEL_VERSION": stored.version},
+                                      args.run_dir / "server.log")
+        print(f"ready at {server.url} (pid {server.process.pid}); info: {httpx.get(server.url + '/info/').text}")
+
+        step("sending predictions")
+        ids = set()
+        for body in SAMPLE_REQUESTS:
+            body = {**body, "request_id": f"demo-{uuid.uuid4().hex[:12]}"}
+            answer = httpx.post(f"{server.url}/predict", json=body, timeout=30).raise_for_status().json()
+            ids.add(answer["request_id"])
+            print(f"{answer['customer_id']} amount={body['transaction_amount']:>8} -> "
+                  f"p(fraud)={answer['prediction']:.4f} label={answer['label']} "
+                  f"model={answer['model_name']}:{answer['model_version']} latency={answer['latency_ms']:.1f}ms")
+
+        step(f"reading the prediction events back from Kafka topic '{settings.predictions_topic}'")
+        events = read_events(settings.kafka_bootstrap, settings.predictions_topic, ids, timeout=60, settle=0.5)
+        for event in events:
+            print(json.dumps(event, sort_keys=True))
+        if {e["request_id"] for e in events} != ids:
+            print("some prediction events did not arrive", file=sys.stderr)
+            return 1
+        step(f"done: {len(ids)} predictions served and {len(events)} events read back from Kafka")
+        if args.keep_running:
+            print(f"left running: server pid {server.process.pid}, services in {args.run_dir}")
+            server = None
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+        if started_services and not args.keep_running:
+            svc.down(args.run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
