@@ -44,13 +44,17 @@ def _stored(model: bentoml.Model) -> StoredModel:
     )
 
 
-def save(name: str, version: str, onnx_bytes: bytes, metadata: dict[str, Any]) -> StoredModel:
+def save(name: str, version: str, onnx_bytes: bytes, metadata: dict[str, Any],
+         extra_files: dict[str, bytes] | None = None) -> StoredModel:
+    """Store a new, immutable version; ``extra_files`` (e.g. the drift reference profile) go beside it."""
     if not VERSION_RE.match(version):
         raise ModelStoreError(f"invalid version {version!r}: use lowercase letters, digits, '.', '_' or '-'")
     if exists(name, version):
         raise ModelStoreError(f"model {name}:{version} already exists; versions are immutable")
     with bentoml.models.create(f"{name}:{version}", metadata=metadata, labels={"framework": "onnx"}) as model:
         Path(model.path_of(ONNX_FILE)).write_bytes(onnx_bytes)
+        for filename, content in (extra_files or {}).items():
+            Path(model.path_of(filename)).write_bytes(content)
     return load(name, version)
 
 

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     kafka_retry_interval_s: float = Field(2.0, gt=0)
 
+    # Streaming drift consumer.
+    dlq_topic: str = "predictions-dlq"
+    drift_group_id: str = "drift-detector"
+    drift_slot_seconds: float = Field(10.0, gt=0, description="width of one histogram time slot")
+    drift_window_seconds: float = Field(300.0, gt=0, description="rolling window length")
+    drift_max_events: int | None = Field(None, ge=1, description="cut the window to the newest slots holding this many")
+    drift_rules_file: Path | None = Field(None, description="YAML/JSON alert rules; built-in defaults when unset")
+    drift_eval_interval_s: float = Field(2.0, gt=0)
+    drift_metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port of the consumer; 0: off")
+    drift_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
     @property
     def redis_host(self) -> str:
         return self.redis_address.rsplit(":", 1)[0]

@@ -18,9 +18,10 @@ from sklearn.model_selection import train_test_split
 
 from mlops import data as datamod
 from mlops import model_store
-from mlops.onnx_export import ParityError, check_parity, export
+from mlops.onnx_export import ParityError, check_parity, export, onnx_positive_proba
 from mlops.schema import LABEL, MODEL_FEATURES
 from mlops.settings import Settings
+from streaming.profile import PROFILE_FILE, ReferenceProfile, build_profile
 
 DEFAULT_PARAMS: dict[str, Any] = {"n_estimators": 150, "max_depth": 3, "learning_rate": 0.1, "random_state": 0}
 
@@ -34,6 +35,7 @@ class TrainedModel:
     data_hash: str
     x_holdout: np.ndarray
     y_holdout: np.ndarray
+    x_train: np.ndarray
 
 
 def data_hash(x: np.ndarray, y: np.ndarray) -> str:
@@ -69,7 +71,14 @@ def train(dataset: datamod.Dataset, params: dict[str, Any] | None = None, holdou
         "n_train": int(len(y_tr)),
         "n_holdout": int(len(y_te)),
     }
-    return TrainedModel(estimator, onnx_bytes, metrics, params, data_hash(x, y), x_te, y_te)
+    return TrainedModel(estimator, onnx_bytes, metrics, params, data_hash(x, y), x_te, y_te, x_tr)
+
+
+def reference_profile(trained: TrainedModel, name: str, version: str) -> ReferenceProfile:
+    """Drift reference: the training features and the served (ONNX) model's scores on them."""
+    scores = onnx_positive_proba(trained.onnx_bytes, trained.x_train)
+    features = {f: trained.x_train[:, i] for i, f in enumerate(MODEL_FEATURES)}
+    return build_profile(name, version, features, scores)
 
 
 def register(trained: TrainedModel, name: str, version: str | None = None) -> model_store.StoredModel:
@@ -84,7 +93,8 @@ def register(trained: TrainedModel, name: str, version: str | None = None) -> mo
         "git_commit": git_commit(),
         "created_at": datetime.now(UTC).isoformat(),
     }
-    return model_store.save(name, version, trained.onnx_bytes, metadata)
+    profile = reference_profile(trained, name, version)
+    return model_store.save(name, version, trained.onnx_bytes, metadata, {PROFILE_FILE: profile.to_bytes()})
 
 
 def main(argv: list[str] | None = None) -> int:

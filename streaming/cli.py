@@ -1,0 +1,98 @@
+"""`mlops-drift`: run the streaming drift consumer, or follow the alerts topic.
+
+    mlops-drift consume [--group G] [--rules rules.yaml] [--window-seconds S] [--slot-seconds S]
+                        [--max-events N] [--metrics-port P] [--max-seconds S]
+    mlops-drift alerts [--from-beginning] [--max-seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import redis
+from prometheus_client import start_http_server
+
+from mlops.settings import Settings
+from streaming.consumer import ConsumerConfig, DriftConsumer, ProfileCache, load_profile_from_store
+from streaming.rules import RulesError, RuleSet
+from streaming.state_store import StateStore
+from streaming.window import WindowSpec
+
+
+def consume(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        rules_file = args.rules or settings.drift_rules_file
+        rules = RuleSet.load(Path(rules_file)) if rules_file else RuleSet.default()
+    except RulesError as exc:
+        print(f"mlops-drift: {exc}", file=sys.stderr)
+        return 2
+    window = WindowSpec(
+        slot_seconds=args.slot_seconds or settings.drift_slot_seconds,
+        window_seconds=args.window_seconds or settings.drift_window_seconds,
+        max_events=args.max_events or settings.drift_max_events,
+    )
+    config = ConsumerConfig(
+        bootstrap=settings.kafka_bootstrap, topic=settings.predictions_topic, alerts_topic=settings.alerts_topic,
+        dlq_topic=settings.dlq_topic, group_id=args.group or settings.drift_group_id, window=window,
+        eval_interval_s=settings.drift_eval_interval_s, auto_offset_reset=settings.drift_auto_offset_reset,
+    )
+    port = settings.drift_metrics_port if args.metrics_port is None else args.metrics_port
+    if port:
+        start_http_server(port, addr="127.0.0.1" if args.metrics_local else "0.0.0.0")
+    client = redis.Redis(host=settings.redis_host, port=settings.redis_port)
+    consumer = DriftConsumer(config, rules, StateStore(client, config.group_id, config.topic),
+                             ProfileCache(load_profile_from_store))
+    signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
+    signal.signal(signal.SIGINT, lambda *_: consumer.stop())
+    logging.info("consuming %s as group %s; window %s; metrics on :%s", config.topic, config.group_id, window, port)
+    consumer.run(max_seconds=args.max_seconds)
+    return 0
+
+
+def follow_alerts(args: argparse.Namespace, settings: Settings) -> int:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(settings.alerts_topic, bootstrap_servers=settings.kafka_bootstrap.split(","),
+                             group_id=None, auto_offset_reset="earliest" if args.from_beginning else "latest")
+    deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                for record in records:
+                    print(json.dumps(json.loads(record.value), sort_keys=True), flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlops-drift", description="Streaming drift detection on Kafka.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("consume", help="run a drift consumer (add more with the same --group to scale out)")
+    c.add_argument("--group")
+    c.add_argument("--rules", type=Path)
+    c.add_argument("--window-seconds", type=float)
+    c.add_argument("--slot-seconds", type=float)
+    c.add_argument("--max-events", type=int)
+    c.add_argument("--metrics-port", type=int)
+    c.add_argument("--metrics-local", action="store_true", help="serve metrics on 127.0.0.1 only")
+    c.add_argument("--max-seconds", type=float, help="stop after this long (default: run until SIGTERM)")
+    a = sub.add_parser("alerts", help="print drift alerts as they arrive")
+    a.add_argument("--from-beginning", action="store_true")
+    a.add_argument("--max-seconds", type=float)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.load()
+    return consume(args, settings) if args.command == "consume" else follow_alerts(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

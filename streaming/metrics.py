@@ -1,0 +1,17 @@
+"""Prometheus metrics of the drift consumer (served on its own port)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+DRIFT_SCORE = Gauge("mlops_drift_score", "Latest drift score of the topic-wide window",
+                    ["model_name", "model_version", "feature", "metric"])
+WINDOW_SAMPLES = Gauge("mlops_drift_window_samples", "Events in the topic-wide window",
+                       ["model_name", "model_version", "feature"])
+DRIFT_STATE = Gauge("mlops_drift_state", "0 ok, 1 warning, 2 critical", ["model_name", "model_version", "feature"])
+EVENTS_CONSUMED = Counter("mlops_drift_events_consumed_total", "Prediction events reflected in the windows")
+DEAD_LETTERS = Counter("mlops_drift_dead_letters_total", "Poison events sent to the dead-letter topic", ["reason"])
+LATE_EVENTS = Counter("mlops_drift_late_events_total", "Events older than the window (consumed, not counted)")
+ALERTS = Counter("mlops_drift_alerts_emitted_total", "Alerts published", ["severity", "status"])
+LAG = Gauge("mlops_drift_consumer_lag", "Messages behind the end of the partition", ["partition"])
+STATE_CELLS = Gauge("mlops_drift_state_cells", "Histogram cells held by this consumer (bounded by slots x bins)")
