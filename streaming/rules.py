@@ -50,7 +50,7 @@ class Verdict:
 @dataclass
 class RuleSet:
     rules: list[Rule] = field(default_factory=list)
-    min_samples: int = 200
+    min_samples: int = 500
     resolve_ratio: float = 0.8
 
     @classmethod
@@ -78,7 +78,7 @@ class RuleSet:
                 if rule.metric not in METRICS or rule.severity not in ("warning", "critical") or rule.op not in "<>":
                     raise ValueError(f"invalid rule {raw}")
                 rules.append(rule)
-            ruleset = cls(rules=rules or cls.default().rules, min_samples=int(body.get("min_samples", 200)),
+            ruleset = cls(rules=rules or cls.default().rules, min_samples=int(body.get("min_samples", 500)),
                           resolve_ratio=float(body.get("resolve_ratio", 0.8)))
         except (KeyError, TypeError, ValueError) as exc:
             raise RulesError(f"{source}: {exc}") from exc

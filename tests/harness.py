@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,7 @@ class Workspace:
     feature_repo: Path
     settings: Settings
     model_tag: str
+    dataset: datamod.Dataset
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -50,7 +54,7 @@ def prepare_workspace(root: Path, run_dir: Path) -> Workspace:
     })
     apply_and_materialize(repo, env)
     settings = Settings.load().model_copy(update={"feature_repo": repo})
-    return Workspace(root, run_dir, repo, settings, stored.tag, env)
+    return Workspace(root, run_dir, repo, settings, stored.tag, dataset, env)
 
 
 def start_server(ws: Workspace, extra_env: dict[str, str] | None = None) -> server_process.ServerProcess:
@@ -66,3 +70,38 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
             if labels in line:
                 total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+@dataclass
+class ConsumerProcess:
+    """`python -m streaming consume` as a child process (so tests can SIGKILL it mid-stream)."""
+
+    process: subprocess.Popen
+    log_path: Path
+    metrics_port: int
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_consumer(ws: Workspace, env: dict[str, str], *args: str) -> ConsumerProcess:
+    port = svc.free_port()
+    log_path = ws.root / f"consumer-{port}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streaming", "consume", "--metrics-port", str(port), "--metrics-local", *args],
+        cwd=ROOT, env={**ws.env, **env}, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+    )
+    return ConsumerProcess(process, log_path, port)
