@@ -16,10 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from mlops import data as datamod
-from mlops import server_process
+from mlops import server_process, workspace
 from mlops import services as svc
-from mlops.feast_cli import apply_and_materialize, feast_env
 from mlops.kafka_read import read_events
 from mlops.settings import Settings
 
@@ -51,27 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.load(env_file)
     server = None
     try:
-        step("generating the seeded synthetic data set")
-        data_dir = settings.feature_repo / "data"
-        paths = datamod.write(datamod.generate(), data_dir)
-        print("\n".join(f"{k}: {v}" for k, v in paths.items()))
-
-        step("training, exporting to ONNX (parity-checked) and storing in the BentoML model store")
-        from mlops.train import register, train
-
-        trained = train(datamod.read(data_dir))
-        stored = register(trained, settings.model_name)
-        print(f"stored {stored.tag}: auc={trained.metrics['auc']:.4f} accuracy={trained.metrics['accuracy']:.4f} "
-              f"onnx parity max diff={trained.metrics['onnx_parity_max_abs_diff']:.2e}")
-
-        step("feast apply + feast materialize-incremental (Redis online store)")
-        env = feast_env(env_file)
-        apply_and_materialize(settings.feature_repo, env)
-        print("feature view customer_stats materialized")
+        step("data → training (ONNX, parity-checked) → model store → feast apply + materialize-incremental")
+        ws = workspace.prepare(args.run_dir.resolve(), env_file, settings.feature_repo.resolve())
+        m = ws.model.metadata["metrics"]
+        print(f"data in {ws.feature_repo / 'data'}; stored {ws.model.tag}: auc={m['auc']:.4f} "
+              f"accuracy={m['accuracy']:.4f} onnx parity max diff={m['onnx_parity_max_abs_diff']:.2e}; "
+              "feature view customer_stats materialized to Redis")
 
         step(f"bentoml serve on port {args.port}")
-        server = server_process.start(args.port, {**env, "MLOPS_MODEL_VERSION": stored.version},
-                                      args.run_dir / "server.log")
+        server = server_process.start(args.port, ws.env, args.run_dir / "server.log")
         print(f"ready at {server.url} (pid {server.process.pid}); info: {httpx.get(server.url + '/info/').text}")
 
         step("sending predictions")

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     onnx_provider: Literal["auto", "cpu", "cuda"] = "auto"
 
     # Serving.
-    max_batch_size: int = Field(64, ge=1, le=4096)
+    adaptive_batching: bool = Field(True, description="merge concurrent requests into one model call")
+    max_batch_size: int = Field(64, ge=2, le=4096)
     max_latency_ms: int = Field(
         1000, ge=1, le=60_000,
         description="adaptive batching: a request that would wait longer in the batch queue is shed with a 503",

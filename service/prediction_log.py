@@ -44,6 +44,7 @@ class PredictionLog:
         self._producer: KafkaProducer | None = None
         self._broker_up = False
         self._next_attempt = 0.0
+        self._next_gauges = 0.0
         self.connected_once = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
 
@@ -94,8 +95,10 @@ class PredictionLog:
             except Exception:  # the thread must outlive any surprise; events stay queued or spooled
                 log.exception("prediction log step failed")
                 self._mark_down()
-            metrics.KAFKA_QUEUE_DEPTH.set(self._queue.qsize())
-            metrics.KAFKA_SPOOL_BYTES.set(self.spool.size())
+            if time.monotonic() >= self._next_gauges:  # gauges once a second, not once per event
+                metrics.KAFKA_QUEUE_DEPTH.set(self._queue.qsize())
+                metrics.KAFKA_SPOOL_BYTES.set(self.spool.size())
+                self._next_gauges = time.monotonic() + 1.0
 
     def _step(self) -> None:
         if not self._broker_up:

@@ -1,60 +1,31 @@
-"""Builds the integration-test workspace: seeded data, a stored model, a Feast repo on the real Redis."""
+"""Helpers the integration tests share: the workspace, the server and consumer processes, metrics."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from mlops import data as datamod
 from mlops import server_process
 from mlops import services as svc
-from mlops.feast_cli import apply_and_materialize, feast, feast_env
-from mlops.settings import Settings
+from mlops import workspace as wsmod
+from mlops.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CUSTOMERS = 400
 N_TRANSACTIONS = 8_000
 
-
-@dataclass
-class Workspace:
-    root: Path
-    run_dir: Path
-    feature_repo: Path
-    settings: Settings
-    model_tag: str
-    dataset: datamod.Dataset
-    env: dict[str, str] = field(default_factory=dict)
-
-
-def feast_cli(repo: Path, env: dict[str, str], *args: str):
-    return feast(repo, env, *args)
+__all__ = ["Workspace", "prepare_workspace", "start_server", "start_consumer", "metric_value"]
 
 
 def prepare_workspace(root: Path, run_dir: Path) -> Workspace:
-    """Seeded data → trained ONNX model in the store → `feast apply` + `feast materialize-incremental`."""
-    from mlops.train import register, train
-
-    repo = root / "feature_repo"
-    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
-    dataset = datamod.generate(N_CUSTOMERS, N_TRANSACTIONS, seed=7)
-    datamod.write(dataset, repo / "data")
-    stored = register(train(dataset), "fraud_detector", "v1")
-
-    env = feast_env(svc.RunDir(run_dir).env_file)
-    env.update({
-        "MLOPS_FEATURE_REPO": str(repo),
-        "MLOPS_SPOOL_PATH": str(root / "spool" / "predictions.jsonl"),
-        "MLOPS_KAFKA_RETRY_INTERVAL_S": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
-    apply_and_materialize(repo, env)
-    settings = Settings.load().model_copy(update={"feature_repo": repo})
-    return Workspace(root, run_dir, repo, settings, stored.tag, dataset, env)
+    repo = wsmod.copy_feature_repo(root / "feature_repo")
+    ws = wsmod.prepare(root, svc.RunDir(run_dir).env_file, repo, n_customers=N_CUSTOMERS,
+                       n_transactions=N_TRANSACTIONS, seed=7, version="v1")
+    ws.env["MLOPS_KAFKA_RETRY_INTERVAL_S"] = "1"
+    return ws
 
 
 def start_server(ws: Workspace, extra_env: dict[str, str] | None = None) -> server_process.ServerProcess:

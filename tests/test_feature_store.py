@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from mlops.feast_cli import feast as feast_cli
 from mlops.schema import STORE_FEATURES
 from service.feature_lookup import FeatureLookup, open_store
-from tests.harness import feast_cli
 
 pytestmark = pytest.mark.integration
 
