@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
 import multiprocessing
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -94,53 +95,64 @@ def in_process_floor(ws, repeats: int = 300) -> dict:
             "p99_ms": float(np.percentile(ms, 99)), "rps": repeats / ms.sum() * 1e3}
 
 
+def run(ws, levels: list[int], seconds: float) -> list[dict]:
+    """The floor, then each configuration at each concurrency level; adds ratios to the baseline."""
+    from mlops import server_process
+    from mlops import services as svc
+
+    customers = list(ws.dataset.customers["customer_id"])
+    rows = [in_process_floor(ws)]
+    configs = {"adaptive batching (max_batch_size=64)": {},
+               "baseline: no batching": {"MLOPS_ADAPTIVE_BATCHING": "false"}}
+    for name, extra in configs.items():
+        port = svc.free_port()
+        server = server_process.start(port, {**ws.env, **extra}, ws.root / f"server-{port}.log")
+        try:
+            for level in levels:
+                rows.append({"config": name, **drive(server.url, customers, level, seconds)})
+        finally:
+            server.stop()
+    batched = {r["concurrency"]: r for r in rows if r["config"].startswith("adaptive")}
+    for r in rows:
+        if r["config"].startswith("baseline") and r["concurrency"] in batched:
+            b = batched[r["concurrency"]]
+            b["rps_vs_baseline"] = b["rps"] / r["rps"]
+            b["p99_vs_baseline"] = b["p99_ms"] / r["p99_ms"]
+    print_table(f"Serving under closed-loop load, {seconds:.0f} s per level (SLO: p50<50 p95<100 p99<200 ms)",
+                rows, ["config", "concurrency", "requests", "errors", "rps", "p50_ms", "p95_ms", "p99_ms",
+                       "slo_met", "rps_vs_baseline", "p99_vs_baseline"])
+    print(f"wrote {write_results('serving', rows)}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.serving")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", default="1,8,32")
     args = parser.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
+    with bench_workspace() as ws:
+        run(ws, [int(c) for c in args.concurrency.split(",")], args.seconds)
+    return 0
 
+
+@contextlib.contextmanager
+def bench_workspace():
+    """Own Redis/Kafka (.run/bench), BentoML home and Feast repo; all stopped afterwards."""
     root = Path(tempfile.mkdtemp(prefix="mlops-bench-"))
     os.environ["BENTOML_HOME"] = str(root / "bentoml")
-    from mlops import server_process, workspace
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     from mlops import services as svc
+    from mlops import workspace
 
     run_dir = Path(".run/bench")
     svc.up(run_dir)
-    servers = []
     try:
-        ws = workspace.prepare(root, svc.RunDir(run_dir).env_file,
-                               workspace.copy_feature_repo(root / "feature_repo"))
-        customers = list(ws.dataset.customers["customer_id"])
-        rows = [in_process_floor(ws)]
-        configs = {"adaptive batching (max_batch_size=64)": {},
-                   "baseline: no batching": {"MLOPS_ADAPTIVE_BATCHING": "false"}}
-        for name, extra in configs.items():
-            port = svc.free_port()
-            server = server_process.start(port, {**ws.env, **extra, "BENTOML_HOME": str(root / "bentoml")},
-                                          root / f"server-{port}.log")
-            servers.append(server)
-            for level in levels:
-                rows.append({"config": name, **drive(server.url, customers, level, args.seconds)})
-            server.stop()
-        batched = {r["concurrency"]: r for r in rows if r["config"].startswith("adaptive")}
-        for r in rows:
-            if r["config"].startswith("baseline") and r["concurrency"] in batched:
-                b = batched[r["concurrency"]]
-                b["rps_vs_baseline"] = b["rps"] / r["rps"]
-                b["p99_vs_baseline"] = b["p99_ms"] / r["p99_ms"]
-        print_table(f"Serving under closed-loop load, {args.seconds:.0f} s per level (SLO: p50<50 p95<100 p99<200 ms)",
-                    rows, ["config", "concurrency", "requests", "errors", "rps", "p50_ms", "p95_ms", "p99_ms",
-                           "slo_met", "rps_vs_baseline", "p99_vs_baseline"])
-        path = write_results("serving", rows)
-        print(f"\nwrote {path}")
-        print(json.dumps({"model": ws.model.tag}))
+        ws = workspace.prepare(root, svc.RunDir(run_dir).env_file, workspace.copy_feature_repo(root / "feature_repo"))
+        ws.env["BENTOML_HOME"] = str(root / "bentoml")
+        yield ws
     finally:
-        for server in servers:
-            server.stop()
-        svc.down(run_dir)
-    return 0
+        svc.down(run_dir, purge=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import httpx
 
+from mlops import data as datamod
 from mlops import server_process, workspace
 from mlops import services as svc
 from mlops.kafka_read import read_events
 from mlops.settings import Settings
+from streaming import process as consumer_process
 
 SAMPLE_REQUESTS = [
     {"customer_id": "C000001", "transaction_amount": 42.0},
@@ -77,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         if {e["request_id"] for e in events} != ids:
             print("some prediction events did not arrive", file=sys.stderr)
             return 1
-        step(f"done: {len(ids)} predictions served and {len(events)} events read back from Kafka")
+        step("streaming drift: a consumer group on the prediction log, alerts on '"
+             f"{settings.alerts_topic}'")
+        alerts = demo_drift(ws, server.url, args.run_dir)
+        step(f"done: {len(ids)} predictions served, {len(events)} events read back from Kafka, "
+             f"{len(alerts)} drift alerts")
         if args.keep_running:
             print(f"left running: server pid {server.process.pid}, services in {args.run_dir}")
             server = None
@@ -87,6 +94,48 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         if started_services and not args.keep_running:
             svc.down(args.run_dir)
+
+
+def demo_drift(ws: workspace.Workspace, url: str, run_dir: Path) -> list[dict]:
+    """Reference-like traffic (no alert), then transaction amounts x4 (alert), read from the alerts topic."""
+    from kafka import KafkaConsumer
+
+    group = f"demo-{uuid.uuid4().hex[:8]}"
+    consumer = consumer_process.start(
+        {**ws.env, "MLOPS_DRIFT_EVAL_INTERVAL_S": "0.5"}, run_dir / "drift-consumer.log", 0,
+        "--group", group, "--slot-seconds", "1", "--window-seconds", "60", "--max-events", "600",
+    )
+    alerts_reader = KafkaConsumer(ws.settings.alerts_topic, bootstrap_servers=ws.settings.kafka_bootstrap,
+                                  group_id=None, auto_offset_reset="latest")
+    alerts_reader.poll(timeout_ms=1000)  # join at the current end of the alerts topic
+    frame = datamod.training_frame(ws.dataset)
+    try:
+        if not consumer.wait_assigned():
+            print(consumer.log()[-2000:], file=sys.stderr)
+            return []
+        for label, factor, seed in (("reference-like", 1.0, 1), ("amounts x4", 4.0, 2)):
+            rows = frame.sample(1200, replace=True, random_state=seed)
+            for i in range(0, len(rows), 200):
+                chunk = rows.iloc[i:i + 200]
+                body = {"requests": [{"customer_id": c, "transaction_amount": round(float(a) * factor, 2)}
+                                     for c, a in zip(chunk["customer_id"], chunk["transaction_amount"], strict=True)]}
+                httpx.post(f"{url}/predict_batch", json=body, timeout=60).raise_for_status()
+            print(f"sent 1200 {label} transactions")
+            time.sleep(4)
+        received = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(a["feature"] == "transaction_amount" for a in received):
+            for records in alerts_reader.poll(timeout_ms=500).values():
+                received.extend(json.loads(r.value) for r in records)
+        for a in received:
+            if a.get("consumer_group") == group:
+                print(f"ALERT {a['status']:<8} {a['severity']:<8} {a['model_name']}:{a['model_version']} "
+                      f"feature={a['feature']:<20} {a['metric']}={a['value']:.3f} (threshold {a['threshold']}) "
+                      f"n={a['sample_size']}")
+        return [a for a in received if a.get("consumer_group") == group]
+    finally:
+        alerts_reader.close()
+        consumer.stop()
 
 
 if __name__ == "__main__":

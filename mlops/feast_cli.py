@@ -31,6 +31,14 @@ def feast(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPr
     return result
 
 
-def apply_and_materialize(repo: Path, env: dict[str, str]) -> None:
+def apply_and_materialize(repo: Path, env: dict[str, str], lookback_s: int = 2 * 86_400) -> None:
+    """`feast apply`, then `feast materialize` over the last ``lookback_s`` seconds.
+
+    An explicit window, not materialize-incremental: the registry remembers the last incremental run, and
+    data regenerated since (or a Redis that restarted empty) would otherwise be skipped.
+    """
     feast(repo, env, "apply")
-    feast(repo, env, "materialize-incremental", time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()))
+    now = time.time()
+    fmt = "%Y-%m-%dT%H:%M:%S"
+    feast(repo, env, "materialize", time.strftime(fmt, time.gmtime(now - lookback_s)),
+          time.strftime(fmt, time.gmtime(now)))

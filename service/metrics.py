@@ -38,7 +38,7 @@ PREDICTIONS = bentoml.metrics.Counter(
 )
 ERRORS = bentoml.metrics.Counter(
     name="mlops_errors_total",
-    documentation="Failed predictions by kind (unknown_entity, overloaded)",
+    documentation="Failed predictions by kind (unknown_entity, overloaded, model_connection_retry)",
     labelnames=["kind"],
 )
 MODEL_INFO = bentoml.metrics.Gauge(

@@ -15,6 +15,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
+import aiohttp
 import bentoml
 import numpy as np
 from bentoml.exceptions import NotFound, ServiceUnavailable
@@ -168,7 +169,7 @@ class FraudDetector:
         step = settings.max_batch_size
         try:
             for i in range(0, len(rows), step):
-                results.extend(await self.model.to_async.score(rows[i:i + step]))
+                results.extend(await self._call_model(rows[i:i + step]))
         except ServiceUnavailable as exc:  # batch queue would exceed max_latency_ms: shed load, retryable
             metrics.ERRORS.labels("overloaded").inc()
             raise ServiceUnavailable(f"model service overloaded, retry later ({exc})") from exc
@@ -184,6 +185,18 @@ class FraudDetector:
             answers.append(self._answer(request, result, latency_ms))
         metrics.REQUEST_LATENCY.labels(endpoint).observe(time.perf_counter() - started)
         return answers
+
+    async def _call_model(self, rows: list[ScoreRow], attempts: int = 3) -> list[ScoreResult]:
+        """``score`` has no side effects, so a call lost to a connection the model service's keep-alive
+        timer closed under our feet is simply sent again."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.model.to_async.score(rows)
+            except aiohttp.ClientConnectionError:
+                if attempt == attempts:
+                    raise
+                metrics.ERRORS.labels("model_connection_retry").inc()
+        raise AssertionError("unreachable")
 
     def _answer(self, request: PredictRequest, result: ScoreResult, latency_ms: float) -> Prediction:
         assert result.prediction is not None and result.features is not None

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from mlops import server_process
 from mlops import services as svc
 from mlops import workspace as wsmod
 from mlops.workspace import Workspace
+from streaming import process as consumer_process
+from streaming.process import ConsumerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CUSTOMERS = 400
 N_TRANSACTIONS = 8_000
 
-__all__ = ["Workspace", "prepare_workspace", "start_server", "start_consumer", "metric_value"]
+__all__ = ["ConsumerProcess", "Workspace", "prepare_workspace", "start_server", "start_consumer", "metric_value"]
 
 
 def prepare_workspace(root: Path, run_dir: Path) -> Workspace:
@@ -43,36 +41,6 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     return total
 
 
-@dataclass
-class ConsumerProcess:
-    """`python -m streaming consume` as a child process (so tests can SIGKILL it mid-stream)."""
-
-    process: subprocess.Popen
-    log_path: Path
-    metrics_port: int
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 def start_consumer(ws: Workspace, env: dict[str, str], *args: str) -> ConsumerProcess:
     port = svc.free_port()
-    log_path = ws.root / f"consumer-{port}.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streaming", "consume", "--metrics-port", str(port), "--metrics-local", *args],
-        cwd=ROOT, env={**ws.env, **env}, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-    )
-    return ConsumerProcess(process, log_path, port)
+    return consumer_process.start({**ws.env, **env}, ws.root / f"consumer-{port}.log", port, *args)

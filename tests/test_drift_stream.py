@@ -173,12 +173,9 @@ def produce(ws: Workspace, topic: str, events: list[dict], chunk: int = 250, pau
 
 
 def wait_assigned(*consumers, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all("assigned partitions" in c.log() for c in consumers):
-            return
-        time.sleep(0.2)
-    pytest.fail("consumer never got partitions:\n" + "\n".join(c.log()[-2000:] for c in consumers))
+    for c in consumers:
+        if not c.wait_assigned(timeout):
+            pytest.fail(f"consumer never got partitions:\n{c.log()[-2000:]}")
 
 
 def test_killed_consumer_resumes_without_losing_or_double_counting(workspace, topics):

@@ -50,3 +50,24 @@ def test_one_store_call_per_batch(lookup, monkeypatch):
 def test_feast_cli_lists_the_feature_view(workspace):
     out = feast_cli(workspace.feature_repo, workspace.env, "feature-views", "list").stdout
     assert "customer_stats" in out
+
+
+def test_materialize_incremental_from_the_cli_picks_up_new_rows(workspace, lookup):
+    from datetime import UTC, datetime, timedelta
+
+    from mlops import data as datamod
+
+    path = workspace.feature_repo / "data" / datamod.CUSTOMERS_FILE
+    original = pd.read_parquet(path)
+    newcomer = original.iloc[[0]].assign(customer_id="C999999", total_purchases=77,
+                                         # the CLI's end date has whole seconds: stay below it
+                                         event_timestamp=datetime.now(UTC) - timedelta(seconds=2))
+    try:
+        pd.concat([original, newcomer]).to_parquet(path, index=False)
+        assert lookup.fetch(["C999999"]) == [None]
+        feast_cli(workspace.feature_repo, workspace.env, "materialize-incremental",
+                  datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        row = lookup.fetch(["C999999"])[0]
+        assert row is not None and row["total_purchases"] == 77
+    finally:
+        original.to_parquet(path, index=False)

@@ -26,7 +26,7 @@ def test_requests_succeed_while_kafka_is_down_and_events_arrive_after(server, wo
             started = time.perf_counter()
             r = httpx.post(f"{server.url}/predict", timeout=30,
                            json={"customer_id": f"C{i:06d}", "transaction_amount": 20.0, "request_id": request_id})
-            assert r.status_code == 200, r.text
+            assert r.status_code == 200, r.text + "\n" + server.log_tail(80)
             assert time.perf_counter() - started < 1.0, "request path waited on the broker"
             sent.append(request_id)
             time.sleep(0.05)
