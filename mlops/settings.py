@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MLOPS_"
@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     model_version: str | None = Field(None, description="version to serve; latest in the store when unset")
     feature_repo: Path = Path("feature_repo")
     onnx_provider: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Lifecycle.
+    registry_path: Path = Field(Path(".run/registry.db"), description="SQLite model registry (stages, history)")
+    follow_registry: bool = Field(True, description="serve the registry's Production version and follow changes")
+    registry_poll_s: float = Field(1.0, gt=0, description="how often the service checks the registry")
+    canary_share: float = Field(0.0, ge=0, le=1, description="share of traffic scored by the Staging version")
 
     # Serving.
     adaptive_batching: bool = Field(True, description="merge concurrent requests into one model call")
@@ -61,6 +67,11 @@ class Settings(BaseSettings):
     drift_eval_interval_s: float = Field(2.0, gt=0)
     drift_metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port of the consumer; 0: off")
     drift_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+    @field_validator("model_version", mode="before")
+    @classmethod
+    def _empty_version_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @property
     def redis_host(self) -> str:

@@ -54,24 +54,39 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def train(dataset: datamod.Dataset, params: dict[str, Any] | None = None, holdout: float = 0.25) -> TrainedModel:
-    params = {**DEFAULT_PARAMS, **(params or {})}
+def split(dataset: datamod.Dataset, holdout: float = 0.25, seed: int = 0):
+    """(x_train, x_holdout, y_train, y_holdout), stratified on the label."""
     frame = datamod.training_frame(dataset)
     x = frame[list(MODEL_FEATURES)].to_numpy(dtype=np.float64)
     y = frame[LABEL].to_numpy(dtype=np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=holdout, random_state=0, stratify=y)
-    estimator = GradientBoostingClassifier(**params).fit(x_tr, y_tr)
-    onnx_bytes = export(estimator, x.shape[1])
-    parity = check_parity(onnx_bytes, estimator, x_te)
-    proba = estimator.predict_proba(x_te.astype(np.float32))[:, 1]
-    metrics = {
-        "auc": float(roc_auc_score(y_te, proba)),
-        "accuracy": float(accuracy_score(y_te, proba >= 0.5)),
-        "onnx_parity_max_abs_diff": parity,
-        "n_train": int(len(y_tr)),
-        "n_holdout": int(len(y_te)),
-    }
-    return TrainedModel(estimator, onnx_bytes, metrics, params, data_hash(x, y), x_te, y_te, x_tr)
+    return train_test_split(x, y, test_size=holdout, random_state=seed, stratify=y)
+
+
+def fit(x_train: np.ndarray, y_train: np.ndarray, params: dict[str, Any] | None = None) -> GradientBoostingClassifier:
+    return GradientBoostingClassifier(**{**DEFAULT_PARAMS, **(params or {})}).fit(x_train, y_train)
+
+
+def score_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    return {"auc": float(roc_auc_score(y_true, proba)), "accuracy": float(accuracy_score(y_true, proba >= 0.5))}
+
+
+def evaluate(estimator: GradientBoostingClassifier, x_holdout: np.ndarray, y_holdout: np.ndarray,
+             tolerance: float = 1e-5) -> tuple[bytes, dict[str, float]]:
+    """ONNX export with its parity check, and the holdout metrics of what will be served."""
+    onnx_bytes = export(estimator, x_holdout.shape[1])
+    parity = check_parity(onnx_bytes, estimator, x_holdout, tolerance)
+    metrics = score_metrics(y_holdout, onnx_positive_proba(onnx_bytes, x_holdout))
+    return onnx_bytes, {**metrics, "onnx_parity_max_abs_diff": parity, "n_holdout": int(len(y_holdout))}
+
+
+def train(dataset: datamod.Dataset, params: dict[str, Any] | None = None, holdout: float = 0.25) -> TrainedModel:
+    x_tr, x_te, y_tr, y_te = split(dataset, holdout)
+    estimator = fit(x_tr, y_tr, params)
+    onnx_bytes, metrics = evaluate(estimator, x_te, y_te)
+    metrics["n_train"] = int(len(y_tr))
+    x_all, y_all = np.vstack([x_tr, x_te]), np.concatenate([y_tr, y_te])
+    return TrainedModel(estimator, onnx_bytes, metrics, {**DEFAULT_PARAMS, **(params or {})},
+                        data_hash(x_all, y_all), x_te, y_te, x_tr)
 
 
 def reference_profile(trained: TrainedModel, name: str, version: str) -> ReferenceProfile:

@@ -77,3 +77,11 @@ KAFKA_SPOOL_BYTES = bentoml.metrics.Gauge(
     documentation="Bytes of prediction events waiting in the local spool",
     multiprocess_mode="livesum",
 )
+MODEL_SWAPS = bentoml.metrics.Counter(
+    name="mlops_model_swaps_total",
+    documentation="Times the served model version changed (promotion, rollback, canary change)",
+)
+MODEL_RELOAD_FAILURES = bentoml.metrics.Counter(
+    name="mlops_model_reload_failures_total",
+    documentation="Failed attempts to follow the registry (the current version keeps serving)",
+)

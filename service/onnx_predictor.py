@@ -29,7 +29,7 @@ def choose_providers(requested: str, available: Sequence[str]) -> list[str]:
     return [CPU]
 
 
-@dataclass
+@dataclass(eq=False)
 class OnnxPredictor:
     model: StoredModel
     session: ort.InferenceSession

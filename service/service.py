@@ -23,11 +23,11 @@ from bentoml.validators import ContentType
 from fastapi import FastAPI
 from pydantic import Field
 
-from mlops import model_store
 from mlops.schema import ENTITY, MODEL_FEATURES, REQUEST_FEATURES
 from mlops.settings import Settings
 from service import metrics
 from service.feature_lookup import FeatureLookup, open_store
+from service.model_selector import ModelSelector
 from service.onnx_predictor import OnnxPredictor
 from service.prediction_log import PredictionLog
 from service.schemas import Prediction, PredictRequest, ScoreResult, ScoreRow
@@ -51,12 +51,14 @@ class FraudModel:
     """Feature lookup + ONNX inference for whole batches."""
 
     def __init__(self) -> None:
-        stored = model_store.load(settings.model_name, settings.model_version)
-        self.predictor = OnnxPredictor.load(stored, settings.onnx_provider)
+        self.selector = ModelSelector(settings)
         self.lookup = FeatureLookup(open_store(settings))
         self._store_reached = False
-        metrics.MODEL_INFO.labels(stored.name, stored.version, self.predictor.provider).set(1)
-        log.info("serving %s on %s", stored.tag, self.predictor.provider)
+        log.info("serving %s (canary %s)", *self.selector.current.versions)
+
+    @bentoml.on_shutdown
+    def _stop_following(self) -> None:
+        self.selector.stop()
 
     def __is_ready__(self) -> bool:
         if not self._store_reached:
@@ -69,44 +71,49 @@ class FraudModel:
     @(bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
       if settings.adaptive_batching else bentoml.api)
     def score(self, rows: list[ScoreRow]) -> JsonList[ScoreResult]:
+        serving = self.selector.current  # this batch finishes on these sessions, whatever swaps meanwhile
         metrics.BATCH_SIZE.observe(len(rows))
-        model = self.predictor.model
         ids = [r.customer_id for r in rows if r.customer_id is not None]
         started = time.perf_counter()
         looked_up = iter(self.lookup.fetch(ids))
         metrics.FEATURE_LOOKUP_LATENCY.observe(time.perf_counter() - started)
 
-        vectors: list[dict[str, float]] = []
         results: list[ScoreResult] = []
+        by_predictor: dict[int, tuple[OnnxPredictor, list[int]]] = {}
         for row in rows:
+            predictor = serving.route(row.customer_id)
+            model = predictor.model
             stats = next(looked_up) if row.customer_id is not None else {}
             if stats is None:
                 results.append(ScoreResult(model_name=model.name, model_version=model.version,
                                            error=f"unknown {ENTITY} {row.customer_id!r}: no online features"))
                 continue
             vector = {**stats, **(row.features or {}), "transaction_amount": row.transaction_amount}
-            vectors.append(vector)
+            by_predictor.setdefault(id(predictor), (predictor, []))[1].append(len(results))
             results.append(ScoreResult(features=vector, model_name=model.name, model_version=model.version))
-        if vectors:
-            x = np.array([[v[f] for f in self.predictor.features] for v in vectors], dtype=np.float32)
+        for predictor, indices in by_predictor.values():
+            x = np.array([[results[i].features[f] for f in predictor.features] for i in indices],  # type: ignore[index]
+                         dtype=np.float32)
             started = time.perf_counter()
-            proba = self.predictor.predict(x)
+            proba = predictor.predict(x)
             metrics.INFERENCE_LATENCY.observe(time.perf_counter() - started)
-            scored = iter(proba.tolist())
-            for result in results:
-                if result.error is None:
-                    result.prediction = next(scored)
+            for i, p in zip(indices, proba.tolist(), strict=True):
+                results[i].prediction = p
         return results
 
     @bentoml.api
     def info(self) -> dict[str, Any]:
-        model = self.predictor.model
+        serving = self.selector.current
+        model = serving.production.model
         return {
             "model_name": model.name,
             "model_version": model.version,
-            "provider": self.predictor.provider,
-            "features": list(self.predictor.features),
+            "provider": serving.production.provider,
+            "features": list(serving.production.features),
             "metrics": model.metadata.get("metrics", {}),
+            "canary_version": serving.versions[1],
+            "canary_share": serving.canary_share,
+            "follows_registry": self.selector.registry is not None,
             "adaptive_batching": settings.adaptive_batching,
             "max_batch_size": settings.max_batch_size,
             "max_latency_ms": settings.max_latency_ms,

@@ -1,0 +1,1 @@
+"""The declarative training pipeline: definition file, validator, stages and runner."""

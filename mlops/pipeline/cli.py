@@ -1,0 +1,90 @@
+"""`pipeline validate` and `pipeline run`.
+
+    pipeline validate --pipeline pipeline.yaml [--strict] [--json]     exit 0 valid, 1 errors, 2 unreadable
+    pipeline run --pipeline pipeline.yaml [--version V] [--data-dir D]  exit 0 registered, 1 a stage failed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mlops.pipeline import definition, runner
+from mlops.pipeline.stages import StageFailed
+from mlops.pipeline.validator import validate
+from mlops.registry import Registry
+from mlops.settings import Settings
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        pipeline = definition.load(args.pipeline)
+    except definition.DefinitionError as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return 2
+    findings = validate(pipeline, strict=args.strict)
+    errors = [f for f in findings if f.level == "error"]
+    if args.json:
+        print(json.dumps({"pipeline": str(args.pipeline), "valid": not errors, "strict": args.strict,
+                          "errors": [f.to_dict() for f in errors],
+                          "warnings": [f.to_dict() for f in findings if f.level == "warning"]}, indent=2))
+    else:
+        for f in findings:
+            where = f" [{f.stage}]" if f.stage else ""
+            print(f"{f.level.upper():<7} {f.code}{where}: {f.message}")
+        print(f"{args.pipeline}: {'valid' if not errors else 'invalid'} "
+              f"({len(errors)} errors, {len(findings) - len(errors)} warnings)")
+    return 1 if errors else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        pipeline = definition.load(args.pipeline)
+    except definition.DefinitionError as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return 2
+    errors = [f for f in validate(pipeline) if f.level == "error"]
+    if errors:
+        print(f"pipeline: {args.pipeline} is invalid: {errors[0].code}: {errors[0].message} "
+              f"(run `pipeline validate` for all findings)", file=sys.stderr)
+        return 1
+    settings = Settings.load()
+    registry = Registry(args.registry or settings.registry_path)
+    try:
+        summary = runner.run(pipeline, registry, args.version, args.data_dir, args.name)
+    except StageFailed as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="pipeline", description="Declarative training pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    v = sub.add_parser("validate")
+    v.add_argument("--pipeline", required=True, type=Path)
+    v.add_argument("--strict", action="store_true", help="warnings count as errors")
+    v.add_argument("--json", action="store_true")
+    r = sub.add_parser("run")
+    r.add_argument("--pipeline", required=True, type=Path)
+    r.add_argument("--version", help="version to register (default: next vN)")
+    r.add_argument("--name", help="model name (default: the pipeline's model_name)")
+    r.add_argument("--data-dir", type=Path, help="for source: parquet")
+    r.add_argument("--registry", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    return cmd_validate(args) if args.command == "validate" else cmd_run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

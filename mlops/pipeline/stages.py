@@ -1,0 +1,176 @@
+"""What each pipeline stage does. A stage reads and extends the run's context, logs what it did, and
+raises :class:`StageFailed` with a reason when the pipeline must stop."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from mlops import data as datamod
+from mlops import model_store, train
+from mlops.onnx_contract import INPUT_NAME, positive_proba
+from mlops.onnx_export import ParityError
+from mlops.registry import Registry
+from mlops.schema import ENTITY, LABEL, STORE_FEATURES, TIMESTAMP
+
+log = logging.getLogger("pipeline")
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(f"stage {stage!r} failed: {reason}")
+        self.stage = stage
+        self.reason = reason
+
+
+@dataclass
+class Context:
+    model_name: str
+    registry: Registry
+    version: str | None = None
+    data_dir: Path | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def fetch_data(ctx: Context, params: dict[str, Any]) -> str:
+    source = params.get("source", "synthetic")
+    if source == "synthetic":
+        ctx.values["dataset"] = datamod.generate(int(params.get("customers", 2_000)),
+                                                 int(params.get("transactions", 40_000)), int(params.get("seed", 42)))
+    elif source == "parquet":
+        path = ctx.data_dir or Path(params.get("path", "feature_repo/data"))
+        try:
+            ctx.values["dataset"] = datamod.read(path)
+        except FileNotFoundError as exc:
+            raise StageFailed("fetch-data", f"no data at {path} ({exc.filename})") from None
+    else:
+        raise StageFailed("fetch-data", f"unknown source {source!r} (synthetic or parquet)")
+    d = ctx.values["dataset"]
+    return f"{len(d.customers)} customers, {len(d.transactions)} transactions from {source}"
+
+
+def validate_data(ctx: Context, params: dict[str, Any]) -> str:
+    d: datamod.Dataset = ctx.values["dataset"]
+    expected = {"customers": [ENTITY, *STORE_FEATURES, TIMESTAMP],
+                "transactions": [ENTITY, "transaction_amount", LABEL, TIMESTAMP]}
+    for table, columns in expected.items():
+        frame = getattr(d, table)
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise StageFailed("validate", f"{table} lacks columns {missing}")
+        if frame.empty:
+            raise StageFailed("validate", f"{table} has no rows")
+        max_nulls = float(params.get("max_null_fraction", 0.0))
+        for column in columns:
+            share = float(frame[column].isna().mean())
+            if share > max_nulls:
+                raise StageFailed("validate", f"{table}.{column} is {share:.1%} null (max {max_nulls:.1%})")
+    numeric = {**{c: d.customers[c] for c in STORE_FEATURES},
+               "transaction_amount": d.transactions["transaction_amount"], LABEL: d.transactions[LABEL]}
+    for column, series in numeric.items():
+        if not np.issubdtype(series.dtype, np.number):
+            raise StageFailed("validate", f"{column} is {series.dtype}, not numeric")
+    for column, bounds in (params.get("ranges") or {}).items():
+        if column not in numeric:
+            raise StageFailed("validate", f"range given for unknown column {column!r}")
+        low, high = bounds
+        bad = numeric[column][(numeric[column] < low) | (numeric[column] > high)]
+        if len(bad):
+            raise StageFailed("validate", f"{len(bad)} values of {column} outside [{low}, {high}], "
+                              f"e.g. {bad.iloc[0]!r}")
+    if set(np.unique(d.transactions[LABEL])) - {0, 1}:
+        raise StageFailed("validate", f"{LABEL} must be 0/1")
+    orphans = ~d.transactions[ENTITY].isin(d.customers[ENTITY])
+    if orphans.any():
+        raise StageFailed("validate", f"{int(orphans.sum())} transactions name unknown customers")
+    return f"schema, nulls and {len(params.get('ranges') or {})} ranges OK"
+
+
+def preprocess(ctx: Context, params: dict[str, Any]) -> str:
+    holdout = float(params.get("holdout", 0.25))
+    if not 0 < holdout < 1:
+        raise StageFailed("preprocess", f"holdout must be in (0, 1), got {holdout}")
+    x_tr, x_te, y_tr, y_te = train.split(ctx.values["dataset"], holdout, int(params.get("seed", 0)))
+    ctx.values.update(x_train=x_tr, x_holdout=x_te, y_train=y_tr, y_holdout=y_te)
+    return f"{len(y_tr)} train / {len(y_te)} holdout rows, fraud rate {y_tr.mean():.3f}"
+
+
+def fit(ctx: Context, params: dict[str, Any]) -> str:
+    if "x_train" not in ctx.values:
+        preprocess(ctx, {})
+    ctx.values["params"] = {**train.DEFAULT_PARAMS, **params}
+    ctx.values["estimator"] = train.fit(ctx.values["x_train"], ctx.values["y_train"], params)
+    return f"GradientBoostingClassifier {params}"
+
+
+def evaluate(ctx: Context, params: dict[str, Any]) -> str:
+    try:
+        onnx_bytes, metrics = train.evaluate(ctx.values["estimator"], ctx.values["x_holdout"],
+                                             ctx.values["y_holdout"], float(params.get("parity_tolerance", 1e-5)))
+    except ParityError as exc:
+        raise StageFailed("evaluate", str(exc)) from None
+    metrics["n_train"] = int(len(ctx.values["y_train"]))
+    ctx.values.update(onnx_bytes=onnx_bytes, metrics=metrics)
+    ctx.summary["metrics"] = metrics
+    return (f"auc={metrics['auc']:.4f} accuracy={metrics['accuracy']:.4f} "
+            f"onnx parity={metrics['onnx_parity_max_abs_diff']:.2e}")
+
+
+def gate(ctx: Context, params: dict[str, Any]) -> str:
+    metrics = ctx.values["metrics"]
+    for key in ("auc", "accuracy"):
+        floor = params.get(f"min_{key}")
+        if floor is not None and metrics[key] < float(floor):
+            raise StageFailed("gate", f"{key} {metrics[key]:.4f} is below the threshold {float(floor):.4f}")
+    notes = []
+    production = ctx.registry.production(ctx.model_name)
+    if params.get("compare_to_production", False) and production is not None:
+        margin = float(params.get("min_improvement", 0.0))
+        stored = model_store.load(ctx.model_name, production.version)
+        session = ort.InferenceSession(str(stored.onnx_path), providers=["CPUExecutionProvider"])
+        x = ctx.values["x_holdout"].astype(np.float32)
+        prod_metrics = train.score_metrics(ctx.values["y_holdout"], positive_proba(session.run(None, {INPUT_NAME: x})))
+        ctx.summary["production"] = {"version": production.version, **prod_metrics}
+        if metrics["auc"] < prod_metrics["auc"] + margin:
+            raise StageFailed("gate", f"candidate auc {metrics['auc']:.4f} does not beat Production "
+                              f"{production.version} ({prod_metrics['auc']:.4f}) by {margin} on the same holdout")
+        notes.append(f"beats Production {production.version} (auc {prod_metrics['auc']:.4f}) by "
+                     f"{metrics['auc'] - prod_metrics['auc']:+.4f}")
+    elif params.get("compare_to_production", False):
+        notes.append("no Production version yet: absolute thresholds only")
+    return "passed" + (f"; {'; '.join(notes)}" if notes else "")
+
+
+def register(ctx: Context, params: dict[str, Any]) -> str:
+    trained = train.TrainedModel(
+        ctx.values["estimator"], ctx.values["onnx_bytes"], ctx.values["metrics"], ctx.values["params"],
+        train.data_hash(np.vstack([ctx.values["x_train"], ctx.values["x_holdout"]]),
+                        np.concatenate([ctx.values["y_train"], ctx.values["y_holdout"]])),
+        ctx.values["x_holdout"], ctx.values["y_holdout"], ctx.values["x_train"])
+    stored = train.register(trained, ctx.model_name, ctx.version)
+    meta = stored.metadata
+    stage = str(params.get("stage", "staging"))
+    version = ctx.registry.register(ctx.model_name, stored.version, meta["metrics"], meta["params"],
+                                    meta["training_data_hash"], meta["git_commit"],
+                                    stage="None" if stage.lower() == "production" else stage)
+    if stage.lower() == "production":
+        version = ctx.registry.promote(ctx.model_name, stored.version, "production", "pipeline")
+    ctx.summary["registered"] = {"version": version.version, "stage": version.stage}
+    return f"{version.name}:{version.version} stored and registered in {version.stage}"
+
+
+STAGES = {
+    "fetch-data": fetch_data,
+    "validate": validate_data,
+    "preprocess": preprocess,
+    "train": fit,
+    "evaluate": evaluate,
+    "gate": gate,
+    "register": register,
+}
