@@ -1,0 +1,146 @@
+"""The pipeline definition, its validator's codes, and the runner with its evaluation gate."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlops.pipeline import definition, runner
+from mlops.pipeline.cli import main as pipeline_main
+from mlops.pipeline.stages import StageFailed
+from mlops.pipeline.validator import validate
+from mlops.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
+SMALL_DATA = {"source": "synthetic", "customers": 200, "transactions": 3000, "seed": 42}
+
+
+def write(tmp_path: Path, body: dict, suffix: str = ".yaml") -> Path:
+    path = tmp_path / f"pipeline{suffix}"
+    path.write_text(json.dumps(body) if suffix == ".json" else yaml.safe_dump(body))
+    return path
+
+
+def edited(change) -> dict:
+    body = copy.deepcopy(BASE)
+    change(body)
+    return body
+
+
+def codes(body: dict, tmp_path: Path, strict: bool = False) -> set[str]:
+    return {f.code for f in validate(definition.load(write(tmp_path, body)), strict) if f.level == "error"}
+
+
+def stage(body: dict, name: str) -> dict:
+    return next(s for s in body["stages"] if s["name"] == name)
+
+
+def test_shipped_pipeline_is_valid_even_strictly(tmp_path):
+    assert validate(definition.load(ROOT / "pipeline.yaml"), strict=True) == []
+
+
+@pytest.mark.parametrize(("change", "code"), [
+    (lambda b: b["stages"].pop(0), "MISSING_STAGE"),
+    (lambda b: b["stages"].insert(0, b["stages"].pop(3)), "STAGE_ORDER"),
+    (lambda b: b["stages"].remove(stage(b, "gate")), "MISSING_GATE"),
+    (lambda b: stage(b, "gate")["params"].clear(), "GATE_NO_THRESHOLD"),
+    (lambda b: stage(b, "gate")["params"].update(min_auc=1.5), "INVALID_THRESHOLD"),
+    (lambda b: b["stages"].append({"name": "train", "type": "train"}), "DUPLICATE_STAGE"),
+    (lambda b: b["stages"].append({"name": "deploy-to-mars", "type": "deploy"}), "UNKNOWN_STAGE"),
+    (lambda b: stage(b, "train").update(type="data"), "STAGE_TYPE_MISMATCH"),
+    (lambda b: b["rollback"].update(strategy="pray"), "INVALID_ROLLBACK"),
+])
+def test_errors_have_stable_codes(tmp_path, change, code):
+    assert code in codes(edited(change), tmp_path)
+
+
+@pytest.mark.parametrize(("change", "code"), [
+    (lambda b: b.pop("rollback"), "MISSING_ROLLBACK"),
+    (lambda b: b["rollback"].update(enabled=False), "ROLLBACK_DISABLED"),
+    (lambda b: stage(b, "gate")["params"].update(min_auc=0.7), "LOW_THRESHOLD"),
+    (lambda b: stage(b, "gate")["params"].update(compare_to_production=False), "NO_PRODUCTION_COMPARISON"),
+    (lambda b: stage(b, "register")["params"].update(stage="production"), "REGISTER_TO_PRODUCTION"),
+    (lambda b: b["stages"].remove(stage(b, "preprocess")), "MISSING_TRANSFORM"),
+    (lambda b: b.update(owner="me"), "UNKNOWN_FIELD"),
+])
+def test_warnings_become_errors_with_strict(tmp_path, change, code):
+    body = edited(change)
+    assert code not in codes(body, tmp_path)
+    warnings = {f.code for f in validate(definition.load(write(tmp_path, body))) if f.level == "warning"}
+    assert code in warnings
+    assert code in codes(body, tmp_path, strict=True)
+
+
+def test_cli_exit_codes_and_json(tmp_path, capsys):
+    good = write(tmp_path, BASE, ".json")
+    assert pipeline_main(["validate", "--pipeline", str(good), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["valid"] is True
+    soft = write(tmp_path, edited(lambda b: b.pop("rollback")))
+    assert pipeline_main(["validate", "--pipeline", str(soft)]) == 0
+    assert "WARNING MISSING_ROLLBACK" in capsys.readouterr().out
+    assert pipeline_main(["validate", "--pipeline", str(soft), "--strict", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["valid"] is False and report["errors"][0]["code"] == "MISSING_ROLLBACK"
+    missing = tmp_path / "nope.yaml"
+    assert pipeline_main(["validate", "--pipeline", str(missing)]) == 2
+    (tmp_path / "bad.yaml").write_text("stages: [\n")
+    assert pipeline_main(["validate", "--pipeline", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "not valid YAML" in err
+
+
+def small(body: dict) -> dict:
+    stage(body, "fetch-data")["params"] = dict(SMALL_DATA)
+    stage(body, "train")["params"] = {"n_estimators": 40, "max_depth": 3}
+    return body
+
+
+def test_run_registers_a_gated_model_and_compares_with_production(tmp_path):
+    reg = Registry(tmp_path / "r.db")
+    pipe = definition.load(write(tmp_path, small(copy.deepcopy(BASE))))
+    summary = runner.run(pipe, reg, version="p1", model_name="pipe_model")
+    assert [s["status"] for s in summary["stages"]] == ["ok"] * 7
+    assert summary["registered"] == {"version": "p1", "stage": "Staging"}
+    v = reg.get("pipe_model", "p1")
+    assert v.metrics["auc"] >= 0.85 and v.metrics["onnx_parity_max_abs_diff"] <= 1e-5 and v.training_data_hash
+    reg.promote("pipe_model", "p1", "production")
+    # A clearly weaker candidate on the same data is blocked by the comparison with Production.
+    weak = small(copy.deepcopy(BASE))
+    stage(weak, "train")["params"] = {"n_estimators": 2, "max_depth": 1}
+    stage(weak, "gate")["params"].update(min_auc=0.5, min_accuracy=0.5)
+    with pytest.raises(StageFailed, match="does not beat Production p1") as info:
+        runner.run(definition.load(write(tmp_path, weak)), reg, version="p2", model_name="pipe_model")
+    assert info.value.stage == "gate"
+    assert [v.version for v in reg.list("pipe_model")] == ["p1"]  # nothing registered
+
+
+def test_absolute_threshold_blocks_registration(tmp_path):
+    body = small(copy.deepcopy(BASE))
+    stage(body, "gate")["params"].update(min_auc=0.999)
+    with pytest.raises(StageFailed, match=r"auc 0\.\d+ is below the threshold 0\.9990"):
+        runner.run(definition.load(write(tmp_path, body)), Registry(tmp_path / "r.db"), model_name="gate_model")
+
+
+def test_validate_stage_stops_on_bad_data(tmp_path):
+    body = small(copy.deepcopy(BASE))
+    stage(body, "validate")["params"]["ranges"]["transaction_amount"] = [0, 10]
+    with pytest.raises(StageFailed, match=r"values of transaction_amount outside \[0, 10\]"):
+        runner.run(definition.load(write(tmp_path, body)), Registry(tmp_path / "r.db"), model_name="val_model")
+
+
+def test_run_cli_fails_with_one_line_reason(tmp_path, capsys):
+    body = small(copy.deepcopy(BASE))
+    stage(body, "gate")["params"].update(min_auc=0.999)
+    code = pipeline_main(["run", "--pipeline", str(write(tmp_path, body)), "--registry", str(tmp_path / "r.db"),
+                          "--name", "cli_gate_model"])
+    assert code == 1
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pipeline:")]
+    assert err_lines == [err_lines[0]] and "stage 'gate' failed" in err_lines[0]
+    invalid = write(tmp_path, edited(lambda b: b["stages"].remove(stage(b, "gate"))))
+    assert pipeline_main(["run", "--pipeline", str(invalid)]) == 1
+    assert "MISSING_GATE" in capsys.readouterr().err
