@@ -21,9 +21,12 @@ from mlops import data as datamod
 from mlops import server_process, workspace
 from mlops import services as svc
 from mlops.kafka_read import read_events
+from mlops.registry import Registry
 from mlops.settings import Settings
+from mlops.traffic import Traffic
 from streaming import process as consumer_process
 
+ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_REQUESTS = [
     {"customer_id": "C000001", "transaction_amount": 42.0},
     {"customer_id": "C000002", "transaction_amount": 1250.0},
@@ -59,8 +62,15 @@ def main(argv: list[str] | None = None) -> int:
               f"accuracy={m['accuracy']:.4f} onnx parity max diff={m['onnx_parity_max_abs_diff']:.2e}; "
               "feature view customer_stats materialized to Redis")
 
-        step(f"bentoml serve on port {args.port}")
-        server = server_process.start(args.port, ws.env, args.run_dir / "server.log")
+        step(f"registry: {ws.model.tag} registered and promoted to Production ({settings.registry_path})")
+        registry = Registry(settings.registry_path)
+        registry.register(ws.model.name, ws.model.version, ws.model.metadata["metrics"], ws.model.metadata["params"],
+                          ws.model.metadata["training_data_hash"], ws.model.metadata["git_commit"])
+        registry.promote(ws.model.name, ws.model.version, "production", "demo")
+
+        step(f"bentoml serve on port {args.port} (following the registry's Production version)")
+        serve_env = {**ws.env, "MLOPS_MODEL_VERSION": "", "MLOPS_REGISTRY_PATH": str(settings.registry_path.resolve())}
+        server = server_process.start(args.port, serve_env, args.run_dir / "server.log")
         print(f"ready at {server.url} (pid {server.process.pid}); info: {httpx.get(server.url + '/info/').text}")
 
         step("sending predictions")
@@ -83,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         step("streaming drift: a consumer group on the prediction log, alerts on '"
              f"{settings.alerts_topic}'")
         alerts = demo_drift(ws, server.url, args.run_dir)
+        step("lifecycle: pipeline (gate) → Staging → promote under traffic → rollback under traffic")
+        if not demo_lifecycle(registry, ws.model.name, server.url):
+            return 1
         step(f"done: {len(ids)} predictions served, {len(events)} events read back from Kafka, "
-             f"{len(alerts)} drift alerts")
+             f"{len(alerts)} drift alerts, promotion and rollback with no failed request")
         if args.keep_running:
             print(f"left running: server pid {server.process.pid}, services in {args.run_dir}")
             server = None
@@ -94,6 +107,35 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         if started_services and not args.keep_running:
             svc.down(args.run_dir)
+
+
+def demo_lifecycle(registry: Registry, name: str, url: str) -> bool:
+    from mlops.pipeline import definition, runner
+
+    summary = runner.run(definition.load(ROOT / "pipeline.yaml"), registry, model_name=name)
+    for stage in summary["stages"]:
+        print(f"  {stage['stage']:<11} {stage['outcome']}")
+    candidate = summary["registered"]["version"]
+    production = registry.production(name)
+    assert production is not None
+    with Traffic(url) as traffic:
+        time.sleep(1.5)
+        at = time.monotonic()
+        registry.promote(name, candidate, "production", "demo")
+        promote_s = traffic.takeover(at, candidate)
+        time.sleep(1.5)
+        at = time.monotonic()
+        restored, _ = registry.rollback(name)
+        rollback_s = traffic.takeover(at, restored.version)
+        time.sleep(1.0)
+    failed = sum(n for status, n in traffic.statuses().items() if status != 200)
+    print(f"promote {production.version} → {candidate}: took effect in {promote_s:.2f}s; "
+          f"rollback → {restored.version}: {rollback_s:.2f}s")
+    print(f"{len(traffic.results)} requests during the switch, {failed} failed, versions seen: "
+          f"{dict(traffic.versions())}")
+    for row in registry.list(name)[-3:]:
+        print(f"  {row.name}:{row.version:<5} {row.stage:<10} auc={row.metrics.get('auc', 0):.4f}")
+    return failed == 0 and promote_s is not None and rollback_s is not None
 
 
 def demo_drift(ws: workspace.Workspace, url: str, run_dir: Path) -> list[dict]:

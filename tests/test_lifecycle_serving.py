@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 import time
-import uuid
 from collections import Counter
 
 import httpx
@@ -12,6 +10,7 @@ import pytest
 
 from mlops.kafka_read import read_events
 from mlops.registry import Registry
+from mlops.traffic import Traffic
 from mlops.train import register as store_model
 from mlops.train import train
 from tests.harness import metric_value, start_server
@@ -34,50 +33,11 @@ def follower_env(registry_path, **extra: str) -> dict[str, str]:
             **extra}
 
 
-class Traffic:
-    """Closed-loop clients hammering /predict, recording every outcome."""
-
-    def __init__(self, url: str, clients: int = 4) -> None:
-        self.url = url
-        self.results: list[tuple[float, int, str | None, str]] = []  # (time, status, version, request_id)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-
-    def _client(self, n: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as http:
-            i = 0
-            while not self._stop.is_set():
-                request_id = f"life-{n}-{i}-{uuid.uuid4().hex[:6]}"
-                body = {"customer_id": f"C{(n * 97 + i) % 300:06d}", "transaction_amount": 80.0,
-                        "request_id": request_id}
-                try:
-                    r = http.post("/predict", json=body)
-                    version = r.json().get("model_version") if r.status_code == 200 else None
-                    self.results.append((time.monotonic(), r.status_code, version, request_id))
-                except httpx.HTTPError as exc:
-                    self.results.append((time.monotonic(), 0, repr(exc), request_id))
-                i += 1
-
-    def __enter__(self) -> Traffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-    def first_since(self, since: float, version: str, timeout: float = 30) -> float:
-        """Seconds from ``since`` until every later response came from ``version``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            after = [r for r in self.results if r[0] > since]
-            hits = [r for r in after if r[2] == version]
-            if hits and all(r[2] == version for r in after if r[0] > hits[0][0]):
-                return hits[0][0] - since
-            time.sleep(0.1)
-        pytest.fail(f"{version} never took over: {Counter(r[2] for r in self.results if r[0] > since)}")
+def takeover(traffic: Traffic, since: float, version: str) -> float:
+    seconds = traffic.takeover(since, version)
+    if seconds is None:
+        pytest.fail(f"{version} never took over: {traffic.versions()}")
+    return seconds
 
 
 def test_promote_and_rollback_under_traffic_fail_no_request(workspace, versions, tmp_path):
@@ -93,15 +53,15 @@ def test_promote_and_rollback_under_traffic_fail_no_request(workspace, versions,
             time.sleep(2)
             promoted_at = time.monotonic()
             reg.promote("fraud_detector", v2, "production")
-            promote_s = traffic.first_since(promoted_at, v2)
+            promote_s = takeover(traffic, promoted_at, v2)
             time.sleep(2)
             rolled_back_at = time.monotonic()
             reg.rollback("fraud_detector")
-            rollback_s = traffic.first_since(rolled_back_at, v1)
+            rollback_s = takeover(traffic, rolled_back_at, v1)
             time.sleep(2)
-        statuses = Counter(r[1] for r in traffic.results)
+        statuses = traffic.statuses()
         assert statuses == Counter({200: len(traffic.results)}), statuses
-        seen = Counter(r[2] for r in traffic.results)
+        seen = traffic.versions()
         assert set(seen) == {v1, v2} and len(traffic.results) > 100, seen
         assert promote_s < 10 and rollback_s < 10, (promote_s, rollback_s)
         print(f"\npromotion took effect in {promote_s:.2f}s, rollback in {rollback_s:.2f}s, "
