@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from mlops import model_store
+from mlops.cli_args import OneLineParser
 from mlops.registry import Registry, RegistryError
 from mlops.schema import MODEL_FEATURES
 from mlops.settings import Settings
@@ -23,11 +24,6 @@ from mlops.settings import Settings
 
 class UsageError(ValueError):
     pass
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def json_arg(text: str | None, flag: str) -> dict:

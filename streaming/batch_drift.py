@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlops.cli_args import OneLineParser
 from streaming import stats
 
 PSI_BINS = 10
@@ -118,13 +119,6 @@ def render_table(results: list[ColumnResult]) -> str:
     drifted = [r.column for r in results if r.drifted]
     lines.append(f"\n{len(drifted)} of {len(results)} columns drifted" + (f": {', '.join(drifted)}" if drifted else ""))
     return "\n".join(lines)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage mistakes end with one line on stderr and exit code 2, like every other bad input."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

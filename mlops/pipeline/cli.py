@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from mlops.cli_args import OneLineParser
 from mlops.pipeline import definition, runner
 from mlops.pipeline.stages import StageFailed
 from mlops.pipeline.validator import validate
@@ -19,16 +20,18 @@ from mlops.registry import Registry
 from mlops.settings import Settings
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+def load_or_none(path: Path) -> definition.Pipeline | None:
+    """The pipeline, or None after printing why the file cannot be read (the caller exits 2)."""
+    try:
+        return definition.load(path)
+    except definition.DefinitionError as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    try:
-        pipeline = definition.load(args.pipeline)
-    except definition.DefinitionError as exc:
-        print(f"pipeline: {exc}", file=sys.stderr)
+    pipeline = load_or_none(args.pipeline)
+    if pipeline is None:
         return 2
     findings = validate(pipeline, strict=args.strict)
     errors = [f for f in findings if f.level == "error"]
@@ -46,10 +49,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        pipeline = definition.load(args.pipeline)
-    except definition.DefinitionError as exc:
-        print(f"pipeline: {exc}", file=sys.stderr)
+    pipeline = load_or_none(args.pipeline)
+    if pipeline is None:
         return 2
     errors = [f for f in validate(pipeline) if f.level == "error"]
     if errors:
