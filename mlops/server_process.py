@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from mlops.services import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "service.service:FraudDetector"
 
@@ -21,6 +23,11 @@ class ServerProcess:
     url: str
     process: subprocess.Popen
     log_path: Path
+    grpc_port: int = 0
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     def stop(self, timeout: float = 30) -> None:
         if self.process.poll() is None:
@@ -35,15 +42,38 @@ class ServerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def private_home(env: dict[str, str], path: Path) -> Path:
+    """A BentoML home of this server's own that shares the model store.
+
+    `bentoml serve` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, which wipes the
+    metrics of any other server running on the same home; a home per server, whose ``models`` and
+    ``bentos`` link to the shared ones, keeps each server's metrics its own.
+    """
+    shared = Path(env.get("BENTOML_HOME") or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    path.mkdir(parents=True, exist_ok=True)
+    for sub in ("models", "bentos"):
+        target = (shared / sub).resolve()
+        target.mkdir(parents=True, exist_ok=True)
+        link = path / sub
+        if link.is_symlink() and link.resolve() != target:
+            link.unlink()
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
+    return path
+
+
 def start(port: int, env: dict[str, str], log_path: Path, timeout: float = 180,
           extra_args: tuple[str, ...] = ()) -> ServerProcess:
     exe = Path(sys.executable).with_name("bentoml")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if "MLOPS_GRPC_PORT" not in env:  # gRPC binds with SO_REUSEPORT: two servers must not share a port
+        env = {**env, "MLOPS_GRPC_PORT": str(free_port())}
+    env = {**env, "BENTOML_HOME": str(private_home(env, log_path.parent / f"bentoml-home-{port}"))}
     process = subprocess.Popen(
         [str(exe), "serve", SERVICE, "--port", str(port), "--host", "127.0.0.1", *extra_args],
         cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
-    server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path)
+    server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path, int(env["MLOPS_GRPC_PORT"]))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

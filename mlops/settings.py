@@ -49,6 +49,8 @@ class Settings(BaseSettings):
         description="adaptive batching: a request that would wait longer in the batch queue is shed with a 503",
     )
     max_request_rows: int = Field(256, ge=1, description="largest batch a client may send in one request")
+    grpc_port: int = Field(3001, ge=0, le=65535, description="gRPC port of the API server; 0: no gRPC")
+    grpc_host: str = "0.0.0.0"
     decision_threshold: float = Field(0.5, gt=0, lt=1, description="fraud label is 1 at or above this score")
 
     # Prediction log.

@@ -9,6 +9,7 @@ one Feast lookup and one ONNX Runtime call serve many requests.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -25,7 +26,7 @@ from pydantic import Field
 
 from mlops.schema import ENTITY, MODEL_FEATURES, REQUEST_FEATURES
 from mlops.settings import Settings
-from service import metrics
+from service import grpc_api, metrics
 from service.feature_lookup import FeatureLookup, open_store
 from service.model_selector import ModelSelector
 from service.onnx_predictor import OnnxPredictor
@@ -127,7 +128,8 @@ BatchRequests = Annotated[list[PredictRequest], Field(min_length=1, max_length=s
 @bentoml.service(name="fraud_detector", traffic={"timeout": 30, "max_concurrency": 1024})
 @bentoml.asgi_app(ops_app, path="/info")
 class FraudDetector:
-    """Public API: /predict, /predict_batch, GET /info, plus BentoML's /livez, /readyz and /metrics."""
+    """Public API: /predict, /predict_batch, GET /info, plus BentoML's /livez, /readyz and /metrics; the same
+    predictions over gRPC on MLOPS_GRPC_PORT (service/proto/fraud.proto)."""
 
     model = bentoml.depends(FraudModel)
 
@@ -138,8 +140,19 @@ class FraudDetector:
             queue_size=settings.publish_queue_size, retry_interval_s=settings.kafka_retry_interval_s,
         ).start()
 
+        self.grpc_server = None
+
+    @bentoml.on_startup
+    async def _start_grpc(self) -> None:
+        if settings.grpc_port:
+            servicer = grpc_api.FraudDetectorServicer(self._score_requests, asyncio.get_running_loop(),
+                                                      settings.max_request_rows)
+            self.grpc_server = grpc_api.start(servicer, settings.grpc_host, settings.grpc_port)
+
     @bentoml.on_shutdown
     def _flush_prediction_log(self) -> None:
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace=5).wait()
         self.prediction_log.close()
 
     def __is_ready__(self) -> bool:
@@ -168,6 +181,9 @@ class FraudDetector:
     async def predict_batch(self, requests: BatchRequests) -> JsonList[Prediction | dict[str, str]]:
         """Per-row results in request order; a row whose entity is unknown gets ``{"error": ...}``."""
         return await self._score(requests, time.perf_counter(), endpoint="predict_batch", single=False)
+
+    async def _score_requests(self, requests: list[PredictRequest], endpoint: str, single: bool) -> list:
+        return await self._score(requests, time.perf_counter(), endpoint, single)
 
     async def _score(self, requests: list[PredictRequest], started: float, endpoint: str, single: bool) -> list:
         rows = [ScoreRow(customer_id=r.customer_id, transaction_amount=r.transaction_amount, features=r.features)
