@@ -1,8 +1,9 @@
 """The BentoML services: an API server in front of an adaptively batched model service.
 
-``FraudDetector`` (the entry point) validates requests, hands rows to ``FraudModel`` and publishes each
-prediction to Kafka. ``FraudModel.score`` is batchable: BentoML merges concurrent calls into one batch, so
-one Feast lookup and one ONNX Runtime call serve many requests.
+``FraudDetector`` (the entry point, HTTP and gRPC) validates requests, hands rows to ``FraudModel`` and
+publishes each prediction to Kafka. ``FraudModel.score`` is batchable: BentoML merges concurrent calls into
+one batch, so one Feast lookup and one ONNX Runtime call serve many requests. Which model version answers
+is decided by the registry (``service.model_selector``), switched without dropping a request.
 
     bentoml serve service.service:FraudDetector
 """
