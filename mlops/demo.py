@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.load(env_file)
     server = None
     try:
-        step("data → training (ONNX, parity-checked) → model store → feast apply + materialize-incremental")
+        step("data → training (ONNX, parity-checked) → model store → feast apply + feast materialize")
         ws = workspace.prepare(args.run_dir.resolve(), env_file, settings.feature_repo.resolve())
         m = ws.model.metadata["metrics"]
         print(f"data in {ws.feature_repo / 'data'}; stored {ws.model.tag}: auc={m['auc']:.4f} "
