@@ -79,14 +79,20 @@ def evaluate(estimator: GradientBoostingClassifier, x_holdout: np.ndarray, y_hol
     return onnx_bytes, {**metrics, "onnx_parity_max_abs_diff": parity, "n_holdout": int(len(y_holdout))}
 
 
+def assemble(estimator: GradientBoostingClassifier, onnx_bytes: bytes, metrics: dict[str, float],
+             params: dict[str, Any] | None, x_tr: np.ndarray, x_te: np.ndarray, y_tr: np.ndarray,
+             y_te: np.ndarray) -> TrainedModel:
+    """The record of one training run: effective params and the hash of all rows it saw."""
+    x_all, y_all = np.vstack([x_tr, x_te]), np.concatenate([y_tr, y_te])
+    return TrainedModel(estimator, onnx_bytes, {**metrics, "n_train": int(len(y_tr))},
+                        {**DEFAULT_PARAMS, **(params or {})}, data_hash(x_all, y_all), x_te, y_te, x_tr)
+
+
 def train(dataset: datamod.Dataset, params: dict[str, Any] | None = None, holdout: float = 0.25) -> TrainedModel:
     x_tr, x_te, y_tr, y_te = split(dataset, holdout)
     estimator = fit(x_tr, y_tr, params)
     onnx_bytes, metrics = evaluate(estimator, x_te, y_te)
-    metrics["n_train"] = int(len(y_tr))
-    x_all, y_all = np.vstack([x_tr, x_te]), np.concatenate([y_tr, y_te])
-    return TrainedModel(estimator, onnx_bytes, metrics, {**DEFAULT_PARAMS, **(params or {})},
-                        data_hash(x_all, y_all), x_te, y_te, x_tr)
+    return assemble(estimator, onnx_bytes, metrics, params, x_tr, x_te, y_tr, y_te)
 
 
 def reference_profile(trained: TrainedModel, name: str, version: str) -> ReferenceProfile:

@@ -26,13 +26,17 @@ class Spool:
 
     def size(self) -> int:
         with self._lock:
-            return sum(p.stat().st_size for p in (self.path, self.replay_path) if p.exists())
+            return self._used()
+
+    def _used(self) -> int:
+        """Bytes on disk, the pending spool and an unfinished replay together (caller holds the lock)."""
+        return sum(p.stat().st_size for p in (self.path, self.replay_path) if p.exists())
 
     def append(self, events: list[dict[str, Any]]) -> int:
         """Append events; returns how many did not fit under ``max_bytes`` (and were dropped)."""
         lines = [json.dumps(e, separators=(",", ":")) + "\n" for e in events]
         with self._lock:
-            used = sum(p.stat().st_size for p in (self.path, self.replay_path) if p.exists())
+            used = self._used()
             kept = []
             for line in lines:
                 if used + len(line) > self.max_bytes:

@@ -104,7 +104,7 @@ def preprocess(ctx: Context, params: dict[str, Any]) -> str:
 def fit(ctx: Context, params: dict[str, Any]) -> str:
     if "x_train" not in ctx.values:
         preprocess(ctx, {})
-    ctx.values["params"] = {**train.DEFAULT_PARAMS, **params}
+    ctx.values["params"] = params
     ctx.values["estimator"] = train.fit(ctx.values["x_train"], ctx.values["y_train"], params)
     return f"GradientBoostingClassifier {params}"
 
@@ -148,11 +148,9 @@ def gate(ctx: Context, params: dict[str, Any]) -> str:
 
 
 def register(ctx: Context, params: dict[str, Any]) -> str:
-    trained = train.TrainedModel(
-        ctx.values["estimator"], ctx.values["onnx_bytes"], ctx.values["metrics"], ctx.values["params"],
-        train.data_hash(np.vstack([ctx.values["x_train"], ctx.values["x_holdout"]]),
-                        np.concatenate([ctx.values["y_train"], ctx.values["y_holdout"]])),
-        ctx.values["x_holdout"], ctx.values["y_holdout"], ctx.values["x_train"])
+    v = ctx.values
+    trained = train.assemble(v["estimator"], v["onnx_bytes"], v["metrics"], v["params"],
+                             v["x_train"], v["x_holdout"], v["y_train"], v["y_holdout"])
     stored = train.register(trained, ctx.model_name, ctx.version)
     meta = stored.metadata
     stage = str(params.get("stage", "staging"))
