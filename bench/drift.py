@@ -129,10 +129,10 @@ def kafka_end_to_end(ws, n: int = 20_000) -> dict:
     import redis
     from kafka import KafkaProducer
 
-    from mlops.services import create_topics
     from streaming.consumer import ConsumerConfig, ProfileCache, load_profile_from_store
     from streaming.rules import RuleSet
     from streaming.state_store import StateStore
+    from tools.services import create_topics
 
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     create_topics(ws.settings.kafka_bootstrap, {topic: 3, f"{topic}-alerts": 1, f"{topic}-dlq": 1})

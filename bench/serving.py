@@ -2,7 +2,7 @@
 
     python -m bench.serving [--seconds 10] [--concurrency 1,8,32]
 
-Starts its own Redis/Kafka (mlops.services, in .run/bench), workspace and `bentoml serve`, then drives
+Starts its own Redis/Kafka (tools.services, in .run/bench), workspace and `bentoml serve`, then drives
 closed-loop load (N clients, each sending its next request when the last one answered) from a separate
 process, and reports client-side P50/P95/P99 against the SLOs (50/100/200 ms). Also measures the
 in-process floor: one Feast lookup + one ONNX call per request, without HTTP.
@@ -97,8 +97,8 @@ def in_process_floor(ws, repeats: int = 300) -> dict:
 
 def run(ws, levels: list[int], seconds: float) -> list[dict]:
     """The floor, then each configuration at each concurrency level; adds ratios to the baseline."""
-    from mlops import server_process
-    from mlops import services as svc
+    from tools import server_process
+    from tools import services as svc
 
     customers = list(ws.dataset.customers["customer_id"])
     rows = [in_process_floor(ws)]
@@ -141,8 +141,8 @@ def bench_workspace():
     root = Path(tempfile.mkdtemp(prefix="mlops-bench-"))
     os.environ["BENTOML_HOME"] = str(root / "bentoml")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    from mlops import services as svc
-    from mlops import workspace
+    from tools import services as svc
+    from tools import workspace
 
     run_dir = Path(".run/bench")
     svc.up(run_dir)

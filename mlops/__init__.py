@@ -1,1 +1,1 @@
-"""Shared building blocks of the MLOps stack: settings, local services, data, training, model store."""
+"""The small shared core: typed settings, the feature contract, the ONNX contract, CLI helpers."""

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export BENTOML_DO_NOT_TRACK=true
-exec .venv/bin/python -m mlops.demo "$@"
+exec .venv/bin/python -m tools.demo "$@"

@@ -22,4 +22,4 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
 # Resolve the Kafka broker jars now (cached under ~/.cache/mlops-stack) so the first start is quick.
-.venv/bin/python -c 'from mlops.services import kafka_lib; print("kafka jars:", kafka_lib())'
+.venv/bin/python -c 'from tools.services import kafka_lib; print("kafka jars:", kafka_lib())'

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # README command 2 (what CI runs): install, lint, then the whole test suite. The tests start the real
-# Redis and Kafka themselves (tests/conftest.py → mlops.services) and stop them at the end.
+# Redis and Kafka themselves (tests/conftest.py → tools.services) and stop them at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

@@ -15,8 +15,8 @@ import threading
 import zlib
 from dataclasses import dataclass
 
-from mlops import model_store
-from mlops.registry import Registry
+from lifecycle import model_store
+from lifecycle.registry import Registry
 from mlops.settings import Settings
 from service import metrics
 from service.onnx_predictor import OnnxPredictor

@@ -297,7 +297,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 def load_profile_from_store(name: str, version: str) -> ReferenceProfile | None:
-    from mlops import model_store
+    from lifecycle import model_store
     from streaming.profile import PROFILE_FILE
 
     try:

@@ -1,4 +1,4 @@
-"""Session fixtures: real Redis + Kafka (mlops.services), a trained model, a Feast repo, a live server.
+"""Session fixtures: real Redis + Kafka (tools.services), a trained model, a Feast repo, a live server.
 
 Everything lives in one temporary workspace; BENTOML_HOME points there before bentoml is imported so
 tests never touch the user's model store.
@@ -27,7 +27,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
 @pytest.fixture(scope="session")
 def services():
-    from mlops import services as svc
+    from tools import services as svc
 
     run_dir = WORKSPACE / "run"
     state = svc.up(run_dir)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlops import server_process
-from mlops import services as svc
-from mlops import workspace as wsmod
-from mlops.workspace import Workspace
 from streaming import process as consumer_process
 from streaming.process import ConsumerProcess
+from tools import server_process
+from tools import services as svc
+from tools import workspace as wsmod
+from tools.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CUSTOMERS = 400

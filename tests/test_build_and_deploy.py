@@ -26,7 +26,7 @@ def test_bentoml_build_packs_service_code_and_model(workspace):
     info = subprocess.run([str(bentoml), "get", tag, "-o", "json"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     bento = json.loads(info.stdout)
-    from mlops import model_store
+    from lifecycle import model_store
 
     assert [m["tag"] for m in bento["models"]] == [model_store.load("fraud_detector").tag]  # :latest
     bento_dir = Path(os.environ["BENTOML_HOME"]) / "bentos" / tag.replace(":", "/")

@@ -15,13 +15,13 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
-from mlops import data as datamod
-from mlops import model_store
+from lifecycle import data as datamod
+from lifecycle import model_store
 from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import MODEL_FEATURES, STORE_FEATURES
-from mlops.services import create_topics
 from streaming.state_store import StateStore
 from tests.harness import Workspace, metric_value, start_consumer, start_server
+from tools.services import create_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mlops.feast_cli import feast as feast_cli
 from mlops.schema import STORE_FEATURES
 from service.feature_lookup import FeatureLookup, open_store
+from tools.feast_cli import feast as feast_cli
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def test_feast_cli_lists_the_feature_view(workspace):
 def test_materialize_incremental_from_the_cli_picks_up_new_rows(workspace, lookup):
     from datetime import UTC, datetime, timedelta
 
-    from mlops import data as datamod
+    from lifecycle import data as datamod
 
     path = workspace.feature_repo / "data" / datamod.CUSTOMERS_FILE
     original = pd.read_parquet(path)

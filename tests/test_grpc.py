@@ -12,9 +12,9 @@ import grpc
 import httpx
 import pytest
 
-from mlops.kafka_read import read_events
 from service.proto import fraud_pb2 as pb
 from service.proto import fraud_pb2_grpc
+from tools.kafka_read import read_events
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,12 +8,12 @@ from collections import Counter
 import httpx
 import pytest
 
-from mlops.kafka_read import read_events
-from mlops.registry import Registry
-from mlops.traffic import Traffic
-from mlops.train import register as store_model
-from mlops.train import train
+from lifecycle.registry import Registry
+from lifecycle.train import register as store_model
+from lifecycle.train import train
 from tests.harness import metric_value, start_server
+from tools.kafka_read import read_events
+from tools.traffic import Traffic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def versions(workspace):
     """v1 (from the workspace) and a visibly different v2, both in the model store."""
-    from mlops import model_store
+    from lifecycle import model_store
 
     if not model_store.exists("fraud_detector", "v2"):
         store_model(train(workspace.dataset, params={"n_estimators": 30, "max_depth": 2}), "fraud_detector", "v2")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlops import data as datamod
+from lifecycle import data as datamod
+from lifecycle.train import register, train
 from mlops.schema import MODEL_FEATURES
-from mlops.train import register, train
 from service.onnx_predictor import CPU, CUDA, OnnxPredictor, choose_providers
 
 

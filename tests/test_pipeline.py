@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlops.pipeline import definition, runner
-from mlops.pipeline.cli import main as pipeline_main
-from mlops.pipeline.stages import StageFailed
-from mlops.pipeline.validator import validate
-from mlops.registry import Registry
+from lifecycle.pipeline import definition, runner
+from lifecycle.pipeline.cli import main as pipeline_main
+from lifecycle.pipeline.stages import StageFailed
+from lifecycle.pipeline.validator import validate
+from lifecycle.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = yaml.safe_load((ROOT / "pipeline.yaml").read_text())

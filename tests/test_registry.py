@@ -8,11 +8,11 @@ import sqlite3
 
 import pytest
 
-from mlops import data as datamod
-from mlops.registry import Registry, RegistryError
-from mlops.registry_cli import main as registry_main
-from mlops.train import register as store_model
-from mlops.train import train
+from lifecycle import data as datamod
+from lifecycle.registry import Registry, RegistryError
+from lifecycle.registry_cli import main as registry_main
+from lifecycle.train import register as store_model
+from lifecycle.train import train
 
 
 @pytest.fixture

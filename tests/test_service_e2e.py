@@ -10,12 +10,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from mlops import model_store
-from mlops.kafka_read import read_events
+from lifecycle import model_store
 from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import MODEL_FEATURES
 from service.feature_lookup import FeatureLookup, open_store
 from tests.harness import metric_value
+from tools.kafka_read import read_events
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import uuid
 import httpx
 import pytest
 
-from mlops import services as svc
-from mlops.kafka_read import read_events
 from tests.harness import metric_value
+from tools import services as svc
+from tools.kafka_read import read_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,8 +9,8 @@ import pytest
 import redis
 from kafka import KafkaProducer
 
-from mlops import services as svc
-from mlops.kafka_read import read_events
+from tools import services as svc
+from tools.kafka_read import read_events
 
 pytestmark = pytest.mark.integration
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from sklearn.ensemble import GradientBoostingClassifier
 
-from mlops import data as datamod
-from mlops import model_store
-from mlops.onnx_export import ParityError, check_parity, export
-from mlops.train import main as train_main
-from mlops.train import register, train
+from lifecycle import data as datamod
+from lifecycle import model_store
+from lifecycle.onnx_export import ParityError, check_parity, export
+from lifecycle.train import main as train_main
+from lifecycle.train import register, train
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_data_hash_tracks_content(small_dataset):
     a, b = train(small_dataset), train(small_dataset)
     assert a.data_hash == b.data_hash
     x = np.zeros((2, 2))
-    from mlops.train import data_hash
+    from lifecycle.train import data_hash
 
     assert data_hash(x, np.array([0, 1])) != data_hash(x, np.array([1, 0]))
 

@@ -9,10 +9,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlops import data as datamod
-from mlops import model_store
-from mlops.feast_cli import apply_and_materialize, feast_env
+from lifecycle import data as datamod
+from lifecycle import model_store
 from mlops.settings import Settings
+from tools.feast_cli import apply_and_materialize, feast_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def prepare(root: Path, env_file: Path, feature_repo: Path, *, n_customers: int 
             n_transactions: int = 40_000, seed: int = 42, version: str | None = None,
             model_name: str | None = None) -> Workspace:
     """Seeded data → trained ONNX model in the store → `feast apply` + `feast materialize-incremental`."""
-    from mlops.train import register, train
+    from lifecycle.train import register, train
 
     settings = Settings.load(env_file).model_copy(update={"feature_repo": feature_repo})
     dataset = datamod.generate(n_customers, n_transactions, seed=seed)

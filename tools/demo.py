@@ -1,6 +1,6 @@
 """The whole path once, for real: services → data → train → store → Feast → serve → predict → Kafka.
 
-    python -m mlops.demo [--keep-running]
+    python -m tools.demo [--keep-running]
 
 Stops what it started unless ``--keep-running`` is given (then `mlops-services down` and Ctrl+C on the
 printed server pid clean up).
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import httpx
 
-from mlops import data as datamod
-from mlops import server_process, workspace
-from mlops import services as svc
-from mlops.kafka_read import read_events
-from mlops.registry import Registry
+from lifecycle import data as datamod
+from lifecycle.registry import Registry
 from mlops.settings import Settings
-from mlops.traffic import Traffic
 from streaming import process as consumer_process
+from tools import server_process, workspace
+from tools import services as svc
+from tools.kafka_read import read_events
+from tools.traffic import Traffic
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_REQUESTS = [
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def demo_lifecycle(registry: Registry, name: str, url: str) -> bool:
-    from mlops.pipeline import definition, runner
+    from lifecycle.pipeline import definition, runner
 
     summary = runner.run(definition.load(ROOT / "pipeline.yaml"), registry, model_name=name)
     for stage in summary["stages"]:

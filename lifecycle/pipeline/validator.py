@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from mlops.pipeline.definition import KNOWN_STAGES, REQUIRED_STAGES, STAGE_TYPES, TOP_LEVEL_KEYS, Pipeline
+from lifecycle.pipeline.definition import KNOWN_STAGES, REQUIRED_STAGES, STAGE_TYPES, TOP_LEVEL_KEYS, Pipeline
 
 DEFAULT_MIN_SCORE = 0.85
 ROLLBACK_STRATEGIES = ("previous_production",)

@@ -16,9 +16,9 @@ from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from mlops import data as datamod
-from mlops import model_store
-from mlops.onnx_export import ParityError, check_parity, export, onnx_positive_proba
+from lifecycle import data as datamod
+from lifecycle import model_store
+from lifecycle.onnx_export import ParityError, check_parity, export, onnx_positive_proba
 from mlops.schema import LABEL, MODEL_FEATURES
 from mlops.settings import Settings
 from streaming.profile import PROFILE_FILE, ReferenceProfile, build_profile

@@ -12,11 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
+from lifecycle.pipeline import definition, runner
+from lifecycle.pipeline.stages import StageFailed
+from lifecycle.pipeline.validator import validate
+from lifecycle.registry import Registry
 from mlops.cli_args import OneLineParser
-from mlops.pipeline import definition, runner
-from mlops.pipeline.stages import StageFailed
-from mlops.pipeline.validator import validate
-from mlops.registry import Registry
 from mlops.settings import Settings
 
 

@@ -1,6 +1,6 @@
 """Model registry: versions, stages (None → Staging → Production → Archived), history, rollback.
 
-Artifacts live in BentoML's model store (``mlops.model_store``); the registry keeps their metadata and
+Artifacts live in BentoML's model store (``lifecycle.model_store``); the registry keeps their metadata and
 stages in SQLite. SQLite because a stage change must be one atomic transaction and the store must survive
 restarts, with nothing to operate: ``BEGIN IMMEDIATE`` serialises writers across processes, and a partial
 unique index makes two Production versions of one model impossible even if a writer misbehaves. Point

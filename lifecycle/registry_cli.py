@@ -15,9 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from mlops import model_store
+from lifecycle import model_store
+from lifecycle.registry import Registry, RegistryError
 from mlops.cli_args import OneLineParser
-from mlops.registry import Registry, RegistryError
 from mlops.schema import MODEL_FEATURES
 from mlops.settings import Settings
 

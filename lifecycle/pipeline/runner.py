@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlops.pipeline.definition import Pipeline
-from mlops.pipeline.stages import STAGES, Context, StageFailed
-from mlops.registry import Registry
+from lifecycle.pipeline.definition import Pipeline
+from lifecycle.pipeline.stages import STAGES, Context, StageFailed
+from lifecycle.registry import Registry
 
 log = logging.getLogger("pipeline")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from mlops.services import free_port
+from tools.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "service.service:FraudDetector"

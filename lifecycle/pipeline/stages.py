@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from mlops import data as datamod
-from mlops import model_store, train
+from lifecycle import data as datamod
+from lifecycle import model_store, train
+from lifecycle.onnx_export import ParityError
+from lifecycle.registry import Registry
 from mlops.onnx_contract import INPUT_NAME, positive_proba
-from mlops.onnx_export import ParityError
-from mlops.registry import Registry
 from mlops.schema import ENTITY, LABEL, STORE_FEATURES, TIMESTAMP
 
 log = logging.getLogger("pipeline")

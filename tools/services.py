@@ -7,7 +7,7 @@ reads. Process ids live in ``<run-dir>/services.json`` so that ``down`` (or the 
 stray process behind. A service restarted with ``up --only kafka`` keeps its port and data, which is what
 the broker-outage tests rely on.
 
-    python -m mlops.services up|down|status [--only redis|kafka] [--run-dir .run]
+    python -m tools.services up|down|status [--only redis|kafka] [--run-dir .run]
 """
 
 from __future__ import annotations

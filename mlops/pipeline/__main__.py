@@ -1,5 +1,0 @@
-import sys
-
-from mlops.pipeline.cli import main
-
-sys.exit(main())
