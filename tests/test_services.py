@@ -54,3 +54,36 @@ def test_cli_status_reports_running(services, capsys):
     assert svc.main(["status", "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "redis: running" in out and "kafka: running" in out
+
+
+def test_cluster_id_never_starts_with_a_dash(monkeypatch):
+    """Kafka's storage tool reads an id starting with '-' as an option: such ids are drawn again."""
+    draws = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\xfc" + bytes(15)), uuid.UUID(int=7)])
+    monkeypatch.setattr(svc.uuid, "uuid4", lambda: next(draws))
+    cluster_id = svc.new_cluster_id()
+    assert cluster_id[0].isalnum() and cluster_id == svc.base64.urlsafe_b64encode(uuid.UUID(int=7).bytes).decode()[:22]
+
+
+def test_up_stops_what_it_started_when_a_later_service_fails(tmp_path, monkeypatch):
+    def broken_kafka(*args, **kwargs):
+        raise svc.ServiceError("kafka failed on purpose")
+
+    monkeypatch.setattr(svc, "start_kafka", broken_kafka)
+    with pytest.raises(svc.ServiceError):
+        svc.up(tmp_path / "run")
+    state = svc.RunDir(tmp_path / "run").load()
+    assert state["redis"]["pid"] == 0 and not svc.status(tmp_path / "run")["redis"]["running"]
+
+
+def test_redis_keeps_its_data_across_a_restart(tmp_path):
+    run_dir = tmp_path / "run"
+    state = svc.up(run_dir, only="redis")
+    try:
+        client = redis.Redis(port=state["redis"]["port"])
+        client.set("mlops:persisted", "yes")
+        svc.down(run_dir, only="redis")  # SIGTERM: Redis fsyncs its append-only file on the way out
+        again = svc.up(run_dir, only="redis")
+        assert again["redis"]["port"] == state["redis"]["port"]
+        assert redis.Redis(port=again["redis"]["port"]).get("mlops:persisted") == b"yes"
+    finally:
+        svc.down(run_dir, purge=True)

@@ -129,13 +129,17 @@ def demo_lifecycle(registry: Registry, name: str, url: str) -> bool:
         rollback_s = traffic.takeover(at, restored.version)
         time.sleep(1.0)
     failed = sum(n for status, n in traffic.statuses().items() if status != 200)
-    print(f"promote {production.version} → {candidate}: took effect in {promote_s:.2f}s; "
-          f"rollback → {restored.version}: {rollback_s:.2f}s")
+    print(f"promote {production.version} → {candidate}: took effect in {_seconds(promote_s)}; "
+          f"rollback → {restored.version}: {_seconds(rollback_s)}")
     print(f"{len(traffic.results)} requests during the switch, {failed} failed, versions seen: "
           f"{dict(traffic.versions())}")
     for row in registry.list(name)[-3:]:
         print(f"  {row.name}:{row.version:<5} {row.stage:<10} auc={row.metrics.get('auc', 0):.4f}")
     return failed == 0 and promote_s is not None and rollback_s is not None
+
+
+def _seconds(value: float | None) -> str:
+    return "NOT within 30 s" if value is None else f"{value:.2f}s"
 
 
 def demo_drift(ws: workspace.Workspace, url: str, run_dir: Path) -> list[dict]:

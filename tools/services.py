@@ -139,7 +139,9 @@ def start_redis(run: RunDir, port: int) -> int:
     log = open(run.path / "redis.log", "ab")
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve()),
-         "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"],
+         # The online store survives a restart, as a production Redis would: append-only file, fsync each second.
+         "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no",
+         "--protected-mode", "yes"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     wait_until(lambda: redis_ping(port), 20, f"redis on port {port}", proc)
@@ -204,6 +206,15 @@ def kafka_properties(run: RunDir, port: int, controller_port: int) -> Path:
     return path
 
 
+def new_cluster_id() -> str:
+    """A random cluster id (URL-safe base64 of a UUID, as Kafka's own) that never starts with ``-``: the
+    storage tool would read such an id as an option (1 start in 64 failed that way)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if cluster_id[0].isalnum():
+            return cluster_id
+
+
 def start_kafka(run: RunDir, port: int, controller_port: int) -> int:
     lib = kafka_lib()
     java = shutil.which("java")
@@ -211,7 +222,7 @@ def start_kafka(run: RunDir, port: int, controller_port: int) -> int:
     props = kafka_properties(run, port, controller_port)
     classpath = f"{lib}/*"
     if not (run.path / "kafka" / "data" / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         run_checked([java, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
                      "-c", str(props)], "kafka storage format")
     log = open(run.path / "kafka.log", "ab")
@@ -280,21 +291,33 @@ def is_running(state: dict, name: str) -> bool:
 
 
 def up(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None) -> dict:
-    """Start what is not running yet (reusing recorded ports, so restarts keep their address)."""
+    """Start what is not running yet (reusing recorded ports, so restarts keep their address).
+
+    All or nothing: when one service fails to start, the ones this call started are stopped again.
+    """
     run = RunDir(run_dir)
     state = run.load()
-    for name in SERVICES if only is None else (only,):
-        if is_running(state, name):
-            continue
-        entry = state.get(name, {})
-        if name == "redis":
-            port = entry.get("port") or free_port()
-            state[name] = {"port": port, "pid": start_redis(run, port)}
-        else:
-            port = entry.get("port") or free_port()
-            cport = entry.get("controller_port") or free_port()
-            state[name] = {"port": port, "controller_port": cport, "pid": start_kafka(run, port, cport)}
+    started: list[str] = []
+    try:
+        for name in SERVICES if only is None else (only,):
+            if is_running(state, name):
+                continue
+            entry = state.get(name, {})
+            if name == "redis":
+                port = entry.get("port") or free_port()
+                state[name] = {"port": port, "pid": start_redis(run, port)}
+            else:
+                port = entry.get("port") or free_port()
+                cport = entry.get("controller_port") or free_port()
+                state[name] = {"port": port, "controller_port": cport, "pid": start_kafka(run, port, cport)}
+            started.append(name)
+            run.save(state)
+    except BaseException:
+        for name in started:
+            stop_process(state[name]["pid"], MARKERS[name])
+            state[name]["pid"] = 0
         run.save(state)
+        raise
     return state
 
 

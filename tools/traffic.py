@@ -46,14 +46,20 @@ class Traffic:
         for t in self._threads:
             t.join(30)
 
-    def takeover(self, since: float, version: str, timeout: float = 30) -> float | None:
-        """Seconds from ``since`` until ``version`` answered and nothing else answered after it; None on timeout."""
+    def takeover(self, since: float, version: str, timeout: float = 30, settle: float = 1.0) -> float | None:
+        """Seconds from ``since`` until ``version`` took over: it answered, and for ``settle`` seconds after the
+        last answer from anything else only it answered. None when that did not happen within ``timeout``.
+
+        A batch that started before the switch may still answer with the old version after the first answer
+        from the new one, so the takeover point is the first new answer after the *last* old one.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             after = [r for r in self.results if r[0] > since]
-            hits = [r for r in after if r[2] == version]
-            if hits and all(r[2] == version for r in after if r[0] > hits[0][0]):
-                return hits[0][0] - since
+            last_other = max((r[0] for r in after if r[2] != version), default=since)
+            hits = [r[0] for r in after if r[2] == version and r[0] > last_other]
+            if hits and time.monotonic() - hits[0] >= settle:
+                return hits[0] - since
             time.sleep(0.1)
         return None
 

@@ -1,0 +1,47 @@
+"""The prediction event: what the serving path writes to the `predictions` topic and every consumer reads.
+
+JSON on the wire, so any Kafka tool can read it; typed with msgspec, so encoding on the request path and
+decoding in the drift consumer are fast C code instead of ``json`` plus hand validation. Readers accept
+events without ``schema_version`` (written before it existed) as version 1; a new required field means a
+new version number.
+
+    {"schema_version": 1, "request_id": "…", "timestamp": "2026-11-25T07:01:57.535295+00:00",
+     "model_name": "fraud_detector", "model_version": "v1", "customer_id": "C000002",
+     "features": {"total_purchases": 28.0, …, "transaction_amount": 1250.0},
+     "request_features": ["transaction_amount"], "prediction": 0.98, "label": 1, "latency_ms": 0.8}
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+class PredictionEvent(msgspec.Struct, kw_only=True, omit_defaults=False):
+    request_id: str
+    timestamp: datetime
+    model_name: str
+    model_version: str
+    features: dict[str, float]
+    prediction: float
+    customer_id: str | None = None
+    request_features: list[str] = []
+    label: int | None = None
+    latency_ms: float | None = None
+    schema_version: int = SCHEMA_VERSION
+
+
+encoder = msgspec.json.Encoder()
+decoder = msgspec.json.Decoder(PredictionEvent)
+
+
+def encode(event: PredictionEvent) -> bytes:
+    return encoder.encode(event)
+
+
+def decode(raw: bytes) -> PredictionEvent:
+    """Raises ``msgspec.ValidationError`` (wrong field types, missing fields) or ``msgspec.DecodeError``."""
+    return decoder.decode(raw)
