@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     grpc_port: int = Field(3001, ge=0, le=65535, description="gRPC port of the serving workers; 0: no gRPC")
     grpc_host: str | None = Field(None, description="gRPC bind address; unset: the HTTP server's own address")
     decision_threshold: float = Field(0.5, gt=0, lt=1, description="fraud label is 1 at or above this score")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = Field(False, description="BentoML's per-request access log (4xx/5xx are logged anyway)")
     trace_requests: bool = Field(False, description="OpenTelemetry spans for prediction requests")
 

@@ -31,8 +31,10 @@ from service.prediction_log import LogStats, PredictionLog
 from service.prediction_service import PredictionService
 from service.spool import Spool
 
-log = logging.getLogger(__name__)
 settings = Settings.load()  # read at import: workers and routes are part of the service definition
+for _package in ("service", "mlops", "lifecycle"):  # BentoML's logging config leaves the root at WARNING
+    logging.getLogger(_package).setLevel(settings.log_level)
+log = logging.getLogger(__name__)
 PREDICTION_ROUTES = ["/predict", "/predict_batch", "/info", "/metrics", "/docs.json", "/openapi.json"]
 
 
