@@ -101,6 +101,10 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        for kind in ("invalid_request", "unknown_entity", "overloaded", "online_store_unavailable",
+                     "online_store_empty", "prediction_log_full", "internal"):
+            metrics.ERRORS.labels(kind)  # series exist at 0 from the start, so rate() alerts see them
+        metrics.KAFKA_DROPPED.labels("spool_full")
         self.prediction_log.start()
         self.store.start()
         await self.store.check()
