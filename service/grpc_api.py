@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import math
 import os
 import socket
 import sys
@@ -50,6 +51,10 @@ def to_request(message: fraud_pb2.PredictRequest) -> PredictRequest:
     for field in ("customer_id", "transaction_amount", "request_id"):
         if message.HasField(field):
             body[field] = getattr(message, field)
+    for name, value in [("transaction_amount", body.get("transaction_amount", 0.0)),
+                        *((f"features.{k}", v) for k, v in body.get("features", {}).items())]:
+        if math.isnan(value):
+            raise RequestError(f"{name} is not a number (NaN)")
     try:
         request = msgspec.convert(body, PredictRequest)
     except msgspec.ValidationError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from bentoml._internal.container import BentoMLContainer
 
 from mlops.settings import Settings
 from service import contract, metrics
-from service.grpc_api import GrpcServer, http_host
+from service.grpc_api import GrpcServer, PortInUse, http_host
 from service.http_api import HttpApi
 from service.model_selector import ModelSelector
 from service.online_store import OnlineStore
@@ -110,8 +111,15 @@ class Runtime:
         await self.store.check()
         if self.settings.grpc_port:
             host = self.settings.grpc_host or http_host()
-            self.grpc = GrpcServer(self.service, asyncio.get_running_loop(), host, self.settings.grpc_port,
-                                   self.settings.max_request_rows)
+            try:
+                self.grpc = GrpcServer(self.service, asyncio.get_running_loop(), host, self.settings.grpc_port,
+                                       self.settings.max_request_rows)
+            except PortInUse as exc:
+                # A server that cannot serve its gRPC port must not run at all: stop the whole `bentoml serve`
+                # (this worker's parent) instead of letting it restart this worker forever.
+                log.error("%s", exc)
+                os.kill(os.getppid(), signal.SIGTERM)
+                raise
         self._tasks.append(asyncio.get_running_loop().create_task(self._export_forever()))
         log.info("worker %d serving %s (canary %s)", self.index, *self.selector.current.versions)
 
