@@ -86,6 +86,7 @@ class OnlineStore:
         self.empty = True
         self._scan_cursor = 0
         self._seen_in_pass = False
+        self._size_checked = 0.0
         self._checker: asyncio.Task[None] | None = None
 
     # -- the request path ----------------------------------------------------------------------------
@@ -111,7 +112,24 @@ class OnlineStore:
             self._mark_down(exc)
             raise OnlineStoreUnavailable(f"online store (Redis) lookup failed: {exc}; retry later") from None
         rows = {entity: _decode(reply) for entity, reply in zip(unique, replies, strict=True)}
+        if None in rows.values():
+            await self._confirm_not_empty()
         return [rows[e] for e in entity_ids]
+
+    async def _confirm_not_empty(self) -> None:
+        """A row is missing: is the customer unknown, or did the whole store lose its data a moment ago?
+        DBSIZE is O(1); asked at most every 100 ms, so a flood of unknown ids costs nothing."""
+        now = time.monotonic()
+        if now - self._size_checked < 0.1:
+            return
+        self._size_checked = now
+        try:
+            if await self._client.dbsize() == 0:
+                if not self.empty:
+                    log.warning("online store is empty: run `feast materialize`")
+                self.empty = True
+        except (TimeoutError, RedisError, OSError):
+            pass  # the lookup itself worked; the next check decides
 
     # -- health ----------------------------------------------------------------------------------------
 
