@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     online_store_check_s: float = Field(1.0, gt=0, description="how often reachability and emptiness are checked")
 
     # Prediction log.
+    prediction_log: bool = Field(True, description="log every prediction to Kafka (off: benchmarks, shadow tests)")
     publish_queue_size: int = Field(100_000, ge=1, description="events the Kafka client may hold in memory")
     kafka_linger_ms: float = Field(5.0, ge=0, description="how long the producer waits to fill a batch")
     kafka_compression: Literal["none", "lz4", "zstd", "snappy", "gzip"] = "lz4"

@@ -58,7 +58,8 @@ class PredictionService:
 
     async def predict(self, requests: list[PredictRequest], started: float) -> list[Prediction | RowError]:
         """One answer per request, in order: a Prediction, or a RowError for an unknown customer."""
-        if not self.prediction_log.accepting:
+        log_on = self.settings.prediction_log
+        if log_on and not self.prediction_log.accepting:
             raise Unavailable(LOG_FULL, "the prediction log cannot keep more events (Kafka down, spool full); "
                                         "retry later")
         step = self.batcher.max_batch_size if self.settings.adaptive_batching else len(requests)
@@ -98,7 +99,7 @@ class PredictionService:
                 latency_ms=latency_ms,
             )
             key = prediction.customer_id.encode() if prediction.customer_id else None
-            if not self.prediction_log.publish(key, events.encode(event)):
+            if log_on and not self.prediction_log.publish(key, events.encode(event)):
                 raise Unavailable(LOG_FULL, "the prediction log cannot keep more events; retry later")
             served[(prediction.model_name, prediction.model_version)] = \
                 served.get((prediction.model_name, prediction.model_version), 0) + 1
@@ -115,6 +116,6 @@ class PredictionService:
             return STORE_UNAVAILABLE
         if self.store.empty:
             return STORE_EMPTY
-        if not self.prediction_log.accepting:
+        if self.settings.prediction_log and not self.prediction_log.accepting:
             return LOG_FULL
         return None
