@@ -140,9 +140,11 @@ def openapi(title: str, version: str, max_rows: int) -> dict[str, Any]:
         ref_template="#/components/schemas/{name}",
     )
     request_schema = components["PredictRequest"]
-    request_schema["anyOf"] = [
-        {"required": [ENTITY]},
-        {"required": ["features"], "properties": {"features": {"required": list(STORE_FEATURES)}}},
+    request_schema["anyOf"] = [  # null counts as absent: a present-but-null field does not satisfy a branch
+        {"required": [ENTITY], "properties": {ENTITY: {"type": "string"}}},
+        {"required": ["features"],
+         "properties": {"features": {"type": "object", "required": list(STORE_FEATURES),
+                                     "properties": {name: {"type": "number"} for name in STORE_FEATURES}}}},
     ]
     request_schema["description"] = (f"Give {ENTITY} (its stats come from the online store), or all store features "
                                       "in `features`, or both (given features override looked-up ones).")
