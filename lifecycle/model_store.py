@@ -298,7 +298,7 @@ def load(name: str, version: str | None = None, backend: Backend | None = None) 
 
 
 def load_uri(uri: str, backend: Backend | None = None) -> StoredModel:
-    """``models:/name@alias`` (e.g. ``models:/fraud_detector@production``), ``models:/name/<label>``, ``models:/name``."""
+    """``models:/name@alias`` (``models:/fraud_detector@production``), ``models:/name/<label>`` or ``models:/name``."""
     match = MODEL_URI_RE.match(uri)
     if not match:
         raise ModelStoreError(f"not a model URI: {uri!r} (expected models:/name@alias or models:/name/version)")

@@ -157,7 +157,8 @@ class Registry:
 
     def _alias_map(self, name: str) -> dict[str, str]:
         try:
-            return {alias: str(number) for alias, number in (self.client.get_registered_model(name).aliases or {}).items()}
+            aliases = self.client.get_registered_model(name).aliases or {}
+            return {alias: str(number) for alias, number in aliases.items()}
         except MlflowException:
             return {}
 
@@ -225,11 +226,13 @@ class Registry:
         delay = 0.01
         while True:
             try:
-                self.client.create_registered_model(lock, tags={"owner": owner, "expires": str(time.time() + LOCK_TTL_S)},
+                tags = {"owner": owner, "expires": str(time.time() + LOCK_TTL_S)}
+                self.client.create_registered_model(lock, tags=tags,
                                                     description="registry lock: a stage change is in progress")
                 break
             except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                # Taken; or taken and released between MLflow's insert and its look-up of the holder.
+                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                     raise
             self._break_if_expired(lock)
             if time.monotonic() > deadline:

@@ -19,9 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 from mlflow.exceptions import MlflowException
 
 from mlops.settings import Settings
+
+# Our command lines own stdout (`--json`): MLflow must not print run links there. And nothing here may phone
+# home (no network but the package registries; usage data is nobody's business).
+MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.set(True)
+MLFLOW_DISABLE_TELEMETRY.set(True)
 
 HISTORY_EXPERIMENT = "model-registry-history"
 # SQLite waits this long for a lock held by another writer instead of failing with "database is locked".
@@ -47,6 +53,16 @@ class Backend:
         home.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{home / 'mlflow.db'}?timeout={SQLITE_BUSY_TIMEOUT_S}"
         return _cached(uri, (home / "artifacts").as_uri(), settings.mlflow_experiment)
+
+    @classmethod
+    def for_uri(cls, uri: str, experiment: str = "fraud-detector-training") -> Backend:
+        """A URI, or a plain path taken as an embedded SQLite file (artifacts beside it)."""
+        if "://" in uri:
+            return _cached(uri, None, experiment)
+        path = Path(uri).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _cached(f"sqlite:///{path}?timeout={SQLITE_BUSY_TIMEOUT_S}", (path.parent / "artifacts").as_uri(),
+                       experiment)
 
     @property
     def client(self) -> MlflowClient:
