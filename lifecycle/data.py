@@ -74,9 +74,11 @@ def generate(
     # Transactions happen after each customer's first snapshot, over the last (snapshots - 1) gaps.
     span_s = int((SNAPSHOT_GAP * (snapshots - 1)).total_seconds())
     who = rng.integers(0, n_customers, n_transactions)
+    # Distinct seconds: Feast's offline join keeps one row per (entity, event time), as an event log would.
+    offsets = rng.choice(span_s, n_transactions, replace=n_transactions > span_s)
     transactions = pd.DataFrame({
         ENTITY: ids[who],
-        TIMESTAMP: [as_of - timedelta(seconds=int(s)) for s in rng.integers(0, span_s, n_transactions)],
+        TIMESTAMP: [as_of - timedelta(seconds=int(s)) for s in offsets],
     })
     stats = point_in_time(transactions, customers)
     # Most transactions look like the customer's usual order (at that time); a minority are unusually large.
@@ -84,7 +86,7 @@ def generate(
     transactions["transaction_amount"] = np.round(stats["avg_order_value"].to_numpy() * ratio, 2)
     logit = (
         -2.7
-        + 2.6 * np.log(ratio)
+        + 3.2 * np.log(ratio)
         + 0.035 * stats["days_since_last_order"].to_numpy()
         - 0.6 * np.log1p(stats["total_purchases"].to_numpy())
     )
