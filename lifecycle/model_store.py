@@ -19,16 +19,19 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
 import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, NotFound
-from mlflow.entities.model_registry import ModelVersion as MlflowVersion
-from mlflow.exceptions import MlflowException
 
-from lifecycle.tracking import Backend, TrainingRun, training_run
 from mlops.settings import Settings
+
+if TYPE_CHECKING:  # MLflow is imported when MLflow is talked to: a cached load (drift consumer) never pays for it
+    from mlflow.entities.model_registry import ModelVersion as MlflowVersion
+
+    from lifecycle.tracking import Backend, TrainingRun
 
 ONNX_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
@@ -60,6 +63,8 @@ class StoredModel:
 
 
 def default_backend() -> Backend:
+    from lifecycle.tracking import Backend
+
     return Backend.from_settings(Settings.load())
 
 
@@ -112,6 +117,8 @@ def next_version(name: str, backend: Backend | None = None) -> str:
 
 
 def ensure_registered_model(backend: Backend, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
     try:
         backend.client.create_registered_model(name, description="Fraud detection model (ONNX), see mlops-stack")
     except MlflowException as exc:
@@ -176,6 +183,10 @@ def save(name: str, version: str, onnx_bytes: bytes, metadata: dict[str, Any],
          extra_files: dict[str, bytes] | None = None, *, run: TrainingRun | None = None,
          backend: Backend | None = None, input_example: np.ndarray | None = None) -> StoredModel:
     """Log a new, immutable version in ``run`` (a run of its own when None) and register it in MLflow."""
+    from mlflow.exceptions import MlflowException
+
+    from lifecycle.tracking import training_run
+
     backend = run.backend if run is not None else (backend or default_backend())
     check_name(name)
     check_version(version)
@@ -191,7 +202,7 @@ def save(name: str, version: str, onnx_bytes: bytes, metadata: dict[str, Any],
                     mv = _log_and_register(own, name, version, local, metadata)
             else:
                 mv = _log_and_register(run, name, version, local, metadata)
-            return _cache_put(name, version, local, _cache_metadata(metadata, mv))
+            return _cache_put(name, version, local, _cache_metadata(metadata, mv, backend))
     except MlflowException as exc:
         raise ModelStoreError(f"MLflow refused to store {name}:{version}: {exc.message}") from None
 
@@ -214,11 +225,21 @@ def _log_and_register(run: TrainingRun, name: str, version: str, local: Path, me
 # --- local cache (BentoML's model store) ---------------------------------------------------------------
 
 
-def _cache_metadata(metadata: dict[str, Any], mv: MlflowVersion) -> dict[str, Any]:
+def _cache_metadata(metadata: dict[str, Any], mv: MlflowVersion, backend: Backend) -> dict[str, Any]:
     """BentoML refuses None values in metadata (a missing git commit crashed training outside a checkout)."""
     meta = {k: v for k, v in metadata.items() if v is not None and v != ""}
-    meta.update(mlflow_model_version=str(mv.version), mlflow_run_id=mv.run_id or "", mlflow_source=mv.source)
+    meta.update(mlflow_model_version=str(mv.version), mlflow_run_id=mv.run_id or "", mlflow_source=mv.source,
+                mlflow_uri=backend.display_uri)
     return meta
+
+
+def _still_valid(local: StoredModel, uri: str) -> bool:
+    """A cached copy taken from this backend whose source still exists (a wiped embedded store invalidates it;
+    a server's artifacts are trusted: versions are immutable)."""
+    if local.metadata.get("mlflow_uri") != uri:
+        return False
+    source = urlparse(str(local.metadata.get("mlflow_source", "")))
+    return source.scheme != "file" or Path(unquote(source.path)).exists()
 
 
 def _stored(model: bentoml.Model) -> StoredModel:
@@ -262,18 +283,25 @@ def _fetch(backend: Backend, name: str, version: str, mv: MlflowVersion) -> Stor
         if not (local / ONNX_FILE).exists():
             raise ModelStoreError(f"MLflow version {mv.version} of {name} ({uri}) holds no {ONNX_FILE}")
         metadata = json.loads((local / METADATA_FILE).read_text()) if (local / METADATA_FILE).exists() else {}
-        return _cache_put(name, version, local, _cache_metadata({**metadata, "name": name, "version": version}, mv))
+        meta = _cache_metadata({**metadata, "name": name, "version": version}, mv, backend)
+        return _cache_put(name, version, local, meta)
 
 
 def load(name: str, version: str | None = None, backend: Backend | None = None) -> StoredModel:
     """One version, or the newest one when ``version`` is None, as local files.
 
-    Checks with MLflow that the cached copy is the registered one (one indexed lookup); the files are fetched
-    only the first time. With MLflow out of reach, or not knowing the model (a Bento shipped without its
+    A named version already cached from this backend is read locally, without asking MLflow (versions are
+    immutable; a copy whose embedded store was wiped is fetched again). Otherwise MLflow is asked and the files
+    are fetched once. With MLflow out of reach, or not knowing the model (a Bento shipped without its
     registry), the cached copy serves.
     """
-    backend = backend or default_backend()
+    from mlflow.exceptions import MlflowException
+
     local = cached(name, version) if version else None
+    uri = backend.display_uri if backend else Settings.load().tracking_uri.split("?", 1)[0]
+    if local is not None and _still_valid(local, uri):
+        return local
+    backend = backend or default_backend()
     try:
         mv = find(backend, name, version) if version else _newest(backend, name)
     except MlflowException as exc:
@@ -291,7 +319,7 @@ def load(name: str, version: str | None = None, backend: Backend | None = None) 
     version = mv.tags[VERSION_TAG]
     local = local or cached(name, version)
     if local is not None and local.metadata.get("mlflow_source") == mv.source:
-        return local
+        return local  # (taken from another URI of the same store)
     if local is not None:  # a cache entry from another registry (e.g. a wiped .run): replace it
         bentoml.models.delete(local.tag)
     return _fetch(backend, name, version, mv)
@@ -302,6 +330,8 @@ def load_uri(uri: str, backend: Backend | None = None) -> StoredModel:
     match = MODEL_URI_RE.match(uri)
     if not match:
         raise ModelStoreError(f"not a model URI: {uri!r} (expected models:/name@alias or models:/name/version)")
+    from mlflow.exceptions import MlflowException
+
     backend = backend or default_backend()
     name, alias = match["name"], match["alias"]
     if alias:
