@@ -56,7 +56,11 @@ class Backend:
 
     @classmethod
     def for_uri(cls, uri: str, experiment: str = "fraud-detector-training") -> Backend:
-        """A URI, or a plain path taken as an embedded SQLite file (artifacts beside it)."""
+        """A URI, or a plain path taken as an embedded SQLite file (artifacts beside it, as for a sqlite URI;
+        MLflow's own default would be ./mlruns under whatever folder the process runs in)."""
+        if uri.startswith("sqlite:///"):
+            db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+            return _cached(uri, (db.parent / "artifacts").as_uri(), experiment)
         if "://" in uri:
             return _cached(uri, None, experiment)
         path = Path(uri).resolve()
