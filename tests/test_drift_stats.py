@@ -105,7 +105,7 @@ def test_memory_is_bounded_whatever_the_traffic():
         h.add(("m", "v1", "x"), second, rng.integers(0, 41, 200), 41)
         h.expire(spec.first_slot(second))
     assert h.cells() <= spec.n_slots * 41
-    assert len(json.dumps(h.to_json())) < 10_000
+    assert sum(len(h.slot_blob(s)) for s in h.slot_numbers()) < 10_000
 
 
 def test_rules_escalate_hold_in_hysteresis_band_and_resolve():
@@ -136,7 +136,7 @@ def test_rules_file(tmp_path):
         RuleSet.load(tmp_path / "missing.yaml")
 
 
-GOOD = {"model_name": "m", "model_version": "v1", "timestamp": "2026-11-23T07:00:00+00:00",
+GOOD = {"request_id": "r1", "model_name": "m", "model_version": "v1", "timestamp": "2026-11-23T07:00:00+00:00",
         "features": {"x": 1.0}, "prediction": 0.3, "label": 0}
 
 
@@ -149,6 +149,9 @@ GOOD = {"model_name": "m", "model_version": "v1", "timestamp": "2026-11-23T07:00
     (json.dumps({**GOOD, "features": {"x": None}}).encode(), "bad_field"),
     (json.dumps({**GOOD, "timestamp": "yesterday"}).encode(), "bad_field"),
     (json.dumps({**GOOD, "label": 7}).encode(), "bad_field"),
+    (json.dumps({**GOOD, "features": {"x": True}}).encode(), "bad_field"),
+    (json.dumps({**GOOD, "schema_version": 99}).encode(), "unsupported_schema_version"),
+    (b"", "bad_json"),
 ])
 def test_poison_events_have_reasons(raw, reason):
     with pytest.raises(PoisonEvent) as info:
@@ -156,6 +159,7 @@ def test_poison_events_have_reasons(raw, reason):
     assert info.value.reason == reason
 
 
-def test_good_event_parses():
+def test_good_event_parses_and_version_defaults_to_1():
     event = parse(json.dumps(GOOD).encode())
-    assert event.value("x") == 1.0 and event.value("prediction") == 0.3 and event.value("label") == 0
+    assert event.features == {"x": 1.0} and event.prediction == 0.3 and event.label == 0
+    assert event.schema_version == 1 and event.timestamp.timestamp() == 1795417200.0
