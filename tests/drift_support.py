@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -127,7 +128,7 @@ def make_events(ws: Workspace, n: int, seed: int, amount_factor: float = 1.0) ->
 def producer(ws: Workspace) -> Producer:
     """Idempotent, acks=all, no delivery timeout: an event waits out a broker outage and lands exactly once."""
     return Producer({"bootstrap.servers": ws.settings.kafka_bootstrap, "acks": "all", "enable.idempotence": True,
-                     "linger.ms": 5, "message.timeout.ms": 0})
+                     "linger.ms": 5, "message.timeout.ms": 0, "logger": logging.getLogger("test-producer")})
 
 
 def stamped(event: dict) -> bytes:
