@@ -389,6 +389,7 @@ class DriftConsumer:
     def evaluate(self) -> list[dict[str, Any]]:
         """Score the topic-wide windows, publish alerts for state changes; returns the alerts sent."""
         self._report_lag()
+        metrics.STATE_CELLS.set(sum(s.windows.cells() for s in self.partitions.values()))
         try:
             return self._evaluate()
         except redis.RedisError as exc:
