@@ -122,7 +122,7 @@ class DriftConsumer:
         self.consumer.subscribe([config.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
         metrics.CHECKPOINT_STORE_UP.set(1)
-        metrics.PAUSED.set(0)
+        self._report_paused()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -161,7 +161,7 @@ class DriftConsumer:
         self.producer.poll(0)
         if messages:
             self._absorb(messages)
-        if (self.unsaved or self._dead_letters) and self.save_backoff.ready():
+        if (self.unsaved or self._dead_letters or self.paused) and self.save_backoff.ready():
             self._checkpoint()
         if time.monotonic() >= self._next_eval:
             self.evaluate()
@@ -231,7 +231,7 @@ class DriftConsumer:
                 return self._checkpoint_failed("dead letters are not acknowledged yet")
         todo = {p: self.partitions[p] for p in self.unsaved if p in self.partitions}
         try:
-            fenced = self.store.save(todo)
+            fenced = self.store.save(todo) if todo else self.store.ping()  # paused with nothing to save: probe
         except redis.RedisError as exc:
             metrics.CHECKPOINT_STORE_UP.set(0)
             return self._checkpoint_failed(f"Redis: {exc}")
@@ -284,7 +284,10 @@ class DriftConsumer:
             log.warning("could not %s partitions: %s", "pause" if paused else "resume", exc)
             return
         self.paused = paused
-        metrics.PAUSED.set(int(paused))
+        self._report_paused()
+
+    def _report_paused(self) -> None:
+        metrics.PAUSED.set(int(self.paused or bool(self.pending)))
 
     # -- rebalancing ------------------------------------------------------------------------------
 
@@ -298,6 +301,7 @@ class DriftConsumer:
             consumer.pause(waiting)
         if self.paused:
             self._set_paused(True)
+        self._report_paused()
         metrics.ASSIGNED.set(len(self.partitions) + len(self.pending))
         log.info("assigned partitions %s%s", sorted(tp.partition for tp in assigned),
                  f" (waiting for Redis: {sorted(self.pending)})" if self.pending else "")
@@ -340,6 +344,7 @@ class DriftConsumer:
                 return
             log.info("partition %s resumed from its checkpoint at offset %s", p, tp.offset)
         self.load_backoff.succeeded()
+        self._report_paused()
 
     def _committed_or_reset(self, partition: int) -> int:
         committed = self.consumer.committed([TopicPartition(self.config.topic, partition)], timeout=10)[0]
@@ -364,6 +369,7 @@ class DriftConsumer:
             self.partitions.pop(p, None)
             self.pending.discard(p)
             self.unsaved.discard(p)
+        self._report_paused()
         metrics.ASSIGNED.set(len(self.partitions) + len(self.pending))
         log.info("revoked partitions %s%s", sorted(gone), "" if commit else " (lost)")
 

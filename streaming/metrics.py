@@ -22,6 +22,6 @@ CHECKPOINT_STORE_UP = Gauge("mlops_drift_checkpoint_store_up", "1 while the last
 CHECKPOINT_FAILURES = Counter("mlops_drift_checkpoint_failures_total",
                               "Checkpoints that could not be saved (Redis down, dead letters not yet acknowledged)")
 COMMIT_FAILURES = Counter("mlops_drift_commit_failures_total", "Kafka offset commits that failed (retried later)")
-PAUSED = Gauge("mlops_drift_paused", "1 while consumption is paused because the checkpoint cannot be saved")
+PAUSED = Gauge("mlops_drift_paused", "1 while (some) partitions are paused: a checkpoint cannot be saved or loaded")
 ASSIGNED = Gauge("mlops_drift_assigned_partitions", "Partitions this consumer owns and reads")
 REBALANCES = Counter("mlops_drift_rebalances_total", "Partition assignments and revocations", ["kind"])

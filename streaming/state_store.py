@@ -147,6 +147,11 @@ class StateStore:
                 checkpoints[partition].windows.mark_saved(dirty, dropped)
         return sorted(fenced)
 
+    def ping(self) -> list[int]:
+        """Raises ``redis.RedisError`` while Redis is unreachable (nothing fenced: returns [])."""
+        self.client.ping()
+        return []
+
     def load(self, partition: int) -> PartitionCheckpoint | None:
         ckpt = PartitionCheckpoint.from_hash(self.client.hgetall(self._hash_key(partition)))
         if ckpt is None:

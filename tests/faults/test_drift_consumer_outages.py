@@ -125,9 +125,12 @@ def test_broker_killed_for_a_minute(workspace, services, topics, shifted_events)
     assert consumer.process.returncode == 0, consumer.log()[-3000:]
 
 
-def test_redis_killed_and_restarted(workspace, services, topics, shifted_events):
+def test_redis_killed_and_restarted_with_a_rebalance_meanwhile(workspace, services, topics, shifted_events):
+    """Redis dies; a second consumer joins while it is down, so partitions change hands with no checkpoint to
+    save or load: both wait, paused, and resume exactly from the checkpoints once Redis is back."""
     run_dir, _ = services
     consumer = start_consumer(workspace, {**topics.env, **ENV}, "--group", topics.group, *ARGS)
+    joiner = None
     try:
         wait_assigned(consumer)
         with Feeder(workspace, topics.predictions, shifted_events, RATE) as feeder:
@@ -136,18 +139,28 @@ def test_redis_killed_and_restarted(workspace, services, topics, shifted_events)
             wait_metric(consumer, "mlops_drift_paused", lambda v: v == 1, 30, "did not stop advancing")
             failures = metric_value(metrics_of(consumer), "mlops_drift_checkpoint_failures_total")
             assert failures >= 1 and metric_value(metrics_of(consumer), "mlops_drift_checkpoint_store_up") == 0
-            time.sleep(3)
+            joiner = start_consumer(workspace, {**topics.env, **ENV}, "--group", topics.group, *ARGS)
+            wait_assigned(joiner)
+            assert "waiting for Redis" in joiner.log(), joiner.log()[-3000:]
+            time.sleep(2)
             assert consumer.process.poll() is None, consumer.log()[-3000:]
             svc.up(run_dir, only="redis")
-            wait_metric(consumer, "mlops_drift_paused", lambda v: v == 0, 30, "did not resume")
+            for c in (consumer, joiner):
+                wait_metric(c, "mlops_drift_paused", lambda v: v == 0, 30, "did not resume")
             time.sleep(2)
         assert_exactly_once(workspace, topics, feeder)
         assert_one_alert(workspace, topics)
         assert consumer.process.poll() is None, "the consumer died during the Redis outage"
+        assert joiner.process.poll() is None, "the joining consumer died during the Redis outage"
+        done = [metric_value(metrics_of(c), "mlops_drift_events_consumed_total") for c in (consumer, joiner)]
+        assert min(done) > 0, done  # both read part of the stream
     finally:
         svc.up(run_dir)
         consumer.stop()
+        if joiner is not None:
+            joiner.stop()
     assert consumer.process.returncode == 0, consumer.log()[-3000:]
+    assert joiner.process.returncode == 0, joiner.log()[-3000:]
 
 
 def test_consumer_killed_and_restarted(workspace, topics, shifted_events):
