@@ -9,13 +9,37 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from typing import Any
 
 import msgspec
 
 log = logging.getLogger(__name__)
+
+
+class RepeatFilter(logging.Filter):
+    """Lets one of a kind through per ``every_s``: through a broker outage librdkafka reports each failed
+    reconnect (several a second, per connection), which would bury everything else in the log."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = re.sub(r"\d+", "#", record.getMessage())
+        now = time.monotonic()
+        if now - self._last.get(kind, -1e9) < self.every_s:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[kind] = now
+        return True
+
+
 librdkafka_log = logging.getLogger("librdkafka")
+librdkafka_log.addFilter(RepeatFilter())
 
 
 def consumer_config(bootstrap: str, group_id: str, auto_offset_reset: str, **callbacks: Any) -> dict[str, Any]:
