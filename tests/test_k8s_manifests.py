@@ -184,3 +184,13 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_provider(rendered):
 def test_install_script_builds_the_kustomize_version_the_renderer_uses():
     install = (manifests.ROOT / "scripts" / "install.sh").read_text()
     assert f"KUSTOMIZE_VERSION={manifests.KUSTOMIZE_VERSION}\n" in install
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--overlay", "staging"], "unknown overlay 'staging'"),
+    (["--kube-version", "1.10.0"], "no bundled schemas for Kubernetes 1.10.0"),
+])
+def test_cli_bad_input_exits_2_with_one_line(capsys, args, message):
+    assert manifests.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -70,7 +70,13 @@ def name_of(obj: dict[str, Any]) -> str:
 def validate_schema(objects: list[dict[str, Any]], versions: tuple[str, ...] = KUBE_VERSIONS) -> list[str]:
     """One message per object that does not validate (strict) against a version's schema."""
     import kubernetes_validate
+    from kubernetes_validate.utils import all_versions
 
+    supported = {v.rsplit(".", 1)[0] for v in all_versions()}
+    for version in versions:
+        if ".".join(version.split(".")[:2]) not in supported:
+            choices = ", ".join(sorted(supported))
+            raise ManifestError(f"no bundled schemas for Kubernetes {version}: choose from {choices}")
     problems = []
     for version in versions:
         for obj in objects:
@@ -81,8 +87,6 @@ def validate_schema(objects: list[dict[str, Any]], versions: tuple[str, ...] = K
                 problems.append(f"{name_of(obj)}: invalid for Kubernetes {version} at {where}: {exc.message}")
             except kubernetes_validate.SchemaNotFoundError:
                 problems.append(f"{name_of(obj)}: no schema for {obj['apiVersion']} in Kubernetes {version}")
-            except kubernetes_validate.VersionNotSupportedError:
-                raise ManifestError(f"no bundled schemas for Kubernetes {version}") from None
     return problems
 
 
