@@ -103,7 +103,8 @@ def test_prometheus_scrapes_the_stack_and_every_dashboard_query_has_data(workspa
     total = SINGLE_REQUESTS + SHIFTED_ROWS
     # The consumer judges the shifted window and publishes its own alert; Prometheus sees the counter.
     wait_for(prom, 'sum(mlops_drift_alerts_emitted_total{status="firing"})', 1, timeout=90)
-    wait_for(prom, "sum(mlops_kafka_published_total)", total)
+    # mlops_kafka_delivered_total replaces mlops_kafka_published_total in the new prediction log.
+    wait_for(prom, "sum(mlops_kafka_delivered_total) or sum(mlops_kafka_published_total)", total)
     wait_for(prom, "sum(mlops_drift_events_consumed_total)", total)
 
     assert prom.value('up{job="fraud-detector"}') == 1 and prom.value('up{job="drift-consumer"}') == 1
