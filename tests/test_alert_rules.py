@@ -26,6 +26,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "fraud-detector.json"
 # for: rules may use them; the real-scrape test only requires series that exist today.
 AGREED_METRICS = {"mlops_kafka_in_flight", "mlops_kafka_delivered_total", "mlops_kafka_dropped_total",
                   "mlops_kafka_published_total",  # the old name of delivered_total: dashboards query either
+                  "mlops_requests_total",  # the serving path's own answer count (code label), BentoML's before it
                   "mlops_kafka_connected", "mlops_online_store_up", "mlops_drift_checkpoint_failures_total",
                   "mlops_outcomes_total"}
 
