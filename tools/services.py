@@ -89,11 +89,11 @@ def process_alive(pid: int, marker: str) -> bool:
     return marker in cmdline
 
 
-def stop_process(pid: int, marker: str, timeout: float = 30.0) -> None:
+def stop_process(pid: int, marker: str, timeout: float = 30.0, sig: int = signal.SIGTERM) -> None:
     if not process_alive(pid, marker):
         return
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, sig)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
@@ -321,14 +321,15 @@ def up(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None) -> dict:
     return state
 
 
-def down(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None, purge: bool = False) -> None:
-    """Stop the recorded processes; ``purge`` also deletes their data (ports are forgotten)."""
+def down(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None, purge: bool = False, kill: bool = False) -> None:
+    """Stop the recorded processes; ``purge`` also deletes their data (ports are forgotten); ``kill`` stops
+    them with SIGKILL, as a crash would (what the fault tests use)."""
     run = RunDir(run_dir)
     state = run.load()
     for name in SERVICES if only is None else (only,):
         entry = state.get(name)
         if entry:
-            stop_process(entry["pid"], MARKERS[name])
+            stop_process(entry["pid"], MARKERS[name], sig=signal.SIGKILL if kill else signal.SIGTERM)
             entry["pid"] = 0
     if purge:
         for name in SERVICES if only is None else (only,):
@@ -351,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=SERVICES)
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument("--purge", action="store_true", help="with down: delete data and forget ports")
+    parser.add_argument("--kill", action="store_true", help="with down: SIGKILL, as a crash would")
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"services up; addresses in {RunDir(args.run_dir).env_file}")
             print(RunDir(args.run_dir).env_file.read_text().strip())
         elif args.action == "down":
-            down(args.run_dir, args.only, args.purge)
+            down(args.run_dir, args.only, args.purge, args.kill)
             print("services down")
         else:
             report = status(args.run_dir)
