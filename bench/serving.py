@@ -122,6 +122,13 @@ def check_answers(url: str, reference: dict[str, float], customers: list[str]) -
             raise AssertionError(f"{url}: prediction {got} for {customer}, the project says {reference[customer]}")
 
 
+def provider(url: str, system: System) -> str:
+    """The ONNX Runtime provider that really served (the project says in /info; the peers run on CPU)."""
+    if system.peer is not None:
+        return "CPUExecutionProvider"
+    return httpx.get(f"{url}/info", timeout=10).json()["provider"]
+
+
 def wrk(tool: str, url: str, connections: int, seconds: float, customers: int) -> dict:
     threads = max(1, min(connections, 2))
     env = {**os.environ, "CUSTOMERS": str(customers)}
@@ -234,7 +241,7 @@ def run(ws, args) -> list[dict]:
                                                                             "transaction_amount": 123.0}).json()[
                     "prediction"] for c in sample}
             check_answers(running.url, reference, sample)
-            base = {"system": system.name, "workers": system.workers}
+            base = {"system": system.name, "workers": system.workers, "provider": provider(running.url, system)}
             for c in connections if not system.name.startswith("project,") else [32]:
                 r = wrk(tool["wrk"], running.url, c, args.seconds, n_customers)
                 rows.append({**base, "protocol": "http", "mode": "closed", "connections": c, **r})

@@ -36,7 +36,12 @@ class Settings(BaseSettings):
     onnx_provider: Literal["auto", "cpu", "cuda"] = "auto"
 
     # Lifecycle.
-    registry_path: Path = Field(Path(".run/registry.db"), description="SQLite model registry (stages, history)")
+    mlflow_uri: str = Field(
+        "", description="MLflow tracking + model registry: `http://host:port` of an `mlflow server` (or a database "
+        "URI); empty: the embedded SQLite store in mlflow_dir")
+    mlflow_dir: Path = Field(Path(".run/mlflow"), description="embedded MLflow store: mlflow.db and artifacts/")
+    mlflow_experiment: str = Field("fraud-detector-training", description="MLflow experiment of the training runs")
+    registry_lock_timeout_s: float = Field(60.0, gt=0, description="longest wait for the registry's promotion lock")
     follow_registry: bool = Field(True, description="serve the registry's Production version and follow changes")
     registry_poll_s: float = Field(1.0, gt=0, description="how often the service checks the registry")
     canary_share: float = Field(0.0, ge=0, le=1, description="share of traffic scored by the Staging version")
@@ -92,6 +97,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_version_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @property
+    def tracking_uri(self) -> str:
+        """``mlflow_uri``, or the embedded SQLite store (created on first use)."""
+        if self.mlflow_uri:
+            return self.mlflow_uri
+        return f"sqlite:///{(self.mlflow_dir / 'mlflow.db').resolve()}"
 
     @property
     def redis_host(self) -> str:

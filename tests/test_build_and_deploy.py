@@ -76,8 +76,23 @@ def test_gpu_bentofile_differs_from_the_cpu_one_only_in_the_gpu_parts():
     assert gpu["docker"] == cpu["docker"]
 
 
+def module_level(tree: ast.Module) -> list[ast.stmt]:
+    """Statements that run when the module is imported (inside if/try blocks too, not in functions or classes'
+    methods): what a process needs installed to start at all."""
+    out: list[ast.stmt] = []
+    todo: list[ast.stmt] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if isinstance(node, ast.If | ast.Try | ast.With):
+            todo.extend(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []))
+            todo.extend(stmt for handler in getattr(node, "handlers", []) for stmt in handler.body)
+    return out
+
+
 def third_party_imports(entry_modules: list[str]) -> set[str]:
-    """Top-level third-party modules imported by the entry modules and the project modules they import."""
+    """Top-level third-party modules that the entry modules, and the project modules they import, import when
+    they load (imports inside functions run later, if ever, and are left out)."""
     local = {"service", "streaming", "mlops", "lifecycle", "tools", "feature_repo"}
     seen: set[str] = set()
     found: set[str] = set()
@@ -91,7 +106,7 @@ def third_party_imports(entry_modules: list[str]) -> set[str]:
         path = base / "__init__.py" if (base / "__init__.py").exists() else base.with_suffix(".py")
         if not path.exists():
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in module_level(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
