@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 
 from bench import drift, serving
-from bench.common import print_table, write_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,10 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     drift.main(["--events", str(args.events)])
     with serving.bench_workspace() as ws:
-        row = drift.kafka_end_to_end(ws)
-        print_table("Drift consumer end to end (real Kafka fetch + Redis checkpoints)", [row],
-                    ["what", "events", "cpu_s", "wall_s", "events_per_s_per_core", "events_per_s_wall"])
-        print(f"wrote {write_results('drift_kafka', [row])}")
+        drift.kafka_benchmark(ws.settings)
         serving.run(ws, args)
     return 0
 

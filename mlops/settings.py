@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     drift_eval_interval_s: float = Field(2.0, gt=0)
     drift_metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port of the consumer; 0: off")
     drift_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    drift_batch_size: int = Field(10_000, ge=1, le=1_000_000,
+                                  description="most messages per poll: one decode/bin pass and one checkpoint each")
+    drift_backoff_max_s: float = Field(5.0, gt=0, description="longest wait between retries through an outage")
 
     @field_validator("model_version", mode="before")
     @classmethod

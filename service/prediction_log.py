@@ -168,7 +168,7 @@ class PredictionLog:
         """Deliver what the client holds within ``timeout_s``; what is left (never sent) goes to the spool."""
         self._stop.set()
         self._thread.join(timeout=5)
-        self._producer.flush(max(0.0, timeout_s))
+        self._producer.flush(max(0.0, timeout_s) if self._broker_up else min(timeout_s, 1.0))
         if len(self._producer):
             # Purge what the client still holds; the callbacks route each purged event to the spool. An event
             # in flight to a broker that went away may have been written: spooling it is the one case where

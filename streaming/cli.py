@@ -41,11 +41,15 @@ def consume(args: argparse.Namespace, settings: Settings) -> int:
         bootstrap=settings.kafka_bootstrap, topic=settings.predictions_topic, alerts_topic=settings.alerts_topic,
         dlq_topic=settings.dlq_topic, group_id=args.group or settings.drift_group_id, window=window,
         eval_interval_s=settings.drift_eval_interval_s, auto_offset_reset=settings.drift_auto_offset_reset,
+        batch_size=settings.drift_batch_size, backoff_max_s=settings.drift_backoff_max_s,
+        decision_threshold=settings.decision_threshold,
     )
     port = settings.drift_metrics_port if args.metrics_port is None else args.metrics_port
     if port:
         start_http_server(port, addr="127.0.0.1" if args.metrics_local else "0.0.0.0")
-    client = redis.Redis(host=settings.redis_host, port=settings.redis_port)
+    # Timeouts so that a Redis that stops answering is an error to retry, never a hang.
+    client = redis.Redis(host=settings.redis_host, port=settings.redis_port, socket_timeout=5,
+                         socket_connect_timeout=2)
     consumer = DriftConsumer(config, rules, StateStore(client, config.group_id, config.topic),
                              ProfileCache(load_profile_from_store))
     signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
@@ -56,16 +60,23 @@ def consume(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def follow_alerts(args: argparse.Namespace, settings: Settings) -> int:
-    from kafka import KafkaConsumer
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 
-    consumer = KafkaConsumer(settings.alerts_topic, bootstrap_servers=settings.kafka_bootstrap.split(","),
-                             group_id=None, auto_offset_reset="earliest" if args.from_beginning else "latest")
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "mlops-drift-alerts",
+                         "enable.auto.commit": False})
     deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
     try:
+        topic = consumer.list_topics(settings.alerts_topic, timeout=10).topics[settings.alerts_topic]
+        start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
+        consumer.assign([TopicPartition(settings.alerts_topic, p, start) for p in topic.partitions])
         while deadline is None or time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=500).values():
-                for record in records:
-                    print(json.dumps(json.loads(record.value), sort_keys=True), flush=True)
+            for message in consumer.consume(500, 0.5):
+                if message.error() is None:
+                    print(json.dumps(json.loads(message.value()), sort_keys=True), flush=True)
+    except KafkaException as exc:
+        print(f"mlops-drift: cannot read {settings.alerts_topic} at {settings.kafka_bootstrap}: {exc}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         pass
     finally:

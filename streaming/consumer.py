@@ -1,35 +1,44 @@
 """The streaming drift consumer: a Kafka consumer group on `predictions` that publishes drift alerts.
 
-Per poll: events are binned into the reference profile of the model version they name and added to
-their partition's time-slotted histograms; then the partitions' windows and offsets are checkpointed to
-Redis in one transaction, and only then are the offsets committed to Kafka. Every ``eval_interval_s`` the
-topic-wide windows (all partitions' checkpoints summed) are scored (PSI, KS, chi-square) and judged by the
-rules; state changes become alerts on the alerts topic. Poison events go to the dead-letter topic.
+Per poll (up to ``batch_size`` messages): the events are decoded and binned in batches
+(:mod:`streaming.absorb`) into their partition's time-slotted histograms; then the touched partitions'
+changed slots and offsets are checkpointed to Redis in one atomic script, and only then are the offsets
+committed to Kafka. Every ``eval_interval_s`` the topic-wide windows (all partitions' checkpoints summed)
+are scored (PSI, KS, chi-square) and judged by the rules; state changes become alerts on the alerts topic.
+Poison events go to the dead-letter topic, acknowledged before any checkpoint moves past them.
+
+Outages never end the process. Through a broker outage librdkafka reconnects with backoff; polls come back
+empty and commits fail (counted, retried with the next ones) until the broker answers, then the group
+rejoins and every partition resumes from its Redis checkpoint. Through a Redis outage the consumer stops
+advancing: it pauses its partitions, commits nothing past the last saved checkpoint and retries the save
+with backoff; partitions it is given meanwhile wait, paused, until their checkpoint can be read.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import numpy as np
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.errors import KafkaError
+import redis
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from streaming import metrics, stats
-from streaming.events import PoisonEvent, PredictionEvent, parse
+from streaming.absorb import Absorber
+from streaming.events import PoisonEvent
+from streaming.kafka_io import Backoff, consumer_config, producer_config, read_stats
 from streaming.profile import ColumnProfile, NumericProfile, ReferenceProfile
 from streaming.rules import SEVERITY_RANK, RuleSet
 from streaming.state_store import PartitionCheckpoint, StateStore
 from streaming.window import SlotHistograms, WindowSpec, merged_windows
 
 log = logging.getLogger(__name__)
+_json = msgspec.json.Encoder()
 
 
 @dataclass
@@ -42,7 +51,10 @@ class ConsumerConfig:
     window: WindowSpec = field(default_factory=WindowSpec)
     eval_interval_s: float = 2.0
     auto_offset_reset: str = "earliest"
-    max_poll_records: int = 2000
+    batch_size: int = 10_000  # messages per poll: one decode/bin pass and one checkpoint each
+    poll_timeout_s: float = 0.5
+    backoff_max_s: float = 5.0
+    decision_threshold: float = 0.5
 
 
 class ProfileCache:
@@ -89,20 +101,28 @@ class DriftConsumer:
         self.rules = rules
         self.store = store
         self.profiles = profiles
-        self.partitions: dict[int, PartitionCheckpoint] = {}
+        self.absorber = Absorber(profiles.get, config.window, config.decision_threshold)
+        self.partitions: dict[int, PartitionCheckpoint] = {}  # owned, checkpoint loaded: these are read
+        self.pending: set[int] = set()  # owned, checkpoint not loaded yet (Redis down): paused
+        self.unsaved: set[int] = set()  # partitions whose windows are ahead of their Redis checkpoint
+        self.paused = False
+        self.save_backoff = Backoff(max_s=config.backoff_max_s)
+        self.load_backoff = Backoff(max_s=config.backoff_max_s)
+        self._dead_letters: list[bytes] = []  # not yet handed to the producer (its queue was full)
+        self._dead_letters_in_flight = 0
+        self._alerts_in_flight: dict[tuple[str, str, str], str] = {}  # key -> state to restore if undelivered
+        self._high: dict[int, int] = {}
         self._stop = threading.Event()
         self._next_eval = 0.0
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=config.bootstrap.split(","),
-            group_id=config.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=config.auto_offset_reset,
-            max_poll_records=config.max_poll_records,
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=2_000,
-        )
-        self.producer = KafkaProducer(bootstrap_servers=config.bootstrap.split(","), acks="all", linger_ms=5)
-        self.consumer.subscribe([config.topic], listener=_Rebalance(self))
+        self._last_error_log = 0.0
+        self.consumer = Consumer(consumer_config(config.bootstrap, config.group_id, config.auto_offset_reset,
+                                                 error_cb=self._on_error, stats_cb=self._on_stats,
+                                                 on_commit=self._on_commit))
+        self.producer = Producer(producer_config(config.bootstrap, error_cb=self._on_error))
+        self.consumer.subscribe([config.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+        metrics.CHECKPOINT_STORE_UP.set(1)
+        self._report_paused()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -118,91 +138,273 @@ class DriftConsumer:
             self.close()
 
     def close(self) -> None:
+        """Last checkpoint and commit when they can be made; undelivered alerts are handed back (their state
+        reverted) so the next consumer announces them."""
+        if self.unsaved:
+            self.save_backoff.succeeded()
+            self._checkpoint(final=True)
         try:
-            self._checkpoint(list(self.partitions))
-        except Exception:
-            log.exception("final checkpoint failed; the last checkpoint stands (events will be re-read)")
-        self.consumer.close(autocommit=False)
-        self.producer.flush(timeout=10)
-        self.producer.close(timeout=5)
+            self.consumer.close()
+        except KafkaException as exc:
+            log.warning("consumer close: %s", exc)
+        if self.producer.flush(10):
+            for (name, version, column), previous in list(self._alerts_in_flight.items()):
+                self._revert(name, version, column, previous)
+            log.warning("closing with undelivered messages; their alerts will be re-announced")
 
     # -- one poll ---------------------------------------------------------------------------------
 
     def step(self) -> None:
-        polled = self.consumer.poll(timeout_ms=500)
-        touched = []
-        for tp, records in polled.items():
-            if tp.partition not in self.partitions:  # revoked between poll and here
-                continue
-            self._absorb(tp.partition, records)
-            touched.append(tp.partition)
-        if touched:
-            self._checkpoint(touched)
-            self.consumer.commit({TopicPartition(self.config.topic, p): OffsetAndMetadata(self.partitions[p].offset,
-                                                                                          "", -1) for p in touched})
+        if self.pending and self.load_backoff.ready():
+            self._load_pending()
+        messages = self.consumer.consume(self.config.batch_size, self.config.poll_timeout_s)
+        self.producer.poll(0)
+        if messages:
+            self._absorb(messages)
+        if (self.unsaved or self._dead_letters or self.paused) and self.save_backoff.ready():
+            self._checkpoint()
         if time.monotonic() >= self._next_eval:
             self.evaluate()
             self._next_eval = time.monotonic() + self.config.eval_interval_s
 
-    def _absorb(self, partition: int, records: list) -> None:
-        state = self.partitions[partition]
-        groups: dict[tuple[str, str], list[PredictionEvent]] = defaultdict(list)
-        for record in records:
-            try:
-                event = parse(record.value)
-                profile = self.profiles.get(event.model_name, event.model_version)
-                if profile is None:
-                    raise PoisonEvent("unknown_model_version",
-                                      f"no reference profile for {event.model_name}:{event.model_version}")
-                missing = [c for c in profile.columns if c not in ("prediction", "label") and c not in event.features]
-                if missing:
-                    raise PoisonEvent("missing_field", f"features lack {missing}")
-                groups[(event.model_name, event.model_version)].append(event)
-            except PoisonEvent as exc:
-                self._dead_letter(record, exc)
-                state.dead_lettered += 1
-        first_slot = self.config.window.first_slot(time.time())
-        for (name, version), events in groups.items():
-            profile = self.profiles.get(name, version)
-            assert profile is not None
-            slots = np.array([self.config.window.slot_of(e.timestamp) for e in events])
-            live = slots >= first_slot
-            metrics.LATE_EVENTS.inc(int((~live).sum()))
-            for column, col in profile.columns.items():
-                bins = self._bins(col, [e for e, keep in zip(events, live, strict=True) if keep], column)
-                for slot in np.unique(slots[live]):
-                    state.windows.add((name, version, column), int(slot), bins[slots[live] == slot], col.n_bins)
-            state.consumed += len(events)
-            metrics.EVENTS_CONSUMED.inc(len(events))
-        state.offset = records[-1].offset + 1
-        state.windows.expire(first_slot)
+    def _absorb(self, messages: list) -> None:
+        raws: list[bytes | None] = []
+        parts: list[int] = []
+        offsets: list[int] = []
+        last: dict[int, int] = {}
+        for m in messages:
+            if m.error() is not None:
+                self._on_error(m.error())
+                continue
+            p = m.partition()
+            if p not in self.partitions:  # pending (read from its checkpoint later), revoked or taken over
+                continue
+            raws.append(m.value())
+            parts.append(p)
+            offsets.append(offset := m.offset())
+            last[p] = offset
+        if not raws:
+            return
+        metrics.BROKER_CONNECTED.set(1)
+        now = time.time()
+        for i, poison in self.absorber.absorb(raws, parts, self.partitions, now):
+            self._dead_letter(parts[i], offsets[i], raws[i], poison)
+        first_slot = self.config.window.first_slot(now)
+        for p, offset in last.items():
+            state = self.partitions[p]
+            state.offset = offset + 1
+            state.windows.expire(first_slot)
+            self.unsaved.add(p)
 
-    @staticmethod
-    def _bins(col: ColumnProfile, events: list[PredictionEvent], column: str) -> np.ndarray:
-        if isinstance(col, NumericProfile):
-            return stats.bin_index(col.edges, np.array([e.value(column) for e in events], dtype=np.float64))
-        return np.array([col.index(e.value(column) if column != "label" or e.label is not None
-                                   else int(e.prediction >= 0.5)) for e in events], dtype=np.int64)
-
-    def _dead_letter(self, record, exc: PoisonEvent) -> None:
+    def _dead_letter(self, partition: int, offset: int, raw: bytes | None, exc: PoisonEvent) -> None:
         metrics.DEAD_LETTERS.labels(exc.reason).inc()
-        raw = record.value.decode("utf-8", errors="replace") if record.value is not None else None
-        body = {"reason": exc.reason, "error": str(exc), "topic": record.topic, "partition": record.partition,
-                "offset": record.offset, "raw": raw, "timestamp": _iso(time.time())}
-        self.producer.send(self.config.dlq_topic, json.dumps(body).encode())
+        self.partitions[partition].dead_lettered += 1
+        body = {"reason": exc.reason, "error": str(exc), "topic": self.config.topic, "partition": partition,
+                "offset": offset, "raw": raw.decode("utf-8", errors="replace") if raw is not None else None,
+                "timestamp": _iso(time.time())}
+        self._dead_letters.append(_json.encode(body))
+        self._send_dead_letters()
 
-    def _checkpoint(self, partitions: list[int]) -> None:
-        self.producer.flush(timeout=30)  # dead letters are durable before their offsets move past them
-        self.store.save({p: self.partitions[p] for p in partitions
-                         if p in self.partitions and self.partitions[p].offset is not None})
-        metrics.STATE_CELLS.set(sum(s.windows.cells() for s in self.partitions.values()))
+    def _send_dead_letters(self) -> None:
+        while self._dead_letters:
+            try:
+                self.producer.produce(self.config.dlq_topic, self._dead_letters[0], on_delivery=self._on_dead_letter)
+            except BufferError:  # the producer's queue is full (broker away): keep it, try again later
+                self.producer.poll(0.1)
+                return
+            self._dead_letters.pop(0)
+            self._dead_letters_in_flight += 1
+
+    def _on_dead_letter(self, err, _msg) -> None:
+        self._dead_letters_in_flight -= 1
+        if err is not None:  # permanent (no delivery timeout is set), e.g. larger than the topic allows
+            log.error("dead letter not delivered, dropped: %s", err)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _checkpoint(self, final: bool = False) -> bool:
+        """Save the unsaved partitions to Redis, then commit their offsets; on failure pause and back off."""
+        self._send_dead_letters()
+        if self._dead_letters or self._dead_letters_in_flight:
+            self.producer.flush(10 if final else 1)
+            if self._dead_letters or self._dead_letters_in_flight:
+                return self._checkpoint_failed("dead letters are not acknowledged yet")
+        todo = {p: self.partitions[p] for p in self.unsaved if p in self.partitions}
+        try:
+            fenced = self.store.save(todo) if todo else self.store.ping()  # paused with nothing to save: probe
+        except redis.RedisError as exc:
+            metrics.CHECKPOINT_STORE_UP.set(0)
+            return self._checkpoint_failed(f"Redis: {exc}")
+        metrics.CHECKPOINT_STORE_UP.set(1)
+        for p in fenced:  # another consumer owns it now: forget it until the group revokes it from us
+            log.warning("partition %s was taken over by another consumer; dropping its unsaved state", p)
+            self.partitions.pop(p, None)
+            try:
+                self.consumer.pause([TopicPartition(self.config.topic, p)])
+            except KafkaException:
+                pass
+        offsets = [TopicPartition(self.config.topic, p, todo[p].offset) for p in todo
+                   if p not in fenced and todo[p].offset is not None]
+        self.unsaved.clear()
+        self.save_backoff.succeeded()
+        if offsets:
+            self._commit(offsets, final)
+        if self.paused:
+            self._set_paused(False)
+        return True
+
+    def _checkpoint_failed(self, why: str) -> bool:
+        metrics.CHECKPOINT_FAILURES.inc()
+        wait = self.save_backoff.failed()
+        if self.save_backoff.failures == 1 or time.monotonic() - self._last_error_log > 30:
+            log.warning("checkpoint not saved (%s); not advancing, retrying in %.1fs", why, wait)
+            self._last_error_log = time.monotonic()
+        if not self.paused:
+            self._set_paused(True)
+        return False
+
+    def _commit(self, offsets: list[TopicPartition], sync: bool = False) -> None:
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=not sync)
+        except KafkaException as exc:  # the Redis checkpoint holds these offsets: a later commit catches up
+            metrics.COMMIT_FAILURES.inc()
+            log.debug("commit failed: %s", exc)
+
+    def _on_commit(self, err, partitions) -> None:
+        if err is not None:
+            metrics.COMMIT_FAILURES.inc()
+            log.debug("commit failed: %s", err)
+
+    def _set_paused(self, paused: bool) -> None:
+        owned = [TopicPartition(self.config.topic, p) for p in self.partitions]
+        try:
+            if owned:
+                (self.consumer.pause if paused else self.consumer.resume)(owned)
+        except KafkaException as exc:
+            log.warning("could not %s partitions: %s", "pause" if paused else "resume", exc)
+            return
+        self.paused = paused
+        self._report_paused()
+
+    def _report_paused(self) -> None:
+        metrics.PAUSED.set(int(self.paused or bool(self.pending)))
+
+    # -- rebalancing ------------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        metrics.REBALANCES.labels("assign").inc()
+        for tp in assigned:
+            tp.offset = self._claim(tp.partition)
+        consumer.assign(assigned)
+        waiting = [tp for tp in assigned if tp.partition in self.pending]
+        if waiting:
+            consumer.pause(waiting)
+        if self.paused:
+            self._set_paused(True)
+        self._report_paused()
+        metrics.ASSIGNED.set(len(self.partitions) + len(self.pending))
+        log.info("assigned partitions %s%s", sorted(tp.partition for tp in assigned),
+                 f" (waiting for Redis: {sorted(self.pending)})" if self.pending else "")
+
+    def _claim(self, partition: int) -> int:
+        """Loads a partition's checkpoint (fencing out its previous owner); returns the offset to read from."""
+        try:
+            epoch, ckpt = self.store.claim(partition)
+        except redis.RedisError as exc:
+            metrics.CHECKPOINT_STORE_UP.set(0)
+            log.warning("cannot load the checkpoint of partition %s (%s); it waits, paused", partition, exc)
+            self.pending.add(partition)
+            return -1001  # OFFSET_INVALID: where the group left it; nothing is read before the checkpoint
+        metrics.CHECKPOINT_STORE_UP.set(1)
+        self.pending.discard(partition)
+        if ckpt is None:  # first time for this group: Kafka's committed offset (or auto_offset_reset) decides
+            ckpt = PartitionCheckpoint(offset=None, consumed=0, dead_lettered=0, windows=SlotHistograms(),
+                                       epoch=epoch)
+        self.partitions[partition] = ckpt
+        return ckpt.offset if ckpt.offset is not None else -1001
+
+    def _load_pending(self) -> None:
+        for p in sorted(self.pending):
+            offset = self._claim(p)
+            if p in self.pending:
+                self.load_backoff.failed()
+                return
+            tp = TopicPartition(self.config.topic, p, offset)
+            try:
+                if offset < 0:
+                    tp.offset = self._committed_or_reset(p)
+                self.consumer.seek(tp)
+                if not self.paused:
+                    self.consumer.resume([TopicPartition(self.config.topic, p)])
+            except KafkaException as exc:
+                log.warning("could not resume partition %s (%s); retrying", p, exc)
+                self.partitions.pop(p, None)
+                self.pending.add(p)
+                self.load_backoff.failed()
+                return
+            log.info("partition %s resumed from its checkpoint at offset %s", p, tp.offset)
+        self.load_backoff.succeeded()
+        self._report_paused()
+
+    def _committed_or_reset(self, partition: int) -> int:
+        committed = self.consumer.committed([TopicPartition(self.config.topic, partition)], timeout=10)[0]
+        if committed.offset >= 0:
+            return committed.offset
+        return OFFSET_BEGINNING if self.config.auto_offset_reset == "earliest" else OFFSET_END
+
+    def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
+        self._leave(revoked, commit=True)
+
+    def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
+        self._leave(lost, commit=False)
+
+    def _leave(self, gone_tps: list[TopicPartition], commit: bool) -> None:
+        """Checkpoint partitions on their way out (refused by Redis if another consumer already took one)."""
+        metrics.REBALANCES.labels("revoke" if commit else "lost").inc()
+        gone = [tp.partition for tp in gone_tps]
+        if any(p in self.unsaved for p in gone):
+            self.save_backoff.succeeded()
+            self._checkpoint(final=True)
+        for p in gone:
+            self.partitions.pop(p, None)
+            self.pending.discard(p)
+            self.unsaved.discard(p)
+        self._report_paused()
+        metrics.ASSIGNED.set(len(self.partitions) + len(self.pending))
+        log.info("revoked partitions %s%s", sorted(gone), "" if commit else " (lost)")
+
+    # -- broker state -----------------------------------------------------------------------------
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            metrics.BROKER_CONNECTED.set(0)
+        if time.monotonic() - self._last_error_log > 10:
+            log.warning("kafka: %s (retrying)", err)
+            self._last_error_log = time.monotonic()
+
+    def _on_stats(self, raw: str) -> None:
+        try:
+            connected, high = read_stats(raw, self.config.topic)
+        except (msgspec.DecodeError, ValueError):
+            return
+        metrics.BROKER_CONNECTED.set(int(connected))
+        self._high.update(high)
 
     # -- judging ----------------------------------------------------------------------------------
 
     def evaluate(self) -> list[dict[str, Any]]:
         """Score the topic-wide windows, publish alerts for state changes; returns the alerts sent."""
-        partitions = sorted(self.consumer.partitions_for_topic(self.config.topic) or [])
-        checkpoints = self.store.load_all(partitions)
+        self._report_lag()
+        metrics.STATE_CELLS.set(sum(s.windows.cells() for s in self.partitions.values()))
+        try:
+            return self._evaluate()
+        except redis.RedisError as exc:
+            metrics.CHECKPOINT_STORE_UP.set(0)
+            log.debug("evaluation skipped, Redis unavailable: %s", exc)
+            return []
+
+    def _evaluate(self) -> list[dict[str, Any]]:
+        checkpoints = self.store.load_all()
         now = time.time()
         windows = merged_windows([c.windows for c in checkpoints.values()], self.config.window, now)
         sent = []
@@ -214,7 +416,7 @@ class DriftConsumer:
             for metric, value in scores.items():
                 metrics.DRIFT_SCORE.labels(name, version, column, metric).set(value)
             metrics.WINDOW_SAMPLES.labels(name, version, column).set(window.n)
-            if window.n < self.rules.min_samples:
+            if window.n < self.rules.min_samples or (name, version, column) in self._alerts_in_flight:
                 continue
             current = self.store.alert_state(name, version, column)
             verdict = self.rules.judge(column, scores, current)  # type: ignore[arg-type]
@@ -239,18 +441,37 @@ class DriftConsumer:
             }
             if verdict.rule is None:  # resolved: report the rule of the state being left
                 alert["metric"], alert["value"], alert["threshold"] = self._resolved_context(column, scores, previous)
-            try:
-                self.producer.send(self.config.alerts_topic, key=f"{name}:{version}:{column}".encode(),
-                                   value=json.dumps(alert).encode()).get(timeout=30)
-            except KafkaError:
-                self.store.revert(name, version, column, previous)  # retried at the next evaluation
-                log.exception("could not publish drift alert; will retry")
-                continue
-            metrics.ALERTS.labels(verdict.severity, alert["status"]).inc()
-            log.info("drift alert: %s", alert)
+            self._publish_alert(alert, previous)
             sent.append(alert)
-        self._report_lag()
         return sent
+
+    def _publish_alert(self, alert: dict[str, Any], previous: str) -> None:
+        """Non-blocking: a broker outage holds the alert in the producer (no delivery timeout) until it is
+        back; only a permanent failure reverts the state, so the next evaluation announces it again."""
+        key = (alert["model_name"], alert["model_version"], alert["feature"])
+
+        def delivered(err, _msg) -> None:
+            self._alerts_in_flight.pop(key, None)
+            if err is not None:
+                log.error("could not publish drift alert (%s); will retry", err)
+                self._revert(*key, previous)
+                return
+            metrics.ALERTS.labels(alert["severity"], alert["status"]).inc()
+            log.info("drift alert: %s", alert)
+
+        self._alerts_in_flight[key] = previous
+        try:
+            self.producer.produce(self.config.alerts_topic, _json.encode(alert), key=":".join(key).encode(),
+                                  on_delivery=delivered)
+        except BufferError:
+            self._alerts_in_flight.pop(key, None)
+            self._revert(*key, previous)
+
+    def _revert(self, name: str, version: str, column: str, previous: str) -> None:
+        try:
+            self.store.revert(name, version, column, previous)
+        except redis.RedisError:
+            log.error("could not revert the alert state of %s:%s:%s", name, version, column)
 
     def _resolved_context(self, column: str, scores: dict[str, float], previous: str) -> tuple:
         for rule in self.rules.rules:
@@ -259,41 +480,9 @@ class DriftConsumer:
         return None, None, None
 
     def _report_lag(self) -> None:
-        owned = [TopicPartition(self.config.topic, p) for p in self.partitions]
-        if not owned:
-            return
-        try:
-            ends = self.consumer.end_offsets(owned)
-        except KafkaError:
-            return
-        for tp, end in ends.items():
-            if tp.partition in self.partitions and self.partitions[tp.partition].offset is not None:
-                metrics.LAG.labels(str(tp.partition)).set(max(0, end - self.partitions[tp.partition].offset))
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    """Checkpoint partitions on their way out; resume assigned ones from their checkpoint."""
-
-    def __init__(self, owner: DriftConsumer) -> None:
-        self.owner = owner
-
-    def on_partitions_revoked(self, revoked) -> None:
-        gone = [tp.partition for tp in revoked if tp.partition in self.owner.partitions]
-        try:
-            self.owner._checkpoint(gone)
-        finally:
-            for p in gone:
-                self.owner.partitions.pop(p, None)
-
-    def on_partitions_assigned(self, assigned) -> None:
-        for tp in assigned:
-            ckpt = self.owner.store.load(tp.partition)
-            if ckpt is not None:
-                self.owner.consumer.seek(tp, ckpt.offset)
-            else:  # first time for this group: Kafka's committed offset (or auto_offset_reset) decides
-                ckpt = PartitionCheckpoint(offset=None, consumed=0, dead_lettered=0, windows=SlotHistograms())
-            self.owner.partitions[tp.partition] = ckpt
-        log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+        for p, state in self.partitions.items():
+            if p in self._high and state.offset is not None:
+                metrics.LAG.labels(str(p)).set(max(0, self._high[p] - state.offset))
 
 
 def load_profile_from_store(name: str, version: str) -> ReferenceProfile | None:
@@ -306,5 +495,3 @@ def load_profile_from_store(name: str, version: str) -> ReferenceProfile | None:
         return None
     path = stored.path / PROFILE_FILE
     return ReferenceProfile.from_bytes(path.read_bytes()) if path.exists() else None
-
-

@@ -1,12 +1,22 @@
-"""Parsing and checking prediction events; anything unusable is a poison message with a reason code."""
+"""Decoding prediction events for the drift consumer; anything unusable is a poison message with a reason.
+
+The wire format is :mod:`mlops.events` (JSON, typed with msgspec). The consumer decodes into its
+:class:`~mlops.events.EventView` (the fields drift needs, the others skipped), one message at a time so a bad
+one never costs its neighbours, and maps msgspec's errors to the dead-letter reason codes:
+
+- ``bad_json``: not JSON, not an object, or an empty message;
+- ``missing_field``: a required field is absent (or, later, a feature the model's profile needs);
+- ``bad_field``: a field has the wrong type or value (strings for numbers, a label other than 0/1, a
+  timestamp that is not RFC 3339, a number out of range);
+- ``unsupported_schema_version``: written by a newer producer than this reader knows;
+- ``unknown_model_version``: no reference profile for the model version it names (decided later).
+"""
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+import msgspec
+
+from mlops.events import SCHEMA_VERSION, EventView, decode_views
 
 
 class PoisonEvent(ValueError):
@@ -15,50 +25,45 @@ class PoisonEvent(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class PredictionEvent:
-    model_name: str
-    model_version: str
-    timestamp: float
-    features: dict[str, float]
-    prediction: float
-    label: int | None
-
-    def value(self, column: str) -> Any:
-        if column == "prediction":
-            return self.prediction
-        if column == "label":
-            return self.label
-        return self.features[column]
+def poison_from(error: Exception) -> PoisonEvent:
+    """The dead-letter reason for a decoding error."""
+    message = str(error)
+    if isinstance(error, msgspec.ValidationError):
+        if message.startswith("Object missing required field"):
+            return PoisonEvent("missing_field", message)
+        if message.startswith("Expected `object`") and " - at `" not in message:
+            return PoisonEvent("bad_json", "not a JSON object")
+        return PoisonEvent("bad_field", message)
+    return PoisonEvent("bad_json", message)
 
 
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PoisonEvent("bad_field", f"{name} is not a finite number: {value!r}")
-    return float(value)
+def check_version(event: EventView) -> PoisonEvent | None:
+    if not 1 <= event.schema_version <= SCHEMA_VERSION:
+        return PoisonEvent("unsupported_schema_version",
+                           f"schema_version {event.schema_version}; this reader knows 1..{SCHEMA_VERSION}")
+    return None
 
 
-def parse(raw: bytes | None) -> PredictionEvent:
-    if raw is None:
-        raise PoisonEvent("bad_json", "empty message")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PoisonEvent("bad_json", str(exc)) from None
-    if not isinstance(body, dict):
-        raise PoisonEvent("bad_json", "not a JSON object")
-    missing = [k for k in ("model_name", "model_version", "timestamp", "features", "prediction") if k not in body]
-    if missing:
-        raise PoisonEvent("missing_field", f"missing {missing}")
-    if not isinstance(body["features"], dict):
-        raise PoisonEvent("bad_field", "features is not an object")
-    try:
-        ts = datetime.fromisoformat(str(body["timestamp"])).timestamp()
-    except ValueError:
-        raise PoisonEvent("bad_field", f"timestamp is not ISO-8601: {body['timestamp']!r}") from None
-    features = {str(k): _number(v, f"features.{k}") for k, v in body["features"].items()}
-    label = body.get("label")
-    if label is not None and label not in (0, 1):
-        raise PoisonEvent("bad_field", f"label is not 0 or 1: {label!r}")
-    return PredictionEvent(str(body["model_name"]), str(body["model_version"]), ts, features,
-                           _number(body["prediction"], "prediction"), label)
+def decode_batch(raws: list[bytes | None]) -> tuple[list[EventView], list[int], list[tuple[int, PoisonEvent]]]:
+    """Events, their positions in ``raws``, and ``(position, poison)`` for the messages that are unusable."""
+    events, positions, errors = decode_views(raws)
+    poison = [(i, poison_from(exc)) for i, exc in errors]
+    if any(e.schema_version != SCHEMA_VERSION for e in events):  # rare: keep the common path a single pass
+        kept_events, kept_positions = [], []
+        for event, i in zip(events, positions, strict=True):
+            bad = check_version(event)
+            if bad is None:
+                kept_events.append(event)
+                kept_positions.append(i)
+            else:
+                poison.append((i, bad))
+        events, positions = kept_events, kept_positions
+    return events, positions, poison
+
+
+def parse(raw: bytes | None) -> EventView:
+    """One event, or :class:`PoisonEvent` with the reason it is unusable."""
+    events, _, poison = decode_batch([raw])
+    if poison:
+        raise poison[0][1]
+    return events[0]

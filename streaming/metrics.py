@@ -15,3 +15,13 @@ LATE_EVENTS = Counter("mlops_drift_late_events_total", "Events older than the wi
 ALERTS = Counter("mlops_drift_alerts_emitted_total", "Alerts published", ["severity", "status"])
 LAG = Gauge("mlops_drift_consumer_lag", "Messages behind the end of the partition", ["partition"])
 STATE_CELLS = Gauge("mlops_drift_state_cells", "Histogram cells held by this consumer (bounded by slots x bins)")
+
+# Health through outages: the consumer never dies on a broker or Redis outage; these say what it is waiting for.
+BROKER_CONNECTED = Gauge("mlops_drift_broker_connected", "1 while at least one Kafka broker connection is up")
+CHECKPOINT_STORE_UP = Gauge("mlops_drift_checkpoint_store_up", "1 while the last Redis checkpoint call succeeded")
+CHECKPOINT_FAILURES = Counter("mlops_drift_checkpoint_failures_total",
+                              "Checkpoints that could not be saved (Redis down, dead letters not yet acknowledged)")
+COMMIT_FAILURES = Counter("mlops_drift_commit_failures_total", "Kafka offset commits that failed (retried later)")
+PAUSED = Gauge("mlops_drift_paused", "1 while (some) partitions are paused: a checkpoint cannot be saved or loaded")
+ASSIGNED = Gauge("mlops_drift_assigned_partitions", "Partitions this consumer owns and reads")
+REBALANCES = Counter("mlops_drift_rebalances_total", "Partition assignments and revocations", ["kind"])

@@ -1,7 +1,16 @@
 """Durable consumer state in Redis: per-partition checkpoints and the shared alert state.
 
-A checkpoint holds a partition's window slots *and* the offset they reflect, written in one transaction,
-so a restarted (or rebalanced) consumer resumes exactly there: nothing lost, nothing counted twice.
+A checkpoint holds a partition's window slots *and* the offset they reflect, written atomically (one Lua
+script per poll for every touched partition), so a restarted or rebalanced consumer resumes exactly there:
+nothing lost, nothing counted twice. Layout per partition, cheap to write every poll:
+
+- hash ``<prefix>:p:<partition>``: field ``meta`` = msgpack ``[offset, consumed, dead_lettered]``, and one
+  field ``s:<slot>`` per time slot (see :meth:`SlotHistograms.slot_blob`); a save writes only the slots
+  that changed and deletes the ones that expired;
+- ``<prefix>:owner:<partition>``: the owner epoch. Taking a partition over increments it, and a save
+  from any other epoch is refused, so a consumer that lost a partition without noticing (a zombie) can
+  never overwrite its new owner's checkpoint.
+
 The alert state per (model, version, feature) is shared by all consumers of the group and changed with
 a compare-and-set, so one state change makes one alert however many consumers see it.
 """
@@ -11,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import msgspec
 import redis
 
 from streaming.window import SlotHistograms
@@ -22,6 +32,32 @@ redis.call('SET', KEYS[1], ARGV[1])
 return current
 """
 
+# KEYS: the partitions set, then (checkpoint hash, owner key) per partition.
+# ARGV per partition: partition, epoch, n fields to set, n fields to delete, field/value pairs, fields.
+SAVE_SCRIPT = """
+local fenced = {}
+local a = 1
+for k = 1, (#KEYS - 1) / 2 do
+  local hkey, okey = KEYS[2 * k], KEYS[2 * k + 1]
+  local part, epoch = ARGV[a], ARGV[a + 1]
+  local nset, ndel = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  a = a + 4
+  if redis.call('GET', okey) ~= epoch then
+    table.insert(fenced, part)
+  else
+    if nset > 0 then redis.call('HSET', hkey, unpack(ARGV, a, a + 2 * nset - 1)) end
+    if ndel > 0 then redis.call('HDEL', hkey, unpack(ARGV, a + 2 * nset, a + 2 * nset + ndel - 1)) end
+    redis.call('SADD', KEYS[1], part)
+  end
+  a = a + 2 * nset + ndel
+end
+return fenced
+"""
+
+META = b"meta"
+_meta_encoder = msgspec.msgpack.Encoder()
+_meta_decoder = msgspec.msgpack.Decoder(tuple[int, int, int])
+
 
 @dataclass
 class PartitionCheckpoint:
@@ -29,6 +65,7 @@ class PartitionCheckpoint:
     consumed: int  # events reflected in the windows (valid ones)
     dead_lettered: int
     windows: SlotHistograms
+    epoch: int = 0  # owner epoch this consumer holds (not stored with the checkpoint)
 
     def to_json(self) -> str:
         return json.dumps({"offset": self.offset, "consumed": self.consumed, "dead_lettered": self.dead_lettered,
@@ -40,34 +77,104 @@ class PartitionCheckpoint:
         return cls(int(body["offset"]), int(body["consumed"]), int(body.get("dead_lettered", 0)),
                    SlotHistograms.from_json(body["windows"]))
 
+    @classmethod
+    def from_hash(cls, fields: dict[bytes, bytes]) -> PartitionCheckpoint | None:
+        if META not in fields:
+            return None
+        offset, consumed, dead = _meta_decoder.decode(fields[META])
+        blobs = {int(k[2:]): v for k, v in fields.items() if k.startswith(b"s:")}
+        return cls(offset, consumed, dead, SlotHistograms.from_blobs(blobs))
+
 
 class StateStore:
     def __init__(self, client: redis.Redis, group: str, topic: str) -> None:
         self.client = client
         self.prefix = f"mlops:drift:{group}:{topic}"
         self._cas = client.register_script(CAS_SCRIPT)
+        self._save = client.register_script(SAVE_SCRIPT)
 
-    def _ckpt_key(self, partition: int) -> str:
+    def _hash_key(self, partition: int) -> str:
+        return f"{self.prefix}:p:{partition}"
+
+    def _owner_key(self, partition: int) -> str:
+        return f"{self.prefix}:owner:{partition}"
+
+    def _legacy_key(self, partition: int) -> str:
         return f"{self.prefix}:ckpt:{partition}"
 
     def _alert_key(self, model: str, version: str, column: str) -> str:
         return f"{self.prefix}:alert:{model}:{version}:{column}"
 
-    def save(self, checkpoints: dict[int, PartitionCheckpoint]) -> None:
-        if not checkpoints:
-            return
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def claim(self, partition: int) -> tuple[int, PartitionCheckpoint | None]:
+        """Take a partition over: a new owner epoch (fencing out the previous owner) and its checkpoint."""
         with self.client.pipeline(transaction=True) as pipe:
-            for partition, ckpt in checkpoints.items():
-                pipe.set(self._ckpt_key(partition), ckpt.to_json())
-            pipe.execute()
+            pipe.incr(self._owner_key(partition))
+            pipe.hgetall(self._hash_key(partition))
+            pipe.get(self._legacy_key(partition))
+            epoch, fields, legacy = pipe.execute()
+        ckpt = PartitionCheckpoint.from_hash(fields)
+        if ckpt is None and legacy:
+            ckpt = PartitionCheckpoint.from_json(legacy)
+            ckpt.windows.mark_all_dirty()  # the first save writes it in the new layout
+        if ckpt is not None:
+            ckpt.epoch = int(epoch)
+        return int(epoch), ckpt
+
+    def save(self, checkpoints: dict[int, PartitionCheckpoint]) -> list[int]:
+        """Write the changed slots and offsets of these partitions atomically; returns the partitions whose
+        epoch was taken over by another consumer (nothing written for those). Raises ``redis.RedisError``."""
+        keys: list[str] = [f"{self.prefix}:partitions"]
+        args: list[bytes | str | int] = []
+        written = {}
+        for partition, ckpt in checkpoints.items():
+            if ckpt.offset is None:
+                continue
+            windows = ckpt.windows
+            dirty, dropped = set(windows.dirty), set(windows.dropped)
+            fields: list[bytes | str] = [META, _meta_encoder.encode((ckpt.offset, ckpt.consumed, ckpt.dead_lettered))]
+            for slot in dirty:
+                fields += [f"s:{slot}", windows.slot_blob(slot)]
+            keys += [self._hash_key(partition), self._owner_key(partition)]
+            args += [partition, ckpt.epoch, len(fields) // 2, len(dropped), *fields, *(f"s:{s}" for s in dropped)]
+            written[partition] = (dirty, dropped)
+        if not written:
+            return []
+        fenced = {int(p) for p in self._save(keys=keys, args=args)}
+        for partition, (dirty, dropped) in written.items():
+            if partition not in fenced:
+                checkpoints[partition].windows.mark_saved(dirty, dropped)
+        return sorted(fenced)
+
+    def ping(self) -> list[int]:
+        """Raises ``redis.RedisError`` while Redis is unreachable (nothing fenced: returns [])."""
+        self.client.ping()
+        return []
 
     def load(self, partition: int) -> PartitionCheckpoint | None:
-        raw = self.client.get(self._ckpt_key(partition))
-        return PartitionCheckpoint.from_json(raw) if raw else None
+        ckpt = PartitionCheckpoint.from_hash(self.client.hgetall(self._hash_key(partition)))
+        if ckpt is None:
+            legacy = self.client.get(self._legacy_key(partition))
+            ckpt = PartitionCheckpoint.from_json(legacy) if legacy else None
+        return ckpt
 
-    def load_all(self, partitions: list[int]) -> dict[int, PartitionCheckpoint]:
-        raws = self.client.mget([self._ckpt_key(p) for p in partitions]) if partitions else []
-        return {p: PartitionCheckpoint.from_json(raw) for p, raw in zip(partitions, raws, strict=True) if raw}
+    def partitions(self) -> list[int]:
+        return sorted(int(p) for p in self.client.smembers(f"{self.prefix}:partitions"))
+
+    def load_all(self, partitions: list[int] | None = None) -> dict[int, PartitionCheckpoint]:
+        """Checkpoints of these partitions (default: every partition ever saved for this group and topic)."""
+        partitions = self.partitions() if partitions is None else partitions
+        if not partitions:
+            return {}
+        with self.client.pipeline(transaction=False) as pipe:
+            for p in partitions:
+                pipe.hgetall(self._hash_key(p))
+            hashes = pipe.execute()
+        loaded = {p: PartitionCheckpoint.from_hash(h) for p, h in zip(partitions, hashes, strict=True)}
+        return {p: c for p, c in loaded.items() if c is not None}
+
+    # -- alert state ------------------------------------------------------------------------------
 
     def alert_state(self, model: str, version: str, column: str) -> str:
         raw = self.client.get(self._alert_key(model, version, column))

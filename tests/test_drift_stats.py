@@ -105,7 +105,7 @@ def test_memory_is_bounded_whatever_the_traffic():
         h.add(("m", "v1", "x"), second, rng.integers(0, 41, 200), 41)
         h.expire(spec.first_slot(second))
     assert h.cells() <= spec.n_slots * 41
-    assert len(json.dumps(h.to_json())) < 10_000
+    assert sum(len(h.slot_blob(s)) for s in h.slot_numbers()) < 10_000
 
 
 def test_rules_escalate_hold_in_hysteresis_band_and_resolve():
@@ -136,7 +136,7 @@ def test_rules_file(tmp_path):
         RuleSet.load(tmp_path / "missing.yaml")
 
 
-GOOD = {"model_name": "m", "model_version": "v1", "timestamp": "2026-11-23T07:00:00+00:00",
+GOOD = {"request_id": "r1", "model_name": "m", "model_version": "v1", "timestamp": "2026-11-23T07:00:00+00:00",
         "features": {"x": 1.0}, "prediction": 0.3, "label": 0}
 
 
@@ -149,6 +149,9 @@ GOOD = {"model_name": "m", "model_version": "v1", "timestamp": "2026-11-23T07:00
     (json.dumps({**GOOD, "features": {"x": None}}).encode(), "bad_field"),
     (json.dumps({**GOOD, "timestamp": "yesterday"}).encode(), "bad_field"),
     (json.dumps({**GOOD, "label": 7}).encode(), "bad_field"),
+    (json.dumps({**GOOD, "features": {"x": True}}).encode(), "bad_field"),
+    (json.dumps({**GOOD, "schema_version": 99}).encode(), "unsupported_schema_version"),
+    (b"", "bad_json"),
 ])
 def test_poison_events_have_reasons(raw, reason):
     with pytest.raises(PoisonEvent) as info:
@@ -156,6 +159,62 @@ def test_poison_events_have_reasons(raw, reason):
     assert info.value.reason == reason
 
 
-def test_good_event_parses():
+def test_good_event_parses_and_version_defaults_to_1():
     event = parse(json.dumps(GOOD).encode())
-    assert event.value("x") == 1.0 and event.value("prediction") == 0.3 and event.value("label") == 0
+    assert event.features == {"x": 1.0} and event.prediction == 0.3 and event.label == 0
+    assert event.schema_version == 1 and event.timestamp.timestamp() == 1795417200.0
+
+
+def _wire(ts: float, x: float, label: int | None = 0, version: str = "v1", **extra) -> bytes:
+    from datetime import UTC, datetime
+
+    from mlops.events import PredictionEvent, encode
+
+    event = PredictionEvent(request_id=f"r{ts}-{x}", timestamp=datetime.fromtimestamp(ts, UTC), model_name="m",
+                            model_version=version, features={"x": x, **extra}, prediction=x / 100, label=label)
+    return encode(event)
+
+
+def test_absorb_bins_a_batch_like_one_event_at_a_time_and_poison_spares_its_neighbours():
+    from streaming.absorb import Absorber
+    from streaming.state_store import PartitionCheckpoint
+
+    rng = np.random.default_rng(6)
+    profile = build_profile("m", "v1", {"x": rng.normal(50, 10, 5_000)}, rng.random(5_000))
+    spec = WindowSpec(slot_seconds=10, window_seconds=100)
+    now = 1_000_000.0
+    values = rng.normal(50, 15, 400)
+    times = now - rng.uniform(0, 30, 400)  # four slots
+    raws: list[bytes | None] = [_wire(float(t), float(v), label=None if k % 7 == 0 else int(v > 50))
+                                for k, (t, v) in enumerate(zip(times, values, strict=True))]
+    parts = [k % 2 for k in range(400)]
+    bad = {3: (b"{oops", "bad_json"), 50: (None, "bad_json"), 51: (_wire(now, 1.0, version="v9"),
+           "unknown_model_version"), 52: (b'{"request_id": "r"}', "missing_field"),
+           53: (_wire(now, 1.0).replace(b'"x":1.0', b'"y":1.0'), "missing_field"), 399: (b"[]", "bad_json")}
+    for k, (raw, _) in bad.items():
+        raws[k] = raw
+    states = {p: PartitionCheckpoint(0, 0, 0, SlotHistograms()) for p in (0, 1)}
+    poison = Absorber(lambda name, version: profile if version == "v1" else None, spec).absorb(
+        raws, parts, states, now)
+    assert sorted((k, e.reason) for k, e in poison) == sorted((k, reason) for k, (_, reason) in bad.items())
+    good = [k for k in range(400) if k not in bad]
+    for p in (0, 1):
+        mine = [k for k in good if parts[k] == p]
+        assert states[p].consumed == len(mine)
+        for slot, counts in states[p].windows.slots[("m", "v1", "x")].items():
+            in_slot = [k for k in mine if spec.slot_of(times[k]) == slot]
+            assert counts.tolist() == stats.histogram(profile.columns["x"].edges, values[in_slot]).tolist()
+        labels = sum(states[p].windows.slots[("m", "v1", "label")].values())
+        expected = [int(values[k] / 100 >= 0.5) if k % 7 == 0 else int(values[k] > 50) for k in mine]
+        assert labels.tolist() == [expected.count(0), expected.count(1), 0]
+        assert states[p].windows.dirty == set(states[p].windows.slot_numbers())
+
+
+def test_checkpoint_slot_blobs_round_trip():
+    h = SlotHistograms()
+    h.add(("m", "v1", "x"), 5, np.array([0, 2, 2]), 4)
+    h.add(("m", "v1", "label"), 5, np.array([1]), 3)
+    h.add(("m", "v1", "x"), 6, np.array([3]), 4)
+    again = SlotHistograms.from_blobs({s: h.slot_blob(s) for s in h.slot_numbers()})
+    assert {k: {s: c.tolist() for s, c in v.items()} for k, v in again.slots.items()} == \
+        {k: {s: c.tolist() for s, c in v.items()} for k, v in h.slots.items()}

@@ -4,102 +4,39 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import redis
-from kafka import KafkaConsumer, KafkaProducer
 
-from lifecycle import data as datamod
-from lifecycle import model_store
-from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import MODEL_FEATURES, STORE_FEATURES
-from streaming.state_store import StateStore
+from streaming.state_store import PartitionCheckpoint, StateStore
+from streaming.window import SlotHistograms
+from tests.drift_support import (
+    SHIFTED,
+    WINDOW_ARGS,
+    TopicReader,
+    Topics,
+    consumed,
+    firing,
+    make_events,
+    new_topics,
+    produce,
+    producer,
+    sample_rows,
+    wait_assigned,
+    wait_consumed,
+)
 from tests.harness import Workspace, metric_value, start_consumer, start_server
-from tools.services import create_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-WINDOW_ARGS = ("--slot-seconds", "1", "--window-seconds", "120", "--max-events", "600")
-SHIFTED = "transaction_amount"
-
-
-@dataclass
-class Topics:
-    predictions: str
-    alerts: str
-    dlq: str
-    group: str
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"MLOPS_PREDICTIONS_TOPIC": self.predictions, "MLOPS_ALERTS_TOPIC": self.alerts,
-                "MLOPS_DLQ_TOPIC": self.dlq, "MLOPS_DRIFT_EVAL_INTERVAL_S": "0.5"}
 
 
 @pytest.fixture
 def topics(workspace: Workspace) -> Topics:
-    suffix = uuid.uuid4().hex[:8]
-    t = Topics(f"predictions-{suffix}", f"alerts-{suffix}", f"dlq-{suffix}", f"drift-{suffix}")
-    create_topics(workspace.settings.kafka_bootstrap, {t.predictions: 3, t.alerts: 1, t.dlq: 1})
-    return t
-
-
-class TopicReader:
-    """Everything that arrived on a topic so far, read by a real consumer."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                                      auto_offset_reset="earliest")
-        self.messages: list[dict] = []
-
-    def poll(self, seconds: float = 0.5) -> list[dict]:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            for records in self.consumer.poll(timeout_ms=100).values():
-                self.messages.extend(json.loads(r.value) for r in records)
-        return self.messages
-
-    def wait_for(self, predicate, timeout: float, what: str) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for message in self.poll(0.3):
-                if predicate(message):
-                    return message
-        pytest.fail(f"timed out waiting for {what}; got {self.messages}")
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
-def consumed(ws: Workspace, topics: Topics) -> int:
-    store = StateStore(redis.Redis(port=ws.settings.redis_port), topics.group, topics.predictions)
-    return sum(c.consumed for c in store.load_all([0, 1, 2]).values())
-
-
-def wait_consumed(ws: Workspace, topics: Topics, n: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if consumed(ws, topics) >= n:
-            return
-        time.sleep(0.3)
-    pytest.fail(f"consumer reflected {consumed(ws, topics)} of {n} events within {timeout}s")
-
-
-def sample_rows(ws: Workspace, n: int, seed: int, amount_factor: float = 1.0) -> list[dict]:
-    frame = datamod.training_frame(ws.dataset).sample(n, replace=True, random_state=seed)
-    frame = frame.assign(transaction_amount=frame["transaction_amount"] * amount_factor)
-    return frame.to_dict("records")
-
-
-def firing(alerts: list[dict], feature: str) -> list[dict]:
-    """Alerts that entered the drifted state (escalations warning -> critical are separate messages)."""
-    return [a for a in alerts if a["feature"] == feature and a["status"] == "firing" and a["previous_severity"] == "ok"]
+    return new_topics(workspace)
 
 
 def test_serving_traffic_shift_alerts_once_then_resolves(workspace, topics):
@@ -149,35 +86,6 @@ def test_serving_traffic_shift_alerts_once_then_resolves(workspace, topics):
     assert consumer.process.returncode == 0, consumer.log()[-3000:]
 
 
-def make_events(ws: Workspace, n: int, seed: int, amount_factor: float = 1.0) -> list[dict]:
-    """Prediction events as the service writes them, scored by the stored ONNX model."""
-    rows = sample_rows(ws, n, seed, amount_factor)
-    x = np.array([[r[f] for f in MODEL_FEATURES] for r in rows], dtype=np.float32)
-    session = ort.InferenceSession(str(model_store.load("fraud_detector", "v1").onnx_path))
-    scores = positive_proba(session.run(None, {INPUT_NAME: x}))
-    return [{"request_id": uuid.uuid4().hex, "model_name": "fraud_detector", "model_version": "v1",
-             "customer_id": r["customer_id"], "features": {f: float(r[f]) for f in MODEL_FEATURES},
-             "prediction": float(s), "label": int(s >= 0.5), "latency_ms": 1.0}
-            for r, s in zip(rows, scores, strict=True)]
-
-
-def produce(ws: Workspace, topic: str, events: list[dict], chunk: int = 250, pause: float = 0.0) -> None:
-    producer = KafkaProducer(bootstrap_servers=ws.settings.kafka_bootstrap, acks="all")
-    for i in range(0, len(events), chunk):
-        for event in events[i:i + chunk]:
-            stamped = {**event, "timestamp": datetime.now(UTC).isoformat()}
-            producer.send(topic, key=event["customer_id"].encode(), value=json.dumps(stamped).encode())
-        producer.flush()
-        time.sleep(pause)
-    producer.close()
-
-
-def wait_assigned(*consumers, timeout: float = 60) -> None:
-    for c in consumers:
-        if not c.wait_assigned(timeout):
-            pytest.fail(f"consumer never got partitions:\n{c.log()[-2000:]}")
-
-
 def test_killed_consumer_resumes_without_losing_or_double_counting(workspace, topics):
     events = make_events(workspace, 1500, seed=4) + make_events(workspace, 1500, seed=5, amount_factor=4.0)
     first = start_consumer(workspace, topics.env, "--group", topics.group, *WINDOW_ARGS)
@@ -215,13 +123,13 @@ def test_poison_messages_go_to_the_dead_letter_topic(workspace, topics):
         unknown = {**good[0], "model_version": "v999"}
         missing = {k: v for k, v in good[1].items() if k != "prediction"}
         lacking = {**good[2], "features": {f: 1.0 for f in STORE_FEATURES}}
-        producer = KafkaProducer(bootstrap_servers=workspace.settings.kafka_bootstrap, acks="all")
+        poison = producer(workspace)
         now = datetime.now(UTC).isoformat()
         for raw in (b"{oops", json.dumps({**unknown, "timestamp": now}).encode(),
                     json.dumps({**missing, "timestamp": now}).encode(),
                     json.dumps({**lacking, "timestamp": now}).encode()):
-            producer.send(topics.predictions, raw)
-        producer.close()
+            poison.produce(topics.predictions, raw)
+        assert poison.flush(30) == 0
         produce(workspace, topics.predictions, good)
         wait_consumed(workspace, topics, 50)
         deadline = time.monotonic() + 30
@@ -260,3 +168,38 @@ def test_two_consumers_share_partitions_and_alert_once(workspace, topics):
         alerts.close()
         a.stop()
         b.stop()
+
+
+def test_checkpoints_are_incremental_atomic_and_fenced(workspace):
+    """Real Redis: a save writes only changed/expired slots with the offset; a taken-over owner is refused."""
+    client = redis.Redis(port=workspace.settings.redis_port)
+    store = StateStore(client, f"g-{time.monotonic_ns()}", "t")
+    epoch, ckpt = store.claim(0)
+    assert ckpt is None and epoch == 1
+    windows = SlotHistograms()
+    for slot in (100, 101):
+        windows.add(("m", "v1", "x"), slot, np.array([0, 1, 1]), 3)
+    mine = PartitionCheckpoint(offset=10, consumed=6, dead_lettered=1, windows=windows, epoch=epoch)
+    assert store.save({0: mine}) == [] and not windows.dirty
+    windows.add(("m", "v1", "x"), 102, np.array([2]), 3)
+    windows.expire(101)
+    mine.offset, mine.consumed = 11, 7
+    assert store.save({0: mine}) == []
+    assert sorted(client.hkeys(f"{store.prefix}:p:0")) == [b"meta", b"s:101", b"s:102"]
+    loaded = store.load(0)
+    assert (loaded.offset, loaded.consumed, loaded.dead_lettered) == (11, 7, 1)
+    assert {s: c.tolist() for s, c in loaded.windows.slots[("m", "v1", "x")].items()} == {101: [1, 2, 0],
+                                                                                         102: [0, 0, 1]}
+    epoch2, taken = store.claim(0)  # another consumer takes the partition over
+    assert epoch2 == 2 and taken.consumed == 7
+    mine.consumed = 99
+    windows.add(("m", "v1", "x"), 102, np.array([2]), 3)
+    assert store.save({0: mine}) == [0], "a fenced owner's save must be refused"
+    assert store.load(0).consumed == 7
+    assert store.partitions() == [0] and list(store.load_all()) == [0]
+    legacy = PartitionCheckpoint(offset=5, consumed=5, dead_lettered=0, windows=SlotHistograms())
+    legacy.windows.add(("m", "v1", "x"), 7, np.array([0, 0]), 3)
+    client.set(f"{store.prefix}:ckpt:1", legacy.to_json())  # written by the first (JSON) checkpoint format
+    _, upgraded = store.claim(1)
+    assert upgraded.offset == 5 and upgraded.windows.dirty == {7}
+    assert store.save({1: upgraded}) == [] and store.load(1).windows.slots[("m", "v1", "x")][7].tolist() == [2, 0, 0]

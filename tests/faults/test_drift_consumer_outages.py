@@ -1,0 +1,187 @@
+"""The drift consumer through outages, on the real broker and Redis: kill -9 Kafka for a minute, kill -9 Redis,
+SIGKILL the consumer, each while events keep coming. Each time the consumer (the one not killed) survives,
+and once everything is back every acknowledged event is counted exactly once (per partition, in the
+checkpoint's counter and in its window histograms) and the drift alert fired exactly once."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.drift_support import (
+    PARTITIONS,
+    SHIFTED,
+    Feeder,
+    TopicReader,
+    Topics,
+    checkpoints,
+    consumed,
+    firing,
+    make_events,
+    new_topics,
+    wait_assigned,
+    wait_consumed,
+)
+from tests.harness import Workspace, metric_value, start_consumer
+from tools import services as svc
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
+
+# A window long enough to keep every event of a test in the stored slots, so the histograms can be summed
+# against the number produced; min_samples 500 and amounts x4: the alert fires once early in each test.
+ARGS = ("--slot-seconds", "1", "--window-seconds", "900", "--max-events", "600")
+ENV = {"MLOPS_DRIFT_BACKOFF_MAX_S": "1", "MLOPS_DRIFT_BATCH_SIZE": "2000"}
+RATE = 150.0  # events/s from the feeder
+
+
+@pytest.fixture
+def topics(workspace: Workspace) -> Topics:
+    return new_topics(workspace)
+
+
+@pytest.fixture(scope="module")
+def shifted_events(workspace: Workspace) -> list[dict]:
+    return make_events(workspace, 1500, seed=11, amount_factor=4.0)
+
+
+def metrics_of(consumer) -> str:
+    return httpx.get(f"http://127.0.0.1:{consumer.metrics_port}/metrics", timeout=5).text
+
+
+def wait_metric(consumer, name: str, predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate(metric_value(metrics_of(consumer), name)):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{what}: {name} = {metric_value(metrics_of(consumer), name)}\n{consumer.log()[-3000:]}")
+
+
+def assert_exactly_once(ws: Workspace, topics: Topics, feeder: Feeder, timeout: float = 120) -> None:
+    """Every acknowledged event is in the topic once, and each partition's checkpoint reflects exactly its
+    events: the counter, the offset and the sum of the window histograms."""
+    assert not feeder.failed, f"{len(feeder.failed)} events failed delivery"
+    delivered = set(feeder.delivered)
+    assert len(delivered) == len(feeder.delivered) == len(feeder.sent)
+    wait_consumed(ws, topics, len(delivered), timeout=timeout)
+    time.sleep(2)  # a double count would show up as more, a little later
+    reader = TopicReader(ws.settings.kafka_bootstrap, topics.predictions, PARTITIONS)
+    try:
+        deadline = time.monotonic() + 60
+        while len(reader.messages) < len(delivered) and time.monotonic() < deadline:
+            reader.poll(0.5)
+    finally:
+        reader.close()
+    in_topic = [m["request_id"] for m in reader.messages]
+    assert len(in_topic) == len(set(in_topic)) and set(in_topic) == delivered
+    ckpts = checkpoints(ws, topics)
+    for p in range(PARTITIONS):
+        n = len(reader.by_partition[p])
+        ckpt = ckpts[p]
+        window_total = int(sum(c.sum() for c in ckpt.windows.slots[("fraud_detector", "v1", SHIFTED)].values()))
+        assert (ckpt.consumed, ckpt.offset, window_total) == (n, n, n), f"partition {p}"
+    assert consumed(ws, topics) == len(delivered)
+
+
+def assert_one_alert(ws: Workspace, topics: Topics) -> None:
+    alerts = TopicReader(ws.settings.kafka_bootstrap, topics.alerts)
+    try:
+        alerts.wait_for(lambda a: a["feature"] == SHIFTED and a["status"] == "firing", 30, "firing alert")
+        alerts.poll(2.0)
+    finally:
+        alerts.close()
+    seen = [(a["feature"], a["status"], a["previous_severity"], a["severity"]) for a in alerts.messages]
+    assert len(firing(alerts.messages, SHIFTED)) == 1, seen
+    assert not [a for a in alerts.messages if a["feature"] == SHIFTED and a["status"] == "resolved"], seen
+    for feature in {a["feature"] for a in alerts.messages}:  # no alert twice: each one leaves the last state
+        states = ["ok"] + [a["severity"] for a in alerts.messages if a["feature"] == feature]
+        previous = [a["previous_severity"] for a in alerts.messages if a["feature"] == feature]
+        assert previous == states[:-1] and all(a != b for a, b in zip(states, states[1:], strict=False)), seen
+
+
+def test_broker_killed_for_a_minute(workspace, services, topics, shifted_events):
+    run_dir, _ = services
+    consumer = start_consumer(workspace, {**topics.env, **ENV}, "--group", topics.group, *ARGS)
+    try:
+        wait_assigned(consumer)
+        with Feeder(workspace, topics.predictions, shifted_events, RATE) as feeder:
+            wait_consumed(workspace, topics, 700)  # past min_samples: the alert fires before the outage
+            svc.down(run_dir, only="kafka", kill=True)
+            down_at = time.monotonic()
+            wait_metric(consumer, "mlops_drift_broker_connected", lambda v: v == 0, 30, "outage not noticed")
+            time.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
+            assert consumer.process.poll() is None, consumer.log()[-3000:]
+            svc.up(run_dir, only="kafka")
+            wait_metric(consumer, "mlops_drift_broker_connected", lambda v: v == 1, 60, "no reconnect")
+            time.sleep(3)  # events keep coming after the restart
+        assert_exactly_once(workspace, topics, feeder)
+        assert_one_alert(workspace, topics)
+        assert consumer.process.poll() is None, "the consumer died during the broker outage"
+    finally:
+        svc.up(run_dir)  # whatever happened, leave the session's services running
+        consumer.stop()
+    assert consumer.process.returncode == 0, consumer.log()[-3000:]
+
+
+def test_redis_killed_and_restarted_with_a_rebalance_meanwhile(workspace, services, topics, shifted_events):
+    """Redis dies; a second consumer joins while it is down, so partitions change hands with no checkpoint to
+    save or load: both wait, paused, and resume exactly from the checkpoints once Redis is back."""
+    run_dir, _ = services
+    consumer = start_consumer(workspace, {**topics.env, **ENV}, "--group", topics.group, *ARGS)
+    joiner = None
+    try:
+        wait_assigned(consumer)
+        with Feeder(workspace, topics.predictions, shifted_events, RATE) as feeder:
+            wait_consumed(workspace, topics, 700)
+            svc.down(run_dir, only="redis", kill=True)
+            wait_metric(consumer, "mlops_drift_paused", lambda v: v == 1, 30, "did not stop advancing")
+            failures = metric_value(metrics_of(consumer), "mlops_drift_checkpoint_failures_total")
+            assert failures >= 1 and metric_value(metrics_of(consumer), "mlops_drift_checkpoint_store_up") == 0
+            joiner = start_consumer(workspace, {**topics.env, **ENV}, "--group", topics.group, *ARGS)
+            wait_assigned(joiner)
+            assert "waiting for Redis" in joiner.log(), joiner.log()[-3000:]
+            time.sleep(2)
+            assert consumer.process.poll() is None, consumer.log()[-3000:]
+            svc.up(run_dir, only="redis")
+            for c in (consumer, joiner):
+                wait_metric(c, "mlops_drift_paused", lambda v: v == 0, 30, "did not resume")
+            time.sleep(2)
+        assert_exactly_once(workspace, topics, feeder)
+        assert_one_alert(workspace, topics)
+        assert consumer.process.poll() is None, "the consumer died during the Redis outage"
+        assert joiner.process.poll() is None, "the joining consumer died during the Redis outage"
+        done = [metric_value(metrics_of(c), "mlops_drift_events_consumed_total") for c in (consumer, joiner)]
+        assert min(done) > 0, done  # both read part of the stream
+    finally:
+        svc.up(run_dir)
+        consumer.stop()
+        if joiner is not None:
+            joiner.stop()
+    assert consumer.process.returncode == 0, consumer.log()[-3000:]
+    assert joiner.process.returncode == 0, joiner.log()[-3000:]
+
+
+def test_consumer_killed_and_restarted(workspace, topics, shifted_events):
+    first = start_consumer(workspace, {**topics.env, **ENV}, "--group", topics.group, *ARGS)
+    second = None
+    try:
+        wait_assigned(first)
+        with Feeder(workspace, topics.predictions, shifted_events, RATE) as feeder:
+            wait_consumed(workspace, topics, 700)
+            first.kill()  # SIGKILL mid-stream: no last checkpoint, no commit, no leaving the group
+            at_kill = consumed(workspace, topics)
+            time.sleep(2)
+            second = start_consumer(workspace, {**topics.env, **ENV}, "--group", topics.group, *ARGS)
+            wait_assigned(second)
+            time.sleep(2)
+        assert 700 <= at_kill < len(feeder.delivered)
+        assert_exactly_once(workspace, topics, feeder)
+        assert_one_alert(workspace, topics)
+        assert second.process.poll() is None, second.log()[-3000:]
+    finally:
+        first.kill()
+        if second is not None:
+            second.stop()
+    assert second.process.returncode == 0, second.log()[-3000:]
