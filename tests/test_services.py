@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 import redis
-from kafka import KafkaProducer
+from confluent_kafka import Producer
 
 from tools import services as svc
 from tools.kafka_read import read_events
@@ -35,9 +35,9 @@ def test_kafka_round_trip_and_topics(services):
     _, state = services
     bootstrap = f"127.0.0.1:{state['kafka']['port']}"
     marker = uuid.uuid4().hex
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    producer.send("predictions", json.dumps({"request_id": marker}).encode()).get(timeout=30)
-    producer.close()
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    producer.produce("predictions", json.dumps({"request_id": marker}).encode())
+    assert producer.flush(30) == 0
     events = read_events(bootstrap, "predictions", {marker}, settle=0.5)
     assert [e["request_id"] for e in events] == [marker]
 
