@@ -84,7 +84,8 @@ def test_serving_deployment_rolls_without_losing_capacity_and_drains(rendered):
     spec = deployment["spec"]
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     c = container(deployment)
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # readiness through the standard gRPC health service, which follows /readyz (tests/test_grpc.py)
+    assert c["readinessProbe"]["grpc"] == {"port": 3001, "service": "mlops.fraud.v1.FraudDetector"}
     assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert c["startupProbe"]["httpGet"]["path"] == "/livez"
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
