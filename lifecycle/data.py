@@ -1,7 +1,11 @@
-"""Seeded synthetic fraud data: customer profiles for Feast and labelled transactions for training.
+"""Seeded synthetic fraud data: a history of customer stats for Feast and labelled transactions for training.
 
-Feature values depend only on the seed; timestamps are laid out behind ``as_of`` so that Feast's
-materialization window (ttl one day) always covers them.
+``customer_stats`` is a feature table as a real one looks: several snapshots per customer over two days
+(purchases, the usual order value and recency vary around the customer's own level). Each transaction's label depends on
+the stats *as they were when it happened*, so a training set must be joined point-in-time
+(:func:`training_frame` here, Feast's ``get_historical_features`` in the pipeline): joining the latest stats
+would leak the future into the past. Values depend only on the seed; timestamps are laid out behind
+``as_of`` so that Feast's materialization window always covers the latest snapshot.
 """
 
 from __future__ import annotations
@@ -18,12 +22,22 @@ from mlops.schema import ENTITY, LABEL, STORE_FEATURES, TIMESTAMP
 
 CUSTOMERS_FILE = "customer_stats.parquet"
 TRANSACTIONS_FILE = "transactions.parquet"
+# The feature view's ttl (feature_repo/features.py): a snapshot older than this does not describe an event.
+FEATURE_TTL = timedelta(days=1)
+SNAPSHOTS = 4
+SNAPSHOT_GAP = timedelta(hours=16)  # + up to 6 h jitter: always below FEATURE_TTL
+JITTER_S = 6 * 3600
 
 
 @dataclass(frozen=True)
 class Dataset:
-    customers: pd.DataFrame
+    customers: pd.DataFrame  # the customer_stats history: several rows (snapshots) per customer
     transactions: pd.DataFrame
+
+    def latest_customers(self) -> pd.DataFrame:
+        """The newest snapshot per customer: what materialization puts in the online store."""
+        ordered = self.customers.sort_values(TIMESTAMP, kind="stable")
+        return ordered.groupby(ENTITY, sort=False).tail(1).sort_values(ENTITY).reset_index(drop=True)
 
 
 def customer_id(i: int) -> str:
@@ -31,54 +45,76 @@ def customer_id(i: int) -> str:
 
 
 def generate(
-    n_customers: int = 2_000, n_transactions: int = 40_000, seed: int = 42, as_of: datetime | None = None
+    n_customers: int = 2_000, n_transactions: int = 40_000, seed: int = 42, as_of: datetime | None = None,
+    snapshots: int = SNAPSHOTS,
 ) -> Dataset:
     rng = np.random.default_rng(seed)
     as_of = (as_of or datetime.now(UTC)).replace(microsecond=0)
+    ids = np.array([customer_id(i) for i in range(n_customers)])
 
-    total_purchases = rng.poisson(rng.lognormal(2.5, 0.8, n_customers)).astype(np.int64)
-    avg_order_value = np.round(rng.lognormal(4.0, 0.5, n_customers), 2)
-    days_since_last_order = np.round(rng.exponential(20.0, n_customers), 1)
-    lifetime_value = np.round(total_purchases * avg_order_value * rng.lognormal(0.0, 0.1, n_customers), 2)
-    customers = pd.DataFrame(
-        {
-            ENTITY: [customer_id(i) for i in range(n_customers)],
-            "total_purchases": total_purchases,
-            "avg_order_value": avg_order_value,
-            "days_since_last_order": days_since_last_order,
-            "lifetime_value": lifetime_value,
-            TIMESTAMP: [as_of - timedelta(seconds=int(s)) for s in rng.integers(60, 6 * 3600, n_customers)],
-        }
-    )
+    # Snapshot k of every customer (k = snapshots - 1 is the latest, a few hours before as_of). Each snapshot
+    # varies around the customer's own level, and the population is the same at every snapshot (stationary):
+    # the latest snapshots, which serving reads, look like the history training saw, so no drift is raised
+    # by the data set itself; yet any one transaction's stats are those of its time.
+    purchase_rate = rng.lognormal(2.5, 0.8, n_customers)
+    base_aov = rng.lognormal(4.0, 0.5, n_customers)
+    frames = []
+    for k in range(snapshots):
+        purchases = rng.poisson(purchase_rate).astype(np.int64)
+        aov = np.round(base_aov * rng.lognormal(0.0, 0.25, n_customers), 2)
+        age = SNAPSHOT_GAP * (snapshots - 1 - k)
+        frames.append(pd.DataFrame({
+            ENTITY: ids,
+            "total_purchases": purchases.astype(np.int64),
+            "avg_order_value": aov,
+            "days_since_last_order": np.round(rng.exponential(20.0, n_customers), 1),
+            "lifetime_value": np.round(purchases * aov * rng.lognormal(0.0, 0.1, n_customers), 2),
+            TIMESTAMP: [as_of - age - timedelta(seconds=int(s)) for s in rng.integers(60, JITTER_S, n_customers)],
+        }))
+    customers = pd.concat(frames, ignore_index=True)
 
+    # Transactions happen after each customer's first snapshot, over the last (snapshots - 1) gaps.
+    span_s = int((SNAPSHOT_GAP * (snapshots - 1)).total_seconds())
     who = rng.integers(0, n_customers, n_transactions)
-    aov = avg_order_value[who]
-    # Most transactions look like the customer's usual order; a minority are unusually large.
+    # Distinct seconds: Feast's offline join keeps one row per (entity, event time), as an event log would.
+    offsets = rng.choice(span_s, n_transactions, replace=n_transactions > span_s)
+    transactions = pd.DataFrame({
+        ENTITY: ids[who],
+        TIMESTAMP: [as_of - timedelta(seconds=int(s)) for s in offsets],
+    })
+    stats = point_in_time(transactions, customers)
+    # Most transactions look like the customer's usual order (at that time); a minority are unusually large.
     ratio = rng.lognormal(0.0, 0.45, n_transactions) * np.where(rng.random(n_transactions) < 0.1, 4.0, 1.0)
-    amount = np.round(aov * ratio, 2)
+    transactions["transaction_amount"] = np.round(stats["avg_order_value"].to_numpy() * ratio, 2)
     logit = (
-        -4.2
-        + 2.6 * np.log(ratio)
-        + 0.035 * days_since_last_order[who]
-        - 0.6 * np.log1p(total_purchases[who])
-        + 1.5
+        -2.7
+        + 3.2 * np.log(ratio)
+        + 0.035 * stats["days_since_last_order"].to_numpy()
+        - 0.6 * np.log1p(stats["total_purchases"].to_numpy())
     )
-    label = (rng.random(n_transactions) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
-    transactions = pd.DataFrame(
-        {
-            ENTITY: customers[ENTITY].to_numpy()[who],
-            "transaction_amount": amount,
-            LABEL: label,
-            TIMESTAMP: [as_of - timedelta(seconds=int(s)) for s in rng.integers(0, 6 * 3600, n_transactions)],
-        }
-    )
+    transactions[LABEL] = (rng.random(n_transactions) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+    transactions = transactions[[ENTITY, "transaction_amount", LABEL, TIMESTAMP]]
     return Dataset(customers=customers, transactions=transactions)
 
 
+def point_in_time(events: pd.DataFrame, history: pd.DataFrame, ttl: timedelta = FEATURE_TTL) -> pd.DataFrame:
+    """For each event (``customer_id``, ``event_timestamp``), the store features of the newest snapshot taken
+    at or before it and at most ``ttl`` older (NaN when none): Feast's point-in-time join, in pandas.
+
+    Rows keep the events' order and index."""
+    left = events[[ENTITY, TIMESTAMP]].assign(_row=np.arange(len(events))).sort_values(TIMESTAMP, kind="stable")
+    right = history[[ENTITY, *STORE_FEATURES, TIMESTAMP]].sort_values(TIMESTAMP, kind="stable")
+    joined = pd.merge_asof(left, right, on=TIMESTAMP, by=ENTITY, direction="backward", tolerance=pd.Timedelta(ttl),
+                           allow_exact_matches=True)
+    joined = joined.sort_values("_row")
+    return joined[list(STORE_FEATURES)].set_index(events.index)
+
+
 def training_frame(data: Dataset) -> pd.DataFrame:
-    """Transactions joined with their customer's stats (the stats are static within the data set)."""
-    stats = data.customers[[ENTITY, *STORE_FEATURES]]
-    return data.transactions.merge(stats, on=ENTITY, how="left", validate="many_to_one")
+    """Transactions with their customer's stats as of each transaction (point-in-time, never later)."""
+    stats = point_in_time(data.transactions, data.customers)
+    frame = pd.concat([data.transactions, stats], axis=1)
+    return frame.dropna(subset=list(STORE_FEATURES)).reset_index(drop=True)
 
 
 def write(data: Dataset, out_dir: Path) -> dict[str, Path]:

@@ -47,3 +47,35 @@ def check_parity(onnx_bytes: bytes, model, x: np.ndarray, tolerance: float = PAR
     if not np.isfinite(diff) or diff > tolerance:
         raise ParityError(f"ONNX export differs from sklearn by {diff:.3g} (> {tolerance:g}) on {len(x32)} rows")
     return diff
+
+
+class InvalidModelError(ValueError):
+    """A file offered as a model is not an ONNX model the service can serve."""
+
+
+def check_servable(onnx_bytes: bytes, n_features: int) -> None:
+    """The service's contract: an ONNX graph whose float input ``features`` takes ``n_features`` columns and
+    whose outputs give (label, probability of each of two classes) for a row. Raises :class:`InvalidModelError`."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(onnx_bytes)
+        session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # protobuf DecodeError, onnxruntime's own errors: all mean "not a model"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(f"not a loadable ONNX model ({first[:200]})") from None
+    del model
+    inputs = session.get_inputs()
+    if [i.name for i in inputs] != [INPUT_NAME]:
+        raise InvalidModelError(f"expected one input named {INPUT_NAME!r}, found {[i.name for i in inputs]}")
+    shape, kind = inputs[0].shape, inputs[0].type
+    if kind != "tensor(float)" or len(shape) != 2 or shape[1] != n_features:
+        raise InvalidModelError(f"input {INPUT_NAME!r} must be a float tensor [N, {n_features}], found {kind} {shape}")
+    try:
+        outputs = session.run(None, {INPUT_NAME: np.zeros((1, n_features), dtype=np.float32)})
+        proba = positive_proba(outputs)
+    except Exception as exc:
+        raise InvalidModelError(f"the model does not score a row of {n_features} features: "
+                                f"{str(exc).splitlines()[0][:200]}") from None
+    if proba.shape != (1,) or not np.isfinite(proba).all():
+        raise InvalidModelError("the model's second output must hold the probabilities of two classes per row")

@@ -1,51 +1,46 @@
-"""Model registry: versions, stages (None → Staging → Production → Archived), history, rollback.
+"""The model registry on MLflow's Model Registry: stages as aliases and tags, a lock, and a history.
 
-Artifacts live in BentoML's model store (``lifecycle.model_store``); the registry keeps their metadata and
-stages in SQLite. SQLite because a stage change must be one atomic transaction and the store must survive
-restarts, with nothing to operate: ``BEGIN IMMEDIATE`` serialises writers across processes, and a partial
-unique index makes two Production versions of one model impossible even if a writer misbehaves. Point
-``MLOPS_REGISTRY_PATH`` at a shared volume for several writers on one host; a multi-host deployment needs a
-shared SQL server instead (the schema is plain SQL).
+MLflow deprecated stages (2.9) in favour of aliases, and keeps no history of them. Our guarantees on top:
+
+- **Stage** (None → Staging → Production → Archived) is the model version tag ``stage``; the alias
+  ``production`` always names the one Production version and ``staging`` the newest Staging one, so
+  ``models:/fraud_detector@production`` is what serves. An alias names one version by construction.
+- **One step.** A stage change (promote, archive, rollback) reads and writes several tags and aliases, so it
+  runs under a registry-wide lock that every host shares: a registered model named ``<name>.lock``, created
+  to take it and deleted to release it. Creating a registered model is atomic in MLflow's database (unique
+  name) on SQLite and PostgreSQL alike, so concurrent promoters, on any host, queue. A lock left by a crashed
+  process expires after ``LOCK_TTL_S``.
+- **History.** Every stage change is an MLflow run in the experiment ``model-registry-history`` (tags:
+  model, version, from, to, reason, time): it survives restarts, is shared by every host and is browsable in
+  the MLflow UI. Rollback finds "the previous Production" there.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
+import os
+import random
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
+
+from mlflow.entities.model_registry import ModelVersion as MlflowVersion
+from mlflow.exceptions import MlflowException
+
+from lifecycle import model_store
+from lifecycle.tracking import HISTORY_EXPERIMENT, Backend
+from mlops.settings import Settings
 
 STAGES = ("None", "Staging", "Production", "Archived")
 STAGE_ALIASES = {s.lower(): s for s in STAGES}
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS model_versions (
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    stage TEXT NOT NULL DEFAULT 'None' CHECK (stage IN ('None', 'Staging', 'Production', 'Archived')),
-    metrics TEXT NOT NULL DEFAULT '{}',
-    params TEXT NOT NULL DEFAULT '{}',
-    training_data_hash TEXT,
-    git_commit TEXT,
-    created_at TEXT NOT NULL,
-    stage_changed_at TEXT NOT NULL,
-    PRIMARY KEY (name, version)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_production_per_model ON model_versions (name) WHERE stage = 'Production';
-CREATE TABLE IF NOT EXISTS stage_history (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    from_stage TEXT NOT NULL,
-    to_stage TEXT NOT NULL,
-    at TEXT NOT NULL,
-    reason TEXT
-);
-"""
+ALIAS_OF_STAGE = {"Production": "production", "Staging": "staging"}
+STAGE_TAG = "stage"
+LOCK_SUFFIX = ".lock"
+LOCK_TTL_S = 120.0
 
 
 class RegistryError(RuntimeError):
@@ -63,6 +58,9 @@ class ModelVersion:
     git_commit: str | None
     created_at: str
     stage_changed_at: str
+    mlflow_version: str = ""
+    run_id: str | None = None
+    aliases: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,67 +77,130 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def _json_tag(tags: dict[str, str], key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(tags.get(key) or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _version(mv: MlflowVersion) -> ModelVersion:
+    tags = mv.tags
+    created = tags.get("created_at") or datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat()
+    return ModelVersion(
+        name=mv.name, version=tags[model_store.VERSION_TAG], stage=tags.get(STAGE_TAG, "None"),
+        metrics=_json_tag(tags, "metrics"), params=_json_tag(tags, "params"),
+        training_data_hash=tags.get("training_data_hash"), git_commit=tags.get("git_commit"), created_at=created,
+        stage_changed_at=tags.get("stage_changed_at", created), mlflow_version=str(mv.version), run_id=mv.run_id,
+        aliases=list(mv.aliases or []),
+    )
+
+
 class Registry:
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            conn.executescript(SCHEMA)
+    def __init__(self, backend: Backend, lock_timeout_s: float = 60.0) -> None:
+        self.backend = backend
+        self.client = backend.client
+        self.lock_timeout_s = lock_timeout_s
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        return conn
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Registry:
+        settings = settings or Settings.load()
+        return cls(Backend.from_settings(settings), settings.registry_lock_timeout_s)
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken before reading so concurrent writers queue instead of racing."""
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        finally:
-            conn.close()
+    @property
+    def uri(self) -> str:
+        return self.backend.display_uri
 
     # -- reads ------------------------------------------------------------------------------------
 
-    def get(self, name: str, version: str) -> ModelVersion:
-        with self._connect() as conn:
-            row = conn.execute("SELECT * FROM model_versions WHERE name=? AND version=?", (name, version)).fetchone()
-        if row is None:
+    def _mlflow_version(self, name: str, version: str) -> MlflowVersion:
+        try:
+            mv = model_store.find(self.backend, name, version)
+        except model_store.ModelStoreError as exc:
+            raise RegistryError(str(exc)) from None
+        if mv is None:
             raise RegistryError(f"{name}:{version} is not registered")
-        return _version(row)
+        return self.client.get_model_version(name, mv.version)  # search results carry no aliases
+
+    def get(self, name: str, version: str) -> ModelVersion:
+        mv = self._mlflow_version(name, version)
+        if STAGE_TAG not in mv.tags:
+            raise RegistryError(f"{name}:{version} is not registered")
+        return _version(mv)
+
+    def _model_names(self) -> list[str]:
+        names, token = [], None
+        while True:
+            page = self.client.search_registered_models(max_results=1000, page_token=token)
+            names.extend(m.name for m in page if not m.name.endswith(LOCK_SUFFIX))
+            token = page.token
+            if not token:
+                return sorted(names)
 
     def list(self, name: str | None = None, stage: str | None = None) -> list[ModelVersion]:
-        sql, args = "SELECT * FROM model_versions WHERE 1=1", []
-        if name:
-            sql += " AND name=?"
-            args.append(name)
-        if stage:
-            sql += " AND stage=?"
-            args.append(normalize_stage(stage))
-        with self._connect() as conn:
-            rows = conn.execute(sql + " ORDER BY name, created_at, version", args).fetchall()
-        return [_version(r) for r in rows]
+        wanted = normalize_stage(stage) if stage else None
+        out = []
+        for model in [name] if name else self._model_names():
+            for mv in model_store.all_versions(self.backend, model):
+                if STAGE_TAG in mv.tags and (wanted is None or mv.tags[STAGE_TAG] == wanted):
+                    out.append(mv)
+        aliases = self._aliases({mv.name for mv in out})
+        return [_version(_with_aliases(mv, aliases)) for mv in out]
+
+    def _aliases(self, names: set[str]) -> dict[tuple[str, str], list[str]]:
+        found: dict[tuple[str, str], list[str]] = {}
+        for name in names:
+            for alias, number in self._alias_map(name).items():
+                found.setdefault((name, number), []).append(alias)
+        return found
+
+    def _alias_map(self, name: str) -> dict[str, str]:
+        try:
+            aliases = self.client.get_registered_model(name).aliases or {}
+            return {alias: str(number) for alias, number in aliases.items()}
+        except MlflowException:
+            return {}
+
+    def by_alias(self, name: str, alias: str) -> ModelVersion | None:
+        """``models:/name@alias``, or None when the model or the alias does not exist."""
+        try:
+            mv = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None
+            raise
+        return _version(mv) if model_store.VERSION_TAG in mv.tags else None
 
     def production(self, name: str) -> ModelVersion | None:
-        found = self.list(name, "Production")
-        return found[0] if found else None
+        return self.by_alias(name, ALIAS_OF_STAGE["Production"])
 
     def latest(self, name: str, stage: str) -> ModelVersion | None:
+        stage = normalize_stage(stage)
+        if stage in ALIAS_OF_STAGE:
+            return self.by_alias(name, ALIAS_OF_STAGE[stage])
         found = self.list(name, stage)
         return max(found, key=lambda v: v.stage_changed_at) if found else None
 
     def history(self, name: str) -> list[dict[str, Any]]:
-        with self._connect() as conn:
-            rows = conn.execute("SELECT * FROM stage_history WHERE name=? ORDER BY id", (name,)).fetchall()
-        return [dict(r) for r in rows]
+        """Every stage change of ``name``, oldest first."""
+        experiment = self.client.get_experiment_by_name(HISTORY_EXPERIMENT)
+        if experiment is None:
+            return []
+        rows, token = [], None
+        while True:
+            page = self.client.search_runs([experiment.experiment_id], f"tags.model = '{name}'",
+                                           max_results=1000, page_token=token)
+            for run in page:
+                t = run.data.tags
+                rows.append({"name": t["model"], "version": t["version"], "from_stage": t["from_stage"],
+                             "to_stage": t["to_stage"], "at": t["at"], "reason": t.get("reason", ""),
+                             "seq": int(t.get("seq_ns", "0")), "run_id": run.info.run_id})
+            token = page.token
+            if not token:
+                break
+        rows.sort(key=lambda r: r["seq"])
+        return rows
 
     def compare(self, name: str, versions: list[str]) -> dict[str, Any]:
         found = [self.get(name, v) for v in versions]
@@ -155,81 +216,168 @@ class Registry:
             "training_data_hash": {v.version: v.training_data_hash for v in found},
         }
 
+    # -- the lock ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        lock = f"{name}{LOCK_SUFFIX}"
+        owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.01
+        while True:
+            try:
+                tags = {"owner": owner, "expires": str(time.time() + LOCK_TTL_S)}
+                self.client.create_registered_model(lock, tags=tags,
+                                                    description="registry lock: a stage change is in progress")
+                break
+            except MlflowException as exc:
+                # Taken; or taken and released between MLflow's insert and its look-up of the holder.
+                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                    raise
+            self._break_if_expired(lock)
+            if time.monotonic() > deadline:
+                raise RegistryError(f"the registry lock of {name} stayed taken for {self.lock_timeout_s:.0f}s "
+                                    f"(another promotion is running, or {lock} is stale)")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.25)
+        try:
+            yield
+        finally:
+            try:
+                held = self.client.get_registered_model(lock)
+                if held.tags.get("owner") == owner:
+                    self.client.delete_registered_model(lock)
+            except MlflowException:
+                pass
+
+    def _break_if_expired(self, lock: str) -> None:
+        try:
+            held = self.client.get_registered_model(lock)
+        except MlflowException:
+            return
+        if float(held.tags.get("expires", "inf")) < time.time():
+            try:
+                self.client.delete_registered_model(lock)
+            except MlflowException:
+                pass
+
     # -- writes -----------------------------------------------------------------------------------
+
+    def _record(self, name: str, version: str, from_stage: str, to_stage: str, reason: str, at: str) -> None:
+        experiment = self.backend.experiment_id(HISTORY_EXPERIMENT)
+        run = self.client.create_run(experiment, run_name=f"{name}:{version} {from_stage} -> {to_stage}", tags={
+            "model": name, "version": version, "from_stage": from_stage, "to_stage": to_stage, "reason": reason,
+            "at": at, "seq_ns": str(time.time_ns()), "host": socket.gethostname()})
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+
+    def _set_stage(self, mv: MlflowVersion, to_stage: str, reason: str, now: str) -> None:
+        from_stage = mv.tags.get(STAGE_TAG, "None")
+        self.client.set_model_version_tag(mv.name, mv.version, STAGE_TAG, to_stage)
+        self.client.set_model_version_tag(mv.name, mv.version, "stage_changed_at", now)
+        self._record(mv.name, mv.tags[model_store.VERSION_TAG], from_stage, to_stage, reason, now)
 
     def register(self, name: str, version: str, metrics: dict[str, Any] | None = None,
                  params: dict[str, Any] | None = None, training_data_hash: str | None = None,
-                 git_commit: str | None = None, stage: str = "None") -> ModelVersion:
+                 git_commit: str | None = None, stage: str = "None", reason: str = "registered") -> ModelVersion:
+        """Enter a stored version (see :mod:`lifecycle.model_store`) into the lifecycle, in None or Staging."""
         stage = normalize_stage(stage)
-        if stage == "Production":
+        if stage not in ("None", "Staging"):
             raise RegistryError("register into staging or none, then promote to production")
-        now = _now()
-        try:
-            with self._write() as conn:
-                conn.execute(
-                    "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (name, version, stage, json.dumps(metrics or {}), json.dumps(params or {}), training_data_hash,
-                     git_commit, now, now),
-                )
-                conn.execute("INSERT INTO stage_history (name, version, from_stage, to_stage, at, reason) "
-                             "VALUES (?, ?, 'None', ?, ?, 'registered')", (name, version, stage, now))
-        except sqlite3.IntegrityError:
-            raise RegistryError(f"{name}:{version} is already registered; versions are immutable") from None
+        with self._locked(name):
+            try:
+                mv = model_store.find(self.backend, name, version)
+            except model_store.ModelStoreError as exc:
+                raise RegistryError(str(exc)) from None
+            if mv is None:
+                raise RegistryError(f"no artifact for {name}:{version} in MLflow: train it first "
+                                    "(mlops-train / pipeline run) or pass --model-file")
+            if STAGE_TAG in mv.tags:
+                raise RegistryError(f"{name}:{version} is already registered; versions are immutable")
+            for key, value in (("metrics", metrics), ("params", params)):
+                if value:
+                    self.client.set_model_version_tag(name, mv.version, key, json.dumps(value, sort_keys=True))
+            for key, value in (("training_data_hash", training_data_hash), ("git_commit", git_commit)):
+                if value:
+                    self.client.set_model_version_tag(name, mv.version, key, value)
+            self._set_stage(mv, stage, reason, _now())
+            if stage == "Staging":
+                self.client.set_registered_model_alias(name, ALIAS_OF_STAGE["Staging"], mv.version)
         return self.get(name, version)
 
     def promote(self, name: str, version: str, stage: str, reason: str = "promoted") -> ModelVersion:
-        """Move a version to ``stage``; promoting to Production archives the current Production version
-        in the same transaction."""
+        """Move a version to ``stage``; promoting to Production moves the alias and archives the previous
+        Production version in the same locked step."""
         stage = normalize_stage(stage)
-        with self._write() as conn:
-            row = conn.execute("SELECT stage FROM model_versions WHERE name=? AND version=?",
-                               (name, version)).fetchone()
-            if row is None:
+        with self._locked(name):
+            mv = self._mlflow_version(name, version)
+            current = mv.tags.get(STAGE_TAG)
+            if current is None:
                 raise RegistryError(f"{name}:{version} is not registered")
-            if row["stage"] == stage:
+            if current == stage:
                 raise RegistryError(f"{name}:{version} is already in {stage}")
-            now = _now()
-            if stage == "Production":
-                for old in conn.execute("SELECT version FROM model_versions WHERE name=? AND stage='Production'",
-                                        (name,)).fetchall():
-                    self._move(conn, name, old["version"], "Production", "Archived", now,
-                               f"replaced by {version}")
-            self._move(conn, name, version, row["stage"], stage, now, reason)
+            self._move(name, mv, stage, reason)
         return self.get(name, version)
 
-    def rollback(self, name: str) -> tuple[ModelVersion, ModelVersion]:
-        """Production goes back to the version that was Production before it; returns (restored, retired)."""
-        with self._write() as conn:
-            current = conn.execute("SELECT version FROM model_versions WHERE name=? AND stage='Production'",
-                                   (name,)).fetchone()
+    def _move(self, name: str, mv: MlflowVersion, stage: str, reason: str,
+              retire_reason: str | None = None) -> None:
+        """The one place a version changes stage (caller holds the lock)."""
+        now = _now()
+        label = mv.tags[model_store.VERSION_TAG]
+        aliases = self._alias_map(name)
+        if stage == "Production":
+            old_number = aliases.get(ALIAS_OF_STAGE["Production"])
+            # The alias first: from this write on, models:/name@production is the new version.
+            self.client.set_registered_model_alias(name, ALIAS_OF_STAGE["Production"], mv.version)
+            for old in self._tagged(name, "Production") | ({old_number} if old_number else set()):
+                if old != str(mv.version):
+                    self._set_stage(self.client.get_model_version(name, old), "Archived",
+                                    retire_reason or f"replaced by {label}", now)
+        else:
+            for alias, number in aliases.items():
+                if number == str(mv.version) and alias in ALIAS_OF_STAGE.values():
+                    self.client.delete_registered_model_alias(name, alias)
+            if stage == "Staging":
+                self.client.set_registered_model_alias(name, ALIAS_OF_STAGE["Staging"], mv.version)
+        self._set_stage(mv, stage, reason, now)
+        if stage != "Staging" and aliases.get(ALIAS_OF_STAGE["Staging"]) == str(mv.version):
+            self._repoint_staging(name, exclude=str(mv.version))
+
+    def _tagged(self, name: str, stage: str) -> set[str]:
+        return {str(v.version) for v in model_store.all_versions(self.backend, name) if v.tags.get(STAGE_TAG) == stage}
+
+    def _repoint_staging(self, name: str, exclude: str) -> None:
+        """``@staging`` follows the newest remaining Staging version, or goes away."""
+        staged = [v for v in model_store.all_versions(self.backend, name)
+                  if v.tags.get(STAGE_TAG) == "Staging" and str(v.version) != exclude]
+        alias = ALIAS_OF_STAGE["Staging"]
+        if staged:
+            newest = max(staged, key=lambda v: v.tags.get("stage_changed_at", ""))
+            self.client.set_registered_model_alias(name, alias, newest.version)
+        elif self._alias_map(name).get(alias) == exclude:
+            self.client.delete_registered_model_alias(name, alias)
+
+    def rollback(self, name: str, to: str | None = None, reason: str = "rollback") -> tuple[ModelVersion, ModelVersion]:
+        """Production goes back to ``to``, or to the version that was Production before the current one;
+        returns (restored, retired)."""
+        with self._locked(name):
+            current = self.production(name)
             if current is None:
                 raise RegistryError(f"{name} has no Production version to roll back from")
-            previous = conn.execute(
-                "SELECT version FROM stage_history WHERE name=? AND to_stage='Production' AND version != ? "
-                "ORDER BY id DESC LIMIT 1", (name, current["version"])).fetchone()
-            if previous is None:
-                raise RegistryError(f"{name}:{current['version']} is the only version ever in Production")
-            now = _now()
-            prev_stage = conn.execute("SELECT stage FROM model_versions WHERE name=? AND version=?",
-                                      (name, previous["version"])).fetchone()["stage"]
-            self._move(conn, name, current["version"], "Production", "Archived", now,
-                       f"rolled back to {previous['version']}")
-            self._move(conn, name, previous["version"], prev_stage, "Production", now, "rollback")
-        return self.get(name, previous["version"]), self.get(name, current["version"])
-
-    @staticmethod
-    def _move(conn: sqlite3.Connection, name: str, version: str, from_stage: str, to_stage: str, now: str,
-              reason: str) -> None:
-        conn.execute("UPDATE model_versions SET stage=?, stage_changed_at=? WHERE name=? AND version=?",
-                     (to_stage, now, name, version))
-        conn.execute("INSERT INTO stage_history (name, version, from_stage, to_stage, at, reason) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", (name, version, from_stage, to_stage, now, reason))
+            if to is None:
+                earlier = [h["version"] for h in self.history(name)
+                           if h["to_stage"] == "Production" and h["version"] != current.version]
+                if not earlier:
+                    raise RegistryError(f"{name}:{current.version} is the only version ever in Production")
+                to = earlier[-1]
+            elif to == current.version:
+                raise RegistryError(f"{name}:{to} is already in Production")
+            target = self._mlflow_version(name, to)
+            if STAGE_TAG not in target.tags:
+                raise RegistryError(f"{name}:{to} is not registered")
+            self._move(name, target, "Production", reason, retire_reason=f"rolled back to {to}")
+        return self.get(name, to), self.get(name, current.version)
 
 
-def _version(row: sqlite3.Row) -> ModelVersion:
-    return ModelVersion(
-        name=row["name"], version=row["version"], stage=row["stage"], metrics=json.loads(row["metrics"]),
-        params=json.loads(row["params"]), training_data_hash=row["training_data_hash"],
-        git_commit=row["git_commit"], created_at=row["created_at"], stage_changed_at=row["stage_changed_at"],
-    )
-
+def _with_aliases(mv: MlflowVersion, aliases: dict[tuple[str, str], list[str]]) -> MlflowVersion:
+    mv._aliases = sorted(aliases.get((mv.name, str(mv.version)), []))  # search results carry no aliases
+    return mv

@@ -1,11 +1,15 @@
-"""`registry`: register, promote, list, compare, roll back and audit model versions.
+"""`registry`: register, promote, list, compare, roll back and audit model versions on MLflow's registry.
 
-    registry register --name N --version V [--metrics '{..}'] [--params '{..}'] [--model-file m.onnx] [--stage S]
-    registry promote  --name N --version V --stage production|staging|archived
-    registry list     [--name N] [--stage production] [--json]
-    registry compare  --name N --versions V1 V2 [--json]
-    registry rollback --name N
-    registry history  --name N [--json]
+    registry register --name N --version V [--model-file m.onnx] [--metrics '{..}'] [--params '{..}'] [--stage S]
+    registry promote  --name N --version V --stage production|staging|archived [--reason R]
+    registry list     [--name N] [--stage production]
+    registry compare  --name N --versions V1 V2 [...]
+    registry rollback --name N [--to VERSION] [--reason R]
+    registry history  --name N
+
+Every verb takes ``--json``. ``--mlflow-uri`` (or ``--registry``) names the MLflow backend: a server URL, a
+database URI, or a path taken as an embedded SQLite file; default ``MLOPS_MLFLOW_URI``, else the embedded store.
+Exit codes: 0 done, 1 refused (the message says why), 2 bad usage or input.
 """
 
 from __future__ import annotations
@@ -14,9 +18,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
 
 from lifecycle import model_store
+from lifecycle.onnx_export import InvalidModelError, check_servable
 from lifecycle.registry import Registry, RegistryError
+from lifecycle.tracking import Backend, TrackingError
 from mlops.cli_args import OneLineParser
 from mlops.schema import MODEL_FEATURES
 from mlops.settings import Settings
@@ -38,35 +47,46 @@ def json_arg(text: str | None, flag: str) -> dict:
     return value
 
 
+def emit(args: argparse.Namespace, payload: Any, text: str) -> int:
+    print(json.dumps(payload, indent=2, default=str) if args.json else text)
+    return 0
+
+
 def register(reg: Registry, args: argparse.Namespace) -> int:
     metrics, params = json_arg(args.metrics, "--metrics"), json_arg(args.params, "--params")
+    try:
+        model_store.check_name(args.name)
+        model_store.check_version(args.version)
+    except model_store.ModelStoreError as exc:
+        raise UsageError(str(exc)) from None
     if args.model_file:
         path = Path(args.model_file)
         if not path.is_file():
             raise UsageError(f"--model-file {path} does not exist")
-        meta = {"name": args.name, "version": args.version, "metrics": metrics, "params": params,
-                "features": list(MODEL_FEATURES)}
-        model_store.save(args.name, args.version, path.read_bytes(), meta)
-    elif not model_store.exists(args.name, args.version):
-        raise UsageError(f"no artifact for {args.name}:{args.version} in the model store: train it first "
+        content = path.read_bytes()
+        try:
+            check_servable(content, len(MODEL_FEATURES))
+        except InvalidModelError as exc:
+            raise UsageError(f"--model-file {path}: {exc}") from None
+        meta = {"metrics": metrics, "params": params, "features": list(MODEL_FEATURES), "source_file": str(path)}
+        model_store.save(args.name, args.version, content, meta, backend=reg.backend)
+    elif not model_store.exists(args.name, args.version, reg.backend):
+        raise UsageError(f"no artifact for {args.name}:{args.version} in MLflow ({reg.uri}): train it first "
                          "(mlops-train / pipeline run) or pass --model-file")
-    stored = model_store.load(args.name, args.version).metadata
-    version = reg.register(args.name, args.version, metrics or stored.get("metrics", {}),
-                           params or stored.get("params", {}), stored.get("training_data_hash"),
-                           stored.get("git_commit"), stage=args.stage)
-    print(f"registered {version.name}:{version.version} in {version.stage}")
-    return 0
+    version = reg.register(args.name, args.version, metrics or None, params or None, stage=args.stage)
+    return emit(args, version.to_dict(), f"registered {version.name}:{version.version} in {version.stage} "
+                f"(MLflow model version {version.mlflow_version})")
 
 
 def show_list(reg: Registry, args: argparse.Namespace) -> int:
     versions = reg.list(args.name, args.stage)
     if args.json:
-        print(json.dumps([v.to_dict() for v in versions], indent=2))
-        return 0
-    print(f"{'name':<20} {'version':<10} {'stage':<11} {'auc':>7} {'accuracy':>9}  created")
+        return emit(args, [v.to_dict() for v in versions], "")
+    print(f"{'name':<20} {'version':<10} {'stage':<11} {'auc':>7} {'accuracy':>9}  {'aliases':<12} created")
     for v in versions:
         auc, acc = v.metrics.get("auc"), v.metrics.get("accuracy")
-        print(f"{v.name:<20} {v.version:<10} {v.stage:<11} {fmt(auc):>7} {fmt(acc):>9}  {v.created_at[:19]}")
+        print(f"{v.name:<20} {v.version:<10} {v.stage:<11} {fmt(auc):>7} {fmt(acc):>9}  "
+              f"{','.join(v.aliases) or '-':<12} {v.created_at[:19]}")
     return 0
 
 
@@ -75,10 +95,11 @@ def fmt(value) -> str:
 
 
 def compare(reg: Registry, args: argparse.Namespace) -> int:
+    if len(args.versions) < 2:
+        raise UsageError("--versions needs at least two versions")
     report = reg.compare(args.name, args.versions)
     if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
+        return emit(args, report, "")
     versions = report["versions"]
     print(f"{'':<28}" + "".join(f"{v:>14}" for v in versions))
     print(f"{'stage':<28}" + "".join(f"{report['stages'][v]:>14}" for v in versions))
@@ -89,62 +110,82 @@ def compare(reg: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="registry", description="Model registry with stages.")
-    parser.add_argument("--registry", type=Path, help="SQLite file (default: MLOPS_REGISTRY_PATH)")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    r = sub.add_parser("register")
+def history(reg: Registry, args: argparse.Namespace) -> int:
+    rows = reg.history(args.name)
+    if args.json:
+        return emit(args, rows, "")
+    for row in rows:
+        print(f"{row['at'][:19]}  {row['version']:<8} {row['from_stage']:>10} -> {row['to_stage']:<10} "
+              f"{row['reason'] or ''}")
+    return 0
+
+
+def promote(reg: Registry, args: argparse.Namespace) -> int:
+    v = reg.promote(args.name, args.version, args.stage, args.reason)
+    return emit(args, v.to_dict(), f"{v.name}:{v.version} is now in {v.stage}")
+
+
+def rollback(reg: Registry, args: argparse.Namespace) -> int:
+    restored, retired = reg.rollback(args.name, args.to, args.reason)
+    return emit(args, {"restored": restored.to_dict(), "retired": retired.to_dict()},
+                f"rolled back {args.name}: {restored.version} is Production again, {retired.version} archived")
+
+
+def parser() -> OneLineParser:
+    root = OneLineParser(prog="registry", description="Model registry on MLflow: stages as aliases, with history.")
+    root.add_argument("--mlflow-uri", "--registry", dest="mlflow_uri",
+                      help="MLflow server/database URI or SQLite file (default: MLOPS_MLFLOW_URI, else embedded)")
+    sub = root.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    def verb(name: str, help_text: str) -> OneLineParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    r = verb("register", "enter a stored version (or an ONNX file) into the lifecycle")
     r.add_argument("--name", required=True)
     r.add_argument("--version", required=True)
     r.add_argument("--metrics")
     r.add_argument("--params")
-    r.add_argument("--model-file")
+    r.add_argument("--model-file", help="an ONNX model to store first (checked: loadable, input features [N, 5])")
     r.add_argument("--stage", default="none")
-    p = sub.add_parser("promote")
+    p = verb("promote", "move a version to a stage (production archives the previous one)")
     p.add_argument("--name", required=True)
     p.add_argument("--version", required=True)
     p.add_argument("--stage", required=True)
-    ls = sub.add_parser("list")
+    p.add_argument("--reason", default="promoted")
+    ls = verb("list", "versions with stage, metrics and aliases")
     ls.add_argument("--name")
     ls.add_argument("--stage")
-    ls.add_argument("--json", action="store_true")
-    c = sub.add_parser("compare")
+    c = verb("compare", "metrics and differing params of versions")
     c.add_argument("--name", required=True)
     c.add_argument("--versions", nargs="+", required=True)
-    c.add_argument("--json", action="store_true")
-    rb = sub.add_parser("rollback")
+    rb = verb("rollback", "Production back to the previous one, or to --to")
     rb.add_argument("--name", required=True)
-    h = sub.add_parser("history")
+    rb.add_argument("--to", help="version to restore (default: the one Production before the current)")
+    rb.add_argument("--reason", default="rollback")
+    h = verb("history", "every stage change with time and reason")
     h.add_argument("--name", required=True)
-    h.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    reg = Registry(args.registry or Settings.load().registry_path)
+    return root
+
+
+COMMANDS = {"register": register, "promote": promote, "list": show_list, "compare": compare, "rollback": rollback,
+            "history": history}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = Settings.load()
     try:
-        if args.command == "register":
-            return register(reg, args)
-        if args.command == "promote":
-            v = reg.promote(args.name, args.version, args.stage)
-            print(f"{v.name}:{v.version} is now in {v.stage}")
-        elif args.command == "list":
-            return show_list(reg, args)
-        elif args.command == "compare":
-            if len(args.versions) < 2:
-                raise UsageError("--versions needs at least two versions")
-            return compare(reg, args)
-        elif args.command == "rollback":
-            restored, retired = reg.rollback(args.name)
-            print(f"rolled back {args.name}: {restored.version} is Production again, {retired.version} archived")
-        else:
-            rows = reg.history(args.name)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            for row in [] if args.json else rows:
-                print(f"{row['at'][:19]}  {row['version']:<8} {row['from_stage']:>10} -> {row['to_stage']:<10} "
-                      f"{row['reason'] or ''}")
-    except (RegistryError, UsageError, model_store.ModelStoreError) as exc:
+        backend = Backend.for_uri(args.mlflow_uri) if args.mlflow_uri else Backend.from_settings(settings)
+        reg = Registry(backend, settings.registry_lock_timeout_s)
+        return COMMANDS[args.command](reg, args)
+    except (RegistryError, UsageError, model_store.ModelStoreError, TrackingError) as exc:
         print(f"registry: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
-    return 0
+    except MlflowException as exc:
+        print(f"registry: MLflow: {exc.message.strip().splitlines()[0]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

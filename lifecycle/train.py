@@ -1,10 +1,15 @@
-"""Train the fraud model, export it to ONNX with a parity check, and store it with its metadata."""
+"""Train the fraud model, export it to ONNX with a parity check, and store it with its metadata.
+
+Every training is an MLflow run (:mod:`lifecycle.tracking`): its parameters, holdout metrics, the training
+data's hash and the git commit (when there is one), the ONNX model with signature and input example, and the
+drift reference profile. The training set joins each transaction with the customer stats as they were then
+(point-in-time, :func:`lifecycle.data.training_frame`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +24,7 @@ from sklearn.model_selection import train_test_split
 from lifecycle import data as datamod
 from lifecycle import model_store
 from lifecycle.onnx_export import ParityError, check_parity, export, onnx_positive_proba
+from lifecycle.tracking import Backend, TrackingError, TrainingRun, git_commit, training_run
 from mlops.schema import LABEL, MODEL_FEATURES
 from mlops.settings import Settings
 from streaming.profile import PROFILE_FILE, ReferenceProfile, build_profile
@@ -46,17 +52,12 @@ def data_hash(x: np.ndarray, y: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except OSError:
-        return None
-    return out.stdout.strip() or None
-
-
 def split(dataset: datamod.Dataset, holdout: float = 0.25, seed: int = 0):
-    """(x_train, x_holdout, y_train, y_holdout), stratified on the label."""
-    frame = datamod.training_frame(dataset)
+    """(x_train, x_holdout, y_train, y_holdout) of the point-in-time training frame, stratified on the label."""
+    return split_frame(datamod.training_frame(dataset), holdout, seed)
+
+
+def split_frame(frame, holdout: float = 0.25, seed: int = 0):
     x = frame[list(MODEL_FEATURES)].to_numpy(dtype=np.float64)
     y = frame[LABEL].to_numpy(dtype=np.int64)
     return train_test_split(x, y, test_size=holdout, random_state=seed, stratify=y)
@@ -102,8 +103,22 @@ def reference_profile(trained: TrainedModel, name: str, version: str) -> Referen
     return build_profile(name, version, features, scores)
 
 
-def register(trained: TrainedModel, name: str, version: str | None = None) -> model_store.StoredModel:
-    version = version or model_store.next_version(name)
+def log_training(run: TrainingRun, trained: TrainedModel) -> None:
+    """What a person browsing the experiment needs: parameters, holdout metrics, the data's fingerprint."""
+    run.log_params({**trained.params, "n_features": len(MODEL_FEATURES), "features": list(MODEL_FEATURES)})
+    run.log_metrics(trained.metrics)
+    run.set_tags({"training_data_hash": trained.data_hash})
+
+
+def register(trained: TrainedModel, name: str, version: str | None = None, *, run: TrainingRun | None = None,
+             backend: Backend | None = None) -> model_store.StoredModel:
+    """Store ``trained`` as a new version, logged in ``run`` (or in a training run of its own)."""
+    if run is None:
+        backend = backend or model_store.default_backend()
+        with training_run(backend, f"train {name}", {"model_name": name}) as own:
+            log_training(own, trained)
+            return register(trained, name, version, run=own)
+    version = version or model_store.next_version(name, run.backend)
     metadata = {
         "name": name,
         "version": version,
@@ -115,7 +130,8 @@ def register(trained: TrainedModel, name: str, version: str | None = None) -> mo
         "created_at": datetime.now(UTC).isoformat(),
     }
     profile = reference_profile(trained, name, version)
-    return model_store.save(name, version, trained.onnx_bytes, metadata, {PROFILE_FILE: profile.to_bytes()})
+    return model_store.save(name, version, trained.onnx_bytes, metadata, {PROFILE_FILE: profile.to_bytes()},
+                            run=run, input_example=trained.x_holdout[:5])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trained = train(dataset)
         stored = register(trained, name, args.version)
-    except (ParityError, model_store.ModelStoreError) as exc:
+    except (ParityError, model_store.ModelStoreError, TrackingError) as exc:
         print(f"mlops-train: {exc}", file=sys.stderr)
         return 1
     m = trained.metrics
     print(f"stored {stored.tag}: auc={m['auc']:.4f} accuracy={m['accuracy']:.4f} "
-          f"onnx_parity={m['onnx_parity_max_abs_diff']:.2e} path={stored.onnx_path}")
+          f"onnx_parity={m['onnx_parity_max_abs_diff']:.2e} mlflow_run={stored.metadata.get('mlflow_run_id')} "
+          f"model_version={stored.metadata.get('mlflow_model_version')} path={stored.onnx_path}")
     return 0
 
 

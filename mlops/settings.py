@@ -36,28 +36,51 @@ class Settings(BaseSettings):
     onnx_provider: Literal["auto", "cpu", "cuda"] = "auto"
 
     # Lifecycle.
-    registry_path: Path = Field(Path(".run/registry.db"), description="SQLite model registry (stages, history)")
+    mlflow_uri: str = Field(
+        "", description="MLflow tracking + model registry: `http://host:port` of an `mlflow server` (or a database "
+        "URI); empty: the embedded SQLite store in mlflow_dir")
+    mlflow_dir: Path = Field(Path(".run/mlflow"), description="embedded MLflow store: mlflow.db and artifacts/")
+    mlflow_experiment: str = Field("fraud-detector-training", description="MLflow experiment of the training runs")
+    registry_lock_timeout_s: float = Field(60.0, gt=0, description="longest wait for the registry's promotion lock")
     follow_registry: bool = Field(True, description="serve the registry's Production version and follow changes")
     registry_poll_s: float = Field(1.0, gt=0, description="how often the service checks the registry")
     canary_share: float = Field(0.0, ge=0, le=1, description="share of traffic scored by the Staging version")
 
     # Serving.
-    adaptive_batching: bool = Field(True, description="merge concurrent requests into one model call")
-    max_batch_size: int = Field(64, ge=2, le=4096)
+    workers: int = Field(1, ge=1, le=64, description="serving processes (one per core), each with its own batcher")
+    adaptive_batching: bool = Field(True, description="merge concurrent requests into one lookup and model call")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="most rows per batch")
+    max_concurrent_batches: int = Field(2, ge=1, le=64, description="batches in progress at once per worker")
     max_latency_ms: int = Field(
         1000, ge=1, le=60_000,
-        description="adaptive batching: a request that would wait longer in the batch queue is shed with a 503",
+        description="a request that waited this long for a batch slot is shed with a 503 (retryable)",
     )
+    max_queued_rows: int = Field(4096, ge=1, description="rows waiting for a batch beyond which requests get a 503")
     max_request_rows: int = Field(256, ge=1, description="largest batch a client may send in one request")
-    grpc_port: int = Field(3001, ge=0, le=65535, description="gRPC port of the API server; 0: no gRPC")
-    grpc_host: str = "0.0.0.0"
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (HTTP 413 beyond)")
+    grpc_port: int = Field(3001, ge=0, le=65535, description="gRPC port of the serving workers; 0: no gRPC")
+    grpc_host: str | None = Field(None, description="gRPC bind address; unset: the HTTP server's own address")
     decision_threshold: float = Field(0.5, gt=0, lt=1, description="fraud label is 1 at or above this score")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = Field(False, description="BentoML's per-request access log (4xx/5xx are logged anyway)")
+    trace_requests: bool = Field(False, description="OpenTelemetry spans for prediction requests")
+
+    # Online store (Feast on Redis).
+    online_store_timeout_ms: int = Field(250, ge=10, description="a Redis lookup slower than this fails the request")
+    online_store_check_s: float = Field(1.0, gt=0, description="how often reachability and emptiness are checked")
 
     # Prediction log.
-    publish_queue_size: int = Field(10_000, ge=1)
-    spool_path: Path = Path(".run/spool/predictions.jsonl")
+    prediction_log: bool = Field(True, description="log every prediction to Kafka (off: benchmarks, shadow tests)")
+    publish_queue_size: int = Field(100_000, ge=1, description="events the Kafka client may hold in memory")
+    kafka_linger_ms: float = Field(5.0, ge=0, description="how long the producer waits to fill a batch")
+    kafka_compression: Literal["none", "lz4", "zstd", "snappy", "gzip"] = "lz4"
+    spool_path: Path = Field(Path(".run/spool/predictions.jsonl"),
+                             description="on-disk spool while Kafka is down; each worker adds its index")
     spool_max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
-    kafka_retry_interval_s: float = Field(2.0, gt=0)
+    spool_full_policy: Literal["reject", "drop"] = Field(
+        "reject", description="spool full: reject the request with a 503, or serve it and drop (count) the event"
+    )
+    kafka_retry_interval_s: float = Field(1.0, gt=0, description="how often a down broker is probed")
 
     # Streaming drift consumer.
     dlq_topic: str = "predictions-dlq"
@@ -77,6 +100,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_version_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @property
+    def tracking_uri(self) -> str:
+        """``mlflow_uri``, or the embedded SQLite store (created on first use)."""
+        if self.mlflow_uri:
+            return self.mlflow_uri
+        return f"sqlite:///{(self.mlflow_dir / 'mlflow.db').resolve()}"
 
     @property
     def redis_host(self) -> str:

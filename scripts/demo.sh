@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-export BENTOML_DO_NOT_TRACK=true
+export BENTOML_DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true
 exec .venv/bin/python -m tools.demo "$@"

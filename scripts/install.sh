@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the stack needs on a fresh Debian/Ubuntu machine: redis-server, a JDK and Maven (for the
-# Kafka broker jars), and a Python virtual environment (.venv) with the pinned dependencies.
+# Kafka broker jars), PostgreSQL (the MLflow server's store for many hosts), and a Python virtual environment
+# (.venv) with the pinned dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,8 @@ need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need_apt+=(maven)
+# Debian keeps the server binaries off PATH, in /usr/lib/postgresql/<major>/bin.
+{ command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; } || need_apt+=(postgresql)
 if ((${#need_apt[@]})); then
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   echo "install.sh: apt-get install ${need_apt[*]}"

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-export BENTOML_DO_NOT_TRACK=true PYTHONUNBUFFERED=1
+export BENTOML_DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,35 +1,63 @@
 """Prometheus metrics of the serving path, exposed on the service's ``/metrics``.
 
-Declared through ``bentoml.metrics`` so they aggregate across BentoML's worker processes.
+Declared through ``bentoml.metrics`` so they aggregate across the serving workers (Prometheus multiprocess
+mode). Hot-path metrics are observed per batch where they can be (batch size, lookup and inference time,
+predictions), per request only where the request is the unit (latency, status).
 """
 
 from __future__ import annotations
 
 import bentoml
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+                   2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+AGE_BUCKETS = (60, 600, 3600, 6 * 3600, 12 * 3600, 86400, 2 * 86400, 7 * 86400)
 
+REQUESTS = bentoml.metrics.Counter(
+    name="mlops_requests_total",
+    documentation="Prediction requests answered, by endpoint (predict, predict_batch, grpc_*) and status code",
+    labelnames=["endpoint", "code"],
+)
 REQUEST_LATENCY = bentoml.metrics.Histogram(
     name="mlops_request_latency_seconds",
-    documentation="End-to-end latency of prediction requests inside the API server",
+    documentation="Latency of prediction requests inside the server, body read to answer written",
     labelnames=["endpoint"],
     buckets=LATENCY_BUCKETS,
 )
 FEATURE_LOOKUP_LATENCY = bentoml.metrics.Histogram(
     name="mlops_feature_lookup_latency_seconds",
-    documentation="Latency of one Feast online lookup (one call per adaptive batch)",
+    documentation="One online-store round trip (one per adaptive batch)",
     buckets=LATENCY_BUCKETS,
 )
 INFERENCE_LATENCY = bentoml.metrics.Histogram(
     name="mlops_inference_latency_seconds",
-    documentation="Latency of one ONNX Runtime call (one call per adaptive batch)",
+    documentation="One ONNX Runtime call (one per adaptive batch and model version)",
     buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="mlops_batch_size",
     documentation="Rows per adaptive batch reaching the model",
     buckets=BATCH_BUCKETS,
+)
+FEATURE_AGE = bentoml.metrics.Histogram(
+    name="mlops_feature_age_seconds",
+    documentation="Age of the oldest online feature row in each batch (now minus its event time)",
+    buckets=AGE_BUCKETS,
+)
+STALE_ROWS = bentoml.metrics.Counter(
+    name="mlops_stale_feature_rows_total",
+    documentation="Online feature rows served that were older than the feature view's TTL",
+)
+ONLINE_STORE_UP = bentoml.metrics.Gauge(
+    name="mlops_online_store_up",
+    documentation="1 when the online store (Redis) answers, 0 when it cannot be reached (lowest worker)",
+    multiprocess_mode="livemin",
+)
+ONLINE_STORE_EMPTY = bentoml.metrics.Gauge(
+    name="mlops_online_store_empty",
+    documentation="1 when the online store holds no rows of the Feast project (not materialized, or lost)",
+    multiprocess_mode="livemax",
 )
 PREDICTIONS = bentoml.metrics.Counter(
     name="mlops_predictions_total",
@@ -38,7 +66,8 @@ PREDICTIONS = bentoml.metrics.Counter(
 )
 ERRORS = bentoml.metrics.Counter(
     name="mlops_errors_total",
-    documentation="Failed predictions by kind (unknown_entity, overloaded, model_connection_retry)",
+    documentation="Failed predictions by kind (invalid_request, unknown_entity, overloaded, online_store_unavailable, "
+                  "online_store_empty, prediction_log_full, internal)",
     labelnames=["kind"],
 )
 MODEL_INFO = bentoml.metrics.Gauge(
@@ -47,36 +76,6 @@ MODEL_INFO = bentoml.metrics.Gauge(
     labelnames=["model_name", "model_version", "provider"],
     multiprocess_mode="livemax",
 )
-KAFKA_PUBLISHED = bentoml.metrics.Counter(
-    name="mlops_kafka_published_total",
-    documentation="Prediction events acknowledged by Kafka (acks=all)",
-)
-KAFKA_PUBLISH_FAILURES = bentoml.metrics.Counter(
-    name="mlops_kafka_publish_failures_total",
-    documentation="Prediction events Kafka did not take at the first try (they are spooled, not lost)",
-)
-KAFKA_SPOOLED = bentoml.metrics.Counter(
-    name="mlops_kafka_spooled_total",
-    documentation="Prediction events written to the local spool while Kafka was unreachable",
-)
-KAFKA_REPLAYED = bentoml.metrics.Counter(
-    name="mlops_kafka_replayed_total",
-    documentation="Spooled prediction events delivered after Kafka came back",
-)
-KAFKA_DROPPED = bentoml.metrics.Counter(
-    name="mlops_kafka_dropped_total",
-    documentation="Prediction events lost because the spool was full (spool_max_bytes)",
-)
-KAFKA_QUEUE_DEPTH = bentoml.metrics.Gauge(
-    name="mlops_kafka_queue_depth",
-    documentation="Prediction events waiting in memory for the background producer",
-    multiprocess_mode="livesum",
-)
-KAFKA_SPOOL_BYTES = bentoml.metrics.Gauge(
-    name="mlops_kafka_spool_bytes",
-    documentation="Bytes of prediction events waiting in the local spool",
-    multiprocess_mode="livesum",
-)
 MODEL_SWAPS = bentoml.metrics.Counter(
     name="mlops_model_swaps_total",
     documentation="Times the served model version changed (promotion, rollback, canary change)",
@@ -84,4 +83,60 @@ MODEL_SWAPS = bentoml.metrics.Counter(
 MODEL_RELOAD_FAILURES = bentoml.metrics.Counter(
     name="mlops_model_reload_failures_total",
     documentation="Failed attempts to follow the registry (the current version keeps serving)",
+)
+
+# The prediction log: where every accepted event is (see service/prediction_log.py).
+KAFKA_CONNECTED = bentoml.metrics.Gauge(
+    name="mlops_kafka_connected",
+    documentation="1 when the broker acknowledges prediction events, 0 while they are spooled (lowest worker)",
+    multiprocess_mode="livemin",
+)
+KAFKA_ACCEPTED = bentoml.metrics.Counter(
+    name="mlops_kafka_accepted_total",
+    documentation="Prediction events taken by the prediction log (handed to Kafka or the spool)",
+)
+KAFKA_DELIVERED = bentoml.metrics.Counter(
+    name="mlops_kafka_delivered_total",
+    documentation="Prediction events acknowledged by Kafka (acks=all), live and replayed",
+)
+KAFKA_REPLAYED = bentoml.metrics.Counter(
+    name="mlops_kafka_replayed_total",
+    documentation="Spooled prediction events delivered after Kafka came back",
+)
+KAFKA_SPOOLED = bentoml.metrics.Counter(
+    name="mlops_kafka_spooled_total",
+    documentation="Prediction events written to the local spool while Kafka was unreachable",
+)
+KAFKA_PUBLISH_FAILURES = bentoml.metrics.Counter(
+    name="mlops_kafka_publish_failures_total",
+    documentation="Deliveries Kafka refused (the events went to the spool, not lost)",
+)
+KAFKA_REJECTED = bentoml.metrics.Counter(
+    name="mlops_kafka_rejected_total",
+    documentation="Prediction events refused because the spool was full (policy reject: the request got a 503)",
+)
+KAFKA_DROPPED = bentoml.metrics.Counter(
+    name="mlops_kafka_dropped_total",
+    documentation="Prediction events lost, by reason (spool_full under policy drop, or a permanent Kafka error)",
+    labelnames=["reason"],
+)
+KAFKA_IN_FLIGHT = bentoml.metrics.Gauge(
+    name="mlops_kafka_in_flight",
+    documentation="Prediction events handed to the Kafka client and not yet acknowledged",
+    multiprocess_mode="livesum",
+)
+KAFKA_QUEUE_DEPTH = bentoml.metrics.Gauge(
+    name="mlops_kafka_queue_depth",
+    documentation="Prediction events waiting to be written to the spool",
+    multiprocess_mode="livesum",
+)
+KAFKA_SPOOL_EVENTS = bentoml.metrics.Gauge(
+    name="mlops_kafka_spool_events",
+    documentation="Prediction events waiting in the local spool",
+    multiprocess_mode="livesum",
+)
+KAFKA_SPOOL_BYTES = bentoml.metrics.Gauge(
+    name="mlops_kafka_spool_bytes",
+    documentation="Bytes of prediction events waiting in the local spool",
+    multiprocess_mode="livesum",
 )

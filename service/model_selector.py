@@ -47,7 +47,8 @@ class ModelSelector:
         self.settings = settings
         self.name = settings.model_name
         self.pinned = settings.model_version
-        self.registry = Registry(settings.registry_path) if settings.follow_registry and not self.pinned else None
+        # MLflow's registry: MLOPS_MLFLOW_URI (a shared `mlflow server`), else the embedded SQLite store.
+        self.registry = Registry.from_settings(settings) if settings.follow_registry and not self.pinned else None
         self._sessions: dict[str, OnnxPredictor] = {}
         self._stop = threading.Event()
         self.current = self._build(*self._targets())
@@ -61,7 +62,8 @@ class ModelSelector:
         self._stop.set()
 
     def _targets(self) -> tuple[str, str | None]:
-        """(production version, canary version or None) as the registry says now."""
+        """(production version, canary version or None) as the registry says now: the versions behind
+        ``models:/<name>@production`` and, with a canary share, ``models:/<name>@staging``."""
         if self.pinned:
             return self.pinned, None
         production = self.registry.production(self.name) if self.registry else None

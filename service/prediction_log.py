@@ -1,204 +1,372 @@
-"""Publishes every prediction to Kafka without ever blocking or failing the request path.
+"""Every accepted prediction reaches Kafka exactly once, without the request path ever waiting on it.
 
-The request path only puts the event on a bounded in-memory queue (``publish`` never waits). One
-background thread owns the Kafka producer (acks=all, idempotent, retries). When the broker cannot be
-reached, events go to a local :class:`~service.spool.Spool` file instead, and are replayed once the
-broker answers again; a full queue also spills straight to the spool. Only a full spool drops events,
-and those are counted. Delivery is at-least-once: a replayed event whose first acknowledgement was lost
-can arrive twice, so consumers de-duplicate on ``request_id``.
+The producer is librdkafka's (confluent-kafka): idempotent, ``acks=all``, and it never gives up on a
+message (``message.timeout.ms=0``), so a broker that dies and comes back gets each message it was handed
+once — the broker drops retried duplicates by producer id and sequence number. What the producer holds
+lives in memory, so while the broker is known to be down new events go to an on-disk :class:`Spool`
+instead, and are replayed in bulk once it answers again. An event therefore always sits in exactly one
+place: handed to the client (``in_flight``, until the broker acknowledges it), waiting to be written to
+the spool (``queue_depth``), in the spool (``spool_events``), delivered, or — only when the spool is full
+and the policy is ``drop`` — dropped and counted by reason. With the default policy ``reject`` a full
+spool makes :meth:`PredictionLog.publish` refuse the event, so the request fails with a retryable 503
+instead of being answered and forgotten.
+
+One background thread serves the producer's callbacks, writes and replays the spool, and probes the
+broker while it is down; nothing it does can block or fail a request.
 """
 
 from __future__ import annotations
 
-import json
+import collections
+import functools
+import itertools
 import logging
-import queue
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
+import msgspec
+from confluent_kafka import KafkaError, KafkaException, Producer
 
-from service import metrics
 from service.spool import Spool
 
 log = logging.getLogger(__name__)
+FullPolicy = Literal["reject", "drop"]
+# Delivery errors that retrying cannot fix: counted as dropped with the error's name, never spooled again.
+PERMANENT = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.INVALID_RECORD,
+             KafkaError._MSG_TIMED_OUT}
+PURGED = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
+
+
+@dataclass(frozen=True)
+class LogStats:
+    """One consistent reading, shared by /info and the metrics."""
+
+    connected: bool
+    accepted: int
+    delivered: int
+    in_flight: int
+    queue_depth: int
+    spool_events: int
+    spool_bytes: int
+    spooled: int
+    replayed: int
+    delivery_failures: int
+    rejected: int
+    dropped: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "dropped": dict(self.dropped)}
+
+
+def producer_config(bootstrap: str, queue_size: int, linger_ms: float, compression: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,  # implies acks=all, bounded in-flight requests, no reordering
+        "acks": "all",
+        "message.timeout.ms": 0,  # never expire: a message is delivered, or still held, or purged on close
+        "linger.ms": linger_ms,
+        "compression.type": compression,
+        "queue.buffering.max.messages": queue_size,
+        "reconnect.backoff.ms": 100,
+        "reconnect.backoff.max.ms": 1000,
+        "socket.connection.setup.timeout.ms": 5000,
+        "log_level": 2,  # librdkafka logs every failed reconnect as an error; this module reports outages once
+    }
 
 
 class PredictionLog:
-    def __init__(
-        self,
-        bootstrap: str,
-        topic: str,
-        spool: Spool,
-        queue_size: int = 10_000,
-        retry_interval_s: float = 2.0,
-    ) -> None:
+    def __init__(self, bootstrap: str, topic: str, spool: Spool, *, queue_size: int = 100_000,
+                 linger_ms: float = 5.0, compression: str = "lz4", full_policy: FullPolicy = "reject",
+                 probe_interval_s: float = 1.0, stall_s: float = 10.0, replay_chunk: int = 5_000) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.spool = spool
-        self.retry_interval_s = retry_interval_s
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=queue_size)
+        self.full_policy = full_policy
+        self.probe_interval_s = probe_interval_s
+        self.stall_s = stall_s
+        self.replay_chunk = replay_chunk
+        self.queue_size = queue_size
+        self._config = {**producer_config(bootstrap, queue_size, linger_ms, compression), "error_cb": self._on_error}
+        self._producer = Producer(self._config)
+        self._to_spool: collections.deque[bytes] = collections.deque()
+        self._to_spool_bytes = 0
+        self._lock = threading.Lock()  # guards the counters below and the to-spool byte count
+        self._broker_up = False  # until the first probe or acknowledgement says otherwise
+        self._connected_once = threading.Event()
+        self._last_ack = time.monotonic()
+        self._next_probe = 0.0
+        self._accepted = self._delivered = self._spooled = self._replayed = 0
+        self._failures = self._rejected = self._in_flight = 0
+        self._dropped: collections.Counter[str] = collections.Counter()
+        self._replay: _Replay | None = None
+        self._fatal = False
         self._stop = threading.Event()
-        self._producer: KafkaProducer | None = None
-        self._broker_up = False
-        self._next_attempt = 0.0
-        self._next_gauges = 0.0
-        self.connected_once = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
 
     # -- request path ------------------------------------------------------------------------------
 
-    def publish(self, event: dict[str, Any]) -> None:
-        """Hand one event over; never blocks and never raises."""
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
-            self._spill([event])
+    def publish(self, key: bytes | None, value: bytes) -> bool:
+        """Take one event. Never blocks. False only when the event cannot be kept (spool full, policy reject)."""
+        if self._broker_up:
+            try:
+                self._producer.produce(self.topic, value, key, on_delivery=self._on_delivery)
+                with self._lock:
+                    self._accepted += 1
+                    self._in_flight += 1
+                return True
+            except BufferError:  # the client's memory queue is full: the broker is slow or gone
+                pass
+            except KafkaException as exc:  # fatal producer state; the spool keeps the event meanwhile
+                log.error("Kafka producer refused an event: %s", exc)
+        return self._hand_to_spool(value)
 
-    # -- lifecycle --------------------------------------------------------------------------------
+    def _hand_to_spool(self, value: bytes) -> bool:
+        with self._lock:
+            if self._to_spool_bytes + len(value) + 1 > self.spool.room():
+                if self.full_policy == "reject":
+                    self._rejected += 1
+                    return False
+                self._dropped["spool_full"] += 1
+                self._accepted += 1
+                return True
+            self._to_spool.append(value)
+            self._to_spool_bytes += len(value) + 1
+            self._accepted += 1
+        return True
+
+    # -- state -------------------------------------------------------------------------------------
 
     def start(self) -> PredictionLog:
         self._thread.start()
         return self
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Deliver what is queued (within ``timeout_s``); whatever is left goes to the spool."""
-        deadline = time.monotonic() + timeout_s
-        while self._broker_up and not self._queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self._stop.set()
-        self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
-        if self._producer is not None:
-            try:
-                self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
-                self._producer.close(timeout=1)
-            except KafkaError:
-                pass
-        self._spill(self._drain())
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected_once.wait(timeout)
 
     @property
-    def broker_up(self) -> bool:
+    def connected(self) -> bool:
         return self._broker_up
 
     @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
+    def accepting(self) -> bool:
+        """False when a new event could not be kept (spool full and policy reject): readiness says so."""
+        return self.full_policy == "drop" or self._broker_up or self.spool.room() > 64 * 1024
 
-    # -- background thread ------------------------------------------------------------------------
+    def stats(self) -> LogStats:
+        with self._lock:
+            return LogStats(
+                connected=self._broker_up, accepted=self._accepted, delivered=self._delivered,
+                in_flight=self._in_flight, queue_depth=len(self._to_spool),
+                spool_events=self.spool.pending_events, spool_bytes=self.spool.pending_bytes,
+                spooled=self._spooled, replayed=self._replayed, delivery_failures=self._failures,
+                rejected=self._rejected, dropped=self._dropped.copy(),
+            )
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Deliver what the client holds within ``timeout_s``; what is left (never sent) goes to the spool."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._producer.flush(max(0.0, timeout_s) if self._broker_up else min(timeout_s, 1.0))
+        if len(self._producer):
+            # Purge what the client still holds; the callbacks route each purged event to the spool. An event
+            # in flight to a broker that went away may have been written: spooling it is the one case where
+            # a restart can repeat an event (consumers de-duplicate on request_id).
+            self._broker_up = False
+            self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+            self._producer.poll(0)
+            self._producer.flush(0)
+        self._finish_replay()
+        self._write_spool()
+        self.spool.close()
+
+    # -- producer callbacks (run in the background thread, inside poll/flush) ------------------------
+
+    def _count_delivery(self) -> None:
+        with self._lock:
+            self._delivered += 1
+            self._in_flight -= 1
+        self._last_ack = time.monotonic()
+        if not self._broker_up:
+            self._mark_up()
+
+    def _on_delivery(self, err: KafkaError | None, msg) -> None:
+        if err is None:
+            self._count_delivery()
+            return
+        code = err.code()
+        if code in PERMANENT:
+            with self._lock:
+                self._in_flight -= 1
+                self._dropped[err.name().lower().lstrip("_")] += 1
+            log.error("Kafka rejected a prediction event for good (%s); counted as dropped", err)
+            return
+        with self._lock:
+            self._in_flight -= 1
+            self._failures += 1 if code not in PURGED else 0
+            self._to_spool.append(msg.value())
+            self._to_spool_bytes += len(msg.value()) + 1
+        if code not in PURGED:
+            self._mark_down(f"delivery failed: {err}")
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
+            self._mark_down(str(err))
+        elif err.fatal():
+            log.error("Kafka producer fatal error, recreating it: %s", err)
+            self._fatal = True
+            self._mark_down(str(err))
+        else:
+            log.warning("Kafka producer: %s", err)
+
+    def _mark_down(self, why: str) -> None:
+        if self._broker_up:
+            log.warning("Kafka at %s unreachable (%s): spooling prediction events", self.bootstrap, why)
+        self._broker_up = False
+        self._next_probe = time.monotonic() + self.probe_interval_s
+
+    def _mark_up(self) -> None:
+        if not self._broker_up:
+            log.info("Kafka at %s reachable: logging predictions to %r", self.bootstrap, self.topic)
+        self._last_ack = time.monotonic()
+        self._broker_up = True
+        self._connected_once.set()
+
+    # -- background thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._step()
-            except Exception:  # the thread must outlive any surprise; events stay queued or spooled
+                self._producer.poll(0.05)
+                if self._fatal:
+                    self._recreate_producer()
+                self._write_spool()
+                if self._broker_up:
+                    self._check_stall()
+                    self._replay_step()
+                elif time.monotonic() >= self._next_probe:
+                    self._probe()
+            except Exception:  # the thread must outlive any surprise; events stay held or spooled
                 log.exception("prediction log step failed")
-                self._mark_down()
-            if time.monotonic() >= self._next_gauges:  # gauges once a second, not once per event
-                metrics.KAFKA_QUEUE_DEPTH.set(self._queue.qsize())
-                metrics.KAFKA_SPOOL_BYTES.set(self.spool.size())
-                self._next_gauges = time.monotonic() + 1.0
+                time.sleep(0.5)
 
-    def _step(self) -> None:
-        if not self._broker_up:
-            self._spill(self._drain())
-            if time.monotonic() < self._next_attempt:
-                time.sleep(0.1)
+    def _write_spool(self) -> None:
+        if not self._to_spool:
+            return
+        batch = []
+        while self._to_spool:
+            batch.append(self._to_spool.popleft())
+        kept = self.spool.append(batch)
+        with self._lock:
+            self._to_spool_bytes -= sum(len(v) + 1 for v in batch)
+            self._spooled += kept
+            if kept < len(batch):
+                self._dropped["spool_full"] += len(batch) - kept
+        if kept < len(batch):
+            log.error("spool full (%d bytes): dropped %d prediction events", self.spool.max_bytes, len(batch) - kept)
+
+    def _recreate_producer(self) -> None:
+        """After a fatal error (e.g. the idempotent producer's sequence broke) only a new producer can send.
+        What the old one held is purged into the spool by its callbacks and replayed by the new one."""
+        old = self._producer
+        old.purge(in_queue=True, in_flight=True, blocking=False)
+        old.flush(1.0)
+        self._finish_replay()
+        self._producer = Producer(self._config)
+        self._fatal = False
+
+    def _probe(self) -> None:
+        try:
+            self._producer.list_topics(self.topic, timeout=1.0)
+        except KafkaException:
+            self._next_probe = time.monotonic() + self.probe_interval_s
+            return
+        self._mark_up()
+
+    def _check_stall(self) -> None:
+        """A broker that accepts connections but never acknowledges is as good as down."""
+        if len(self._producer) and time.monotonic() - self._last_ack > self.stall_s:
+            self._mark_down(f"no acknowledgement for {self.stall_s:.0f}s")
+
+    def _replay_step(self) -> None:
+        """Hand the next chunk of the spool to the client; advance the cursor once all of it is acknowledged."""
+        if self._replay is not None:
+            if self._replay.pending:
                 return
-            self._connect_and_replay()
+            self._finish_replay()
+        if not self.spool.pending_events:
             return
-        try:
-            event = self._queue.get(timeout=0.2)
-        except queue.Empty:
-            return
-        self._send(event)
-
-    def _connect_and_replay(self) -> None:
-        try:
-            if self._producer is None:
-                self._producer = KafkaProducer(
-                    bootstrap_servers=self.bootstrap.split(","),
-                    acks="all",
-                    enable_idempotence=True,
-                    linger_ms=5,
-                    max_block_ms=2_000,
-                    request_timeout_ms=5_000,
-                    delivery_timeout_ms=10_000,
-                    bootstrap_timeout_ms=5_000,
-                    reconnect_backoff_max_ms=1_000,
-                    key_serializer=lambda k: k.encode() if k is not None else None,
-                    value_serializer=lambda v: json.dumps(v, separators=(",", ":")).encode(),
-                )
-            self._producer.partitions_for(self.topic)  # raises while the broker is unreachable
-        except (KafkaError, OSError) as exc:
-            log.warning("Kafka at %s unreachable (%s); spooling prediction events", self.bootstrap, exc)
-            self._mark_down()
-            return
-        events = self.spool.take()
-        failed: list[dict[str, Any]] = []
-        futures = []
-        for event in events:
-            try:
-                futures.append((event, self._producer.send(self.topic, key=_key(event), value=event)))
-            except KafkaError:
-                failed.append(event)
-        for event, future in futures:
-            try:
-                future.get(timeout=15)
-                metrics.KAFKA_REPLAYED.inc()
-                metrics.KAFKA_PUBLISHED.inc()
-            except KafkaError:
-                failed.append(event)
-        self.spool.finish_replay(failed)
-        if failed:
-            log.warning("replay of %d spooled events left %d undelivered", len(events), len(failed))
-            self._mark_down()
-            return
-        if events:
-            log.info("replayed %d spooled prediction events to Kafka", len(events))
-        self._broker_up = True
-        self.connected_once.set()
-
-    def _send(self, event: dict[str, Any]) -> None:
-        assert self._producer is not None
-        try:
-            future = self._producer.send(self.topic, key=_key(event), value=event)
-        except KafkaError:
-            metrics.KAFKA_PUBLISH_FAILURES.inc()
-            self._spill([event])
-            self._mark_down()
-            return
-        future.add_callback(lambda _: metrics.KAFKA_PUBLISHED.inc())
-        future.add_errback(lambda _exc: self._on_delivery_failure(event))
-
-    def _on_delivery_failure(self, event: dict[str, Any]) -> None:
-        metrics.KAFKA_PUBLISH_FAILURES.inc()
-        self._spill([event])
-        self._mark_down()
-
-    def _mark_down(self) -> None:
-        self._broker_up = False
-        self._next_attempt = time.monotonic() + self.retry_interval_s
-
-    def _drain(self) -> list[dict[str, Any]]:
-        events = []
-        while True:
-            try:
-                events.append(self._queue.get_nowait())
-            except queue.Empty:
-                return events
-
-    def _spill(self, events: list[dict[str, Any]]) -> None:
+        events, end = self.spool.read(self.replay_chunk)
         if not events:
             return
-        dropped = self.spool.append(events)
-        metrics.KAFKA_SPOOLED.inc(len(events) - dropped)
-        if dropped:
-            metrics.KAFKA_DROPPED.inc(dropped)
-            log.error("spool full: dropped %d prediction events", dropped)
+        replay = _Replay(self, events, end)
+        for i, value in enumerate(events):
+            while True:
+                try:
+                    self._producer.produce(self.topic, value, _key_of(value),
+                                           on_delivery=functools.partial(replay.on_delivery, i))
+                    with self._lock:
+                        self._in_flight += 1
+                    break
+                except BufferError:
+                    self._producer.poll(0.05)
+        self._replay = replay
+
+    def _finish_replay(self) -> None:
+        """Advance the spool past the acknowledged prefix of the chunk; the rest is replayed later."""
+        replay, self._replay = self._replay, None
+        if replay is None:
+            return
+        done = replay.acknowledged_prefix()
+        if done:
+            self.spool.advance(replay.offsets[done - 1], done)
+            with self._lock:
+                self._replayed += done
+        if done == len(replay.events) and not self.spool.pending_events:
+            log.info("spool replayed: every spooled prediction event is in Kafka")
 
 
-def _key(event: dict[str, Any]) -> str | None:
-    """Partition by entity so one customer's events stay in order."""
-    return event.get("customer_id") or event.get("request_id")
+class _Key(msgspec.Struct):
+    customer_id: str | None = None
+
+
+_key_decoder = msgspec.json.Decoder(_Key)
+
+
+def _key_of(value: bytes) -> bytes | None:
+    """The partition key a spooled event had (its customer), so replay keeps one customer on one partition."""
+    try:
+        customer = _key_decoder.decode(value).customer_id
+    except msgspec.MsgspecError:
+        return None
+    return customer.encode() if customer else None
+
+
+class _Replay:
+    """One chunk of the spool handed to the client, with which of its events the broker acknowledged."""
+
+    def __init__(self, owner: PredictionLog, events: list[bytes], end: int) -> None:
+        self.owner = owner
+        self.events = events
+        start = end - sum(len(e) + 1 for e in events)
+        self.offsets = list(itertools.accumulate((len(e) + 1 for e in events), initial=start))[1:]  # end of each
+        self.acked = [False] * len(events)
+        self.pending = len(events)
+
+    def on_delivery(self, index: int, err: KafkaError | None, _msg) -> None:
+        self.pending -= 1
+        if err is None:
+            self.acked[index] = True
+            self.owner._count_delivery()
+            return
+        with self.owner._lock:
+            self.owner._in_flight -= 1
+        if err.code() not in PURGED:
+            self.owner._mark_down(f"replay delivery failed: {err}")
+
+    def acknowledged_prefix(self) -> int:
+        for i, ok in enumerate(self.acked):
+            if not ok:
+                return i
+        return len(self.acked)

@@ -1,9 +1,11 @@
-"""The BentoML services: an API server in front of an adaptively batched model service.
+"""The BentoML service: one process per core (``MLOPS_WORKERS``), each a complete prediction path.
 
-``FraudDetector`` (the entry point, HTTP and gRPC) validates requests, hands rows to ``FraudModel`` and
-publishes each prediction to Kafka. ``FraudModel.score`` is batchable: BentoML merges concurrent calls into
-one batch, so one Feast lookup and one ONNX Runtime call serve many requests. Which model version answers
-is decided by the registry (``service.model_selector``), switched without dropping a request.
+Every worker holds its own adaptive batcher, online-store client, ONNX sessions (following the registry),
+Kafka producer with its own spool file, and gRPC server (the workers share the HTTP and gRPC ports).
+Nothing crosses a process boundary on the request path. The HTTP endpoints are a lean ASGI app mounted
+into the service (see ``service.http_api`` for why); BentoML's per-request tracing, access log and traffic
+metrics are off by default (``MLOPS_TRACE_REQUESTS``, ``MLOPS_ACCESS_LOG`` turn the first two on) and the
+service exports its own metrics on ``/metrics``.
 
     bentoml serve service.service:FraudDetector
 """
@@ -11,100 +13,163 @@ is decided by the registry (``service.model_selector``), switched without droppi
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-import time
-import uuid
-from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+import os
+import signal
+from pathlib import Path
+from typing import Any
 
-import aiohttp
 import bentoml
-import numpy as np
-from bentoml.exceptions import NotFound, ServiceUnavailable
-from bentoml.validators import ContentType
-from fastapi import FastAPI
-from pydantic import Field
+from bentoml._internal.container import BentoMLContainer
 
-from mlops.schema import ENTITY, MODEL_FEATURES, REQUEST_FEATURES
 from mlops.settings import Settings
-from service import grpc_api, metrics
-from service.feature_lookup import FeatureLookup, open_store
+from service import contract, metrics
+from service.grpc_api import GrpcServer, PortInUse, http_host
+from service.http_api import HttpApi
 from service.model_selector import ModelSelector
-from service.onnx_predictor import OnnxPredictor
-from service.prediction_log import PredictionLog
-from service.schemas import Prediction, PredictRequest, ScoreResult, ScoreRow
+from service.online_store import OnlineStore
+from service.prediction_log import LogStats, PredictionLog
+from service.prediction_service import PredictionService
 from service.spool import Spool
 
+settings = Settings.load()  # read at import: workers and routes are part of the service definition
+for _package in ("service", "mlops", "lifecycle"):  # BentoML's logging config leaves the root at WARNING
+    logging.getLogger(_package).setLevel(settings.log_level)
 log = logging.getLogger(__name__)
-# A declared content type spares BentoML from rebuilding the list type's JSON schema for every
-# response it writes (it did so to find the media type: a third of the model service's CPU).
-T = TypeVar("T")
-JsonList = Annotated[list[T], ContentType("application/json")]
-settings = Settings.load()  # read at import: batching limits are part of the API definition
+PREDICTION_ROUTES = ["/predict", "/predict_batch", "/info", "/metrics", "/docs.json", "/openapi.json"]
 
 
-# BentoML's client to a dependency recycles its HTTP session every `max_requests` calls and closes the
-# old one with requests still in flight on it (they fail with "Server disconnected"); never recycle.
-NO_SESSION_RECYCLING = {"max_requests": 2**31 - 1, "max_age": 10.0 * 365 * 24 * 3600}
+def bentoml_config(s: Settings) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "workers": s.workers,
+        "traffic": {"timeout": 60},
+        "metrics": {"enabled": False},  # its per-request middleware; our metrics are served on /metrics
+        "logging": {"access": {"enabled": s.access_log}},
+    }
+    if not s.trace_requests:
+        config["tracing"] = {"excluded_urls": PREDICTION_ROUTES}
+    return config
 
 
-@bentoml.service(name="fraud_model", workers=1, traffic={"timeout": 30}, runner_connection=NO_SESSION_RECYCLING)
-class FraudModel:
-    """Feature lookup + ONNX inference for whole batches."""
+def worker_index() -> int:
+    return int(bentoml.server_context.worker_index or 1)
 
-    def __init__(self) -> None:
-        self.selector = ModelSelector(settings)
-        self.lookup = FeatureLookup(open_store(settings))
-        self._store_reached = False
-        log.info("serving %s (canary %s)", *self.selector.current.versions)
 
-    @bentoml.on_shutdown
-    def _stop_following(self) -> None:
-        self.selector.stop()
+def worker_spool_path(s: Settings, index: int) -> Path:
+    return s.spool_path.with_name(f"{s.spool_path.stem}-w{index}{s.spool_path.suffix}")
 
-    def __is_ready__(self) -> bool:
-        if not self._store_reached:
+
+def adopt_orphan_spools(s: Settings, spool: Spool) -> int:
+    """Worker 1 takes over the spools of workers that no longer exist (the server now runs fewer)."""
+    adopted = 0
+    for path in sorted(s.spool_path.parent.glob(f"{s.spool_path.stem}-w*{s.spool_path.suffix}")):
+        index = path.stem.rsplit("-w", 1)[-1]
+        if not index.isdigit() or int(index) <= s.workers:
+            continue
+        orphan = Spool(path, s.spool_max_bytes, fsync=False)
+        while orphan.pending_events:
+            events, end = orphan.read(10_000)
+            spool.append(events)
+            orphan.advance(end, len(events))
+            adopted += len(events)
+        orphan.close()
+        path.unlink(missing_ok=True)
+        orphan.cursor_path.unlink(missing_ok=True)
+    return adopted
+
+
+class Runtime:
+    """What one worker runs; built in the startup hook, inside the worker's event loop."""
+
+    def __init__(self, s: Settings) -> None:
+        self.settings = s
+        self.index = worker_index()
+        self.store = OnlineStore(s)
+        self.selector = ModelSelector(s)
+        spool = Spool(worker_spool_path(s, self.index), s.spool_max_bytes)
+        if self.index == 1:
+            adopted = adopt_orphan_spools(s, spool)
+            if adopted:
+                log.info("took over %d spooled events of workers that no longer run", adopted)
+        self.prediction_log = PredictionLog(
+            s.kafka_bootstrap, s.predictions_topic, spool, queue_size=s.publish_queue_size,
+            linger_ms=s.kafka_linger_ms, compression=s.kafka_compression, full_policy=s.spool_full_policy,
+            probe_interval_s=s.kafka_retry_interval_s,
+        )
+        self.service = PredictionService(s, self.store, self.selector, self.prediction_log)
+        self.grpc: GrpcServer | None = None
+        self._exported = LogStats(False, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {})
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        for kind in ("invalid_request", "unknown_entity", "overloaded", "online_store_unavailable",
+                     "online_store_empty", "prediction_log_full", "internal"):
+            metrics.ERRORS.labels(kind)  # series exist at 0 from the start, so rate() alerts see them
+        metrics.KAFKA_DROPPED.labels("spool_full")
+        self.prediction_log.start()
+        self.store.start()
+        await self.store.check()
+        if self.settings.grpc_port:
+            host = self.settings.grpc_host or http_host()
             try:
-                self._store_reached = self.lookup.ping()
-            except Exception as exc:  # any failure to reach Redis means "not ready yet"
-                log.warning("online store not reachable yet: %s", exc)
-        return self._store_reached
+                self.grpc = GrpcServer(self.service, asyncio.get_running_loop(), host, self.settings.grpc_port,
+                                       self.settings.max_request_rows)
+            except PortInUse as exc:
+                # A server that cannot serve its gRPC port must not run at all: stop the whole `bentoml serve`
+                # (this worker's parent) instead of letting it restart this worker forever.
+                log.error("%s", exc)
+                os.kill(os.getppid(), signal.SIGTERM)
+                raise
+        self._tasks.append(asyncio.get_running_loop().create_task(self._export_forever()))
+        gc.freeze()  # the imported heap is never garbage: keep the collector from walking it (P99 tails)
+        log.info("worker %d serving %s (canary %s)", self.index, *self.selector.current.versions)
 
-    @(bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
-      if settings.adaptive_batching else bentoml.api)
-    def score(self, rows: list[ScoreRow]) -> JsonList[ScoreResult]:
-        serving = self.selector.current  # this batch finishes on these sessions, whatever swaps meanwhile
-        metrics.BATCH_SIZE.observe(len(rows))
-        ids = [r.customer_id for r in rows if r.customer_id is not None]
-        started = time.perf_counter()
-        looked_up = iter(self.lookup.fetch(ids))
-        metrics.FEATURE_LOOKUP_LATENCY.observe(time.perf_counter() - started)
+    async def stop(self) -> None:
+        if self.grpc is not None:
+            await asyncio.to_thread(self.grpc.stop)
+        for task in self._tasks:
+            task.cancel()
+        self.selector.stop()
+        await asyncio.to_thread(self.prediction_log.close)
+        await self.store.close()
 
-        results: list[ScoreResult] = []
-        by_predictor: dict[int, tuple[OnnxPredictor, list[int]]] = {}
-        for row in rows:
-            predictor = serving.route(row.customer_id)
-            model = predictor.model
-            stats = next(looked_up) if row.customer_id is not None else {}
-            if stats is None:
-                results.append(ScoreResult(model_name=model.name, model_version=model.version,
-                                           error=f"unknown {ENTITY} {row.customer_id!r}: no online features"))
-                continue
-            vector = {**stats, **(row.features or {}), "transaction_amount": row.transaction_amount}
-            by_predictor.setdefault(id(predictor), (predictor, []))[1].append(len(results))
-            results.append(ScoreResult(features=vector, model_name=model.name, model_version=model.version))
-        for predictor, indices in by_predictor.values():
-            x = np.array([[results[i].features[f] for f in predictor.features] for i in indices],  # type: ignore[index]
-                         dtype=np.float32)
-            started = time.perf_counter()
-            proba = predictor.predict(x)
-            metrics.INFERENCE_LATENCY.observe(time.perf_counter() - started)
-            for i, p in zip(indices, proba.tolist(), strict=True):
-                results[i].prediction = p
-        return results
+    def ready(self) -> bool:
+        return self.service.not_ready_because() is None
 
-    @bentoml.api
-    def info(self) -> dict[str, Any]:
+    async def _export_forever(self) -> None:
+        while True:
+            try:
+                self.export()
+            except Exception:  # metrics must never take the worker down
+                log.exception("metrics export failed")
+            await asyncio.sleep(1.0)
+
+    def export(self) -> None:
+        """Gauges and counters from the state of the store and the log (once a second, not per request)."""
+        metrics.ONLINE_STORE_UP.set(int(self.store.up))
+        metrics.ONLINE_STORE_EMPTY.set(int(self.store.empty))
+        if self.grpc is not None:
+            self.grpc.set_serving(self.ready())
+        now, before = self.prediction_log.stats(), self._exported
+        metrics.KAFKA_CONNECTED.set(int(now.connected))
+        metrics.KAFKA_IN_FLIGHT.set(now.in_flight)
+        metrics.KAFKA_QUEUE_DEPTH.set(now.queue_depth)
+        metrics.KAFKA_SPOOL_EVENTS.set(now.spool_events)
+        metrics.KAFKA_SPOOL_BYTES.set(now.spool_bytes)
+        for counter, field in ((metrics.KAFKA_ACCEPTED, "accepted"), (metrics.KAFKA_DELIVERED, "delivered"),
+                               (metrics.KAFKA_REPLAYED, "replayed"), (metrics.KAFKA_SPOOLED, "spooled"),
+                               (metrics.KAFKA_PUBLISH_FAILURES, "delivery_failures"),
+                               (metrics.KAFKA_REJECTED, "rejected")):
+            delta = getattr(now, field) - getattr(before, field)
+            if delta:
+                counter.inc(delta)
+        for reason, n in now.dropped.items():
+            if n - before.dropped.get(reason, 0):
+                metrics.KAFKA_DROPPED.labels(reason).inc(n - before.dropped.get(reason, 0))
+        self._exported = now
+
+    async def info(self) -> dict[str, Any]:
         serving = self.selector.current
         model = serving.production.model
         return {
@@ -116,137 +181,67 @@ class FraudModel:
             "canary_version": serving.versions[1],
             "canary_share": serving.canary_share,
             "follows_registry": self.selector.registry is not None,
-            "adaptive_batching": settings.adaptive_batching,
-            "max_batch_size": settings.max_batch_size,
-            "max_latency_ms": settings.max_latency_ms,
+            "worker": self.index,
+            "workers": self.settings.workers,
+            "pid": os.getpid(),
+            "ready": self.ready(),
+            "not_ready_because": self.service.not_ready_because(),
+            "batching": {"adaptive": self.settings.adaptive_batching, "max_batch_size": self.settings.max_batch_size,
+                         "max_concurrent_batches": self.settings.max_concurrent_batches,
+                         "max_latency_ms": self.settings.max_latency_ms,
+                         "queued_rows": self.service.batcher.queued_rows},
+            "online_store": {"address": self.settings.redis_address, "up": self.store.up, "empty": self.store.empty,
+                             "project": self.store.project, "ttl_s": self.store.ttl_s},
+            "kafka": {"bootstrap": self.settings.kafka_bootstrap, "topic": self.settings.predictions_topic,
+                      "spool_full_policy": self.settings.spool_full_policy,
+                      **self.prediction_log.stats().as_dict()},
+            "grpc": self.grpc.address if self.grpc is not None else None,
         }
 
 
-ops_app = FastAPI(title="fraud_detector ops")
-BatchRequests = Annotated[list[PredictRequest], Field(min_length=1, max_length=settings.max_request_rows)]
+class _Holder:
+    runtime: Runtime | None = None
 
 
-@bentoml.service(name="fraud_detector", traffic={"timeout": 30, "max_concurrency": 1024})
-@bentoml.asgi_app(ops_app, path="/info")
+holder = _Holder()
+
+
+async def _info() -> dict[str, Any]:
+    if holder.runtime is None:
+        return {"ready": False, "not_ready_because": "starting"}
+    return await holder.runtime.info()
+
+
+def _metrics_text() -> bytes:
+    return BentoMLContainer.metrics_client.get().generate_latest()
+
+
+http = HttpApi(settings.max_body_bytes, settings.max_request_rows,
+               contract.openapi("fraud_detector", "1", settings.max_request_rows), _info, _metrics_text)
+
+
+@bentoml.service(name="fraud_detector", **bentoml_config(settings))
+@bentoml.asgi_app(http.app, path="/")
 class FraudDetector:
-    """Public API: /predict, /predict_batch, GET /info, plus BentoML's /livez, /readyz and /metrics; the same
-    predictions over gRPC on MLOPS_GRPC_PORT (service/proto/fraud.proto)."""
-
-    model = bentoml.depends(FraudModel)
-
-    def __init__(self) -> None:
-        spool = Spool(settings.spool_path, settings.spool_max_bytes)
-        self.prediction_log = PredictionLog(
-            settings.kafka_bootstrap, settings.predictions_topic, spool,
-            queue_size=settings.publish_queue_size, retry_interval_s=settings.kafka_retry_interval_s,
-        ).start()
-
-        self.grpc_server = None
+    """POST /predict and /predict_batch, GET /info, /metrics and /docs.json (OpenAPI), plus BentoML's /livez
+    and /readyz; the same predictions over gRPC on MLOPS_GRPC_PORT (service/proto/fraud.proto)."""
 
     @bentoml.on_startup
-    async def _start_grpc(self) -> None:
-        if settings.grpc_port:
-            servicer = grpc_api.FraudDetectorServicer(self._score_requests, asyncio.get_running_loop(),
-                                                      settings.max_request_rows)
-            self.grpc_server = grpc_api.start(servicer, settings.grpc_host, settings.grpc_port)
+    async def _start(self) -> None:
+        runtime = Runtime(settings)
+        await runtime.start()
+        holder.runtime = runtime
+        http.service = runtime.service
 
     @bentoml.on_shutdown
-    def _flush_prediction_log(self) -> None:
-        if self.grpc_server is not None:
-            self.grpc_server.stop(grace=5).wait()
-        self.prediction_log.close()
+    async def _stop(self) -> None:
+        runtime, holder.runtime = holder.runtime, None
+        http.service = None
+        if runtime is not None:
+            await runtime.stop()
 
-    def __is_ready__(self) -> bool:
-        # The model service's own readiness (model loaded, Redis reached) is checked by BentoML.
-        return self.prediction_log.connected_once.is_set()
-
-    @ops_app.get("/")
-    async def info(self) -> dict[str, Any]:
-        details = await self.model.to_async.info()
-        return {
-            **details,
-            "kafka": {"bootstrap": settings.kafka_bootstrap, "topic": settings.predictions_topic,
-                      "connected": self.prediction_log.broker_up,
-                      "queue_depth": self.prediction_log.queue_depth,
-                      "spool_bytes": self.prediction_log.spool.size()},
-        }
-
-    @bentoml.api(route="/predict", input_spec=PredictRequest)
-    async def predict(self, **fields: Any) -> Prediction:
-        started = time.perf_counter()
-        request = PredictRequest(**fields)
-        (prediction,) = await self._score([request], started, endpoint="predict", single=True)
-        return prediction
-
-    @bentoml.api(route="/predict_batch")
-    async def predict_batch(self, requests: BatchRequests) -> JsonList[Prediction | dict[str, str]]:
-        """Per-row results in request order; a row whose entity is unknown gets ``{"error": ...}``."""
-        return await self._score(requests, time.perf_counter(), endpoint="predict_batch", single=False)
-
-    async def _score_requests(self, requests: list[PredictRequest], endpoint: str, single: bool) -> list:
-        return await self._score(requests, time.perf_counter(), endpoint, single)
-
-    async def _score(self, requests: list[PredictRequest], started: float, endpoint: str, single: bool) -> list:
-        rows = [ScoreRow(customer_id=r.customer_id, transaction_amount=r.transaction_amount, features=r.features)
-                for r in requests]
-        results: list[ScoreResult] = []
-        step = settings.max_batch_size
-        try:
-            for i in range(0, len(rows), step):
-                results.extend(await self._call_model(rows[i:i + step]))
-        except ServiceUnavailable as exc:  # batch queue would exceed max_latency_ms: shed load, retryable
-            metrics.ERRORS.labels("overloaded").inc()
-            raise ServiceUnavailable(f"model service overloaded, retry later ({exc})") from exc
-        latency_ms = (time.perf_counter() - started) * 1000.0
-        answers: list[Prediction | dict[str, str]] = []
-        for request, result in zip(requests, results, strict=True):
-            if result.error is not None:
-                metrics.ERRORS.labels("unknown_entity").inc()
-                if single:
-                    raise NotFound(result.error)
-                answers.append({"error": result.error, "customer_id": request.customer_id or ""})
-                continue
-            answers.append(self._answer(request, result, latency_ms))
-        metrics.REQUEST_LATENCY.labels(endpoint).observe(time.perf_counter() - started)
-        return answers
-
-    async def _call_model(self, rows: list[ScoreRow], attempts: int = 3) -> list[ScoreResult]:
-        """``score`` has no side effects, so a call lost to a connection the model service's keep-alive
-        timer closed under our feet is simply sent again."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return await self.model.to_async.score(rows)
-            except aiohttp.ClientConnectionError:
-                if attempt == attempts:
-                    raise
-                metrics.ERRORS.labels("model_connection_retry").inc()
-        raise AssertionError("unreachable")
-
-    def _answer(self, request: PredictRequest, result: ScoreResult, latency_ms: float) -> Prediction:
-        assert result.prediction is not None and result.features is not None
-        prediction = Prediction(
-            request_id=request.request_id or uuid.uuid4().hex,
-            customer_id=request.customer_id,
-            prediction=result.prediction,
-            label=int(result.prediction >= settings.decision_threshold),
-            model_name=result.model_name,
-            model_version=result.model_version,
-            latency_ms=round(latency_ms, 3),
-        )
-        metrics.PREDICTIONS.labels(result.model_name, result.model_version).inc()
-        self.prediction_log.publish({
-            "request_id": prediction.request_id,
-            "timestamp": datetime.now(UTC).isoformat(),
-            "model_name": prediction.model_name,
-            "model_version": prediction.model_version,
-            ENTITY: request.customer_id,
-            "features": {name: result.features[name] for name in MODEL_FEATURES},
-            "request_features": list(REQUEST_FEATURES),
-            "prediction": prediction.prediction,
-            "label": prediction.label,
-            "latency_ms": prediction.latency_ms,
-        })
-        return prediction
+    async def __is_ready__(self) -> bool:
+        return holder.runtime is not None and holder.runtime.ready()
 
 
-__all__ = ["FraudDetector", "FraudModel"]
+__all__ = ["FraudDetector"]

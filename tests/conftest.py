@@ -1,7 +1,8 @@
-"""Session fixtures: real Redis + Kafka (tools.services), a trained model, a Feast repo, a live server.
+"""Session fixtures: real Redis + Kafka (tools.services), a trained model, a Feast repo, a live server, and
+on request PostgreSQL with an MLflow tracking server on it.
 
-Everything lives in one temporary workspace; BENTOML_HOME points there before bentoml is imported so
-tests never touch the user's model store.
+Everything lives in one temporary workspace; BENTOML_HOME and the embedded MLflow store point there before
+bentoml or mlflow is imported so tests never touch the user's model store or registry.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ WORKSPACE = Path(tempfile.mkdtemp(prefix="mlops-tests-"))
 os.environ["BENTOML_HOME"] = str(WORKSPACE / "bentoml")
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 os.environ["MLOPS_ENV_FILE"] = str(WORKSPACE / "run" / "services.env")
+os.environ["MLOPS_MLFLOW_DIR"] = str(WORKSPACE / "mlflow")
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 import pytest  # noqa: E402
 
@@ -36,6 +39,20 @@ def services():
 
 
 @pytest.fixture(scope="session")
+def mlflow_server() -> str:
+    """``mlflow server`` on PostgreSQL (started only by the tests that ask), in a run folder of its own so the
+    default services env keeps the embedded store. Yields its URI."""
+    from tools import services as svc
+
+    run_dir = WORKSPACE / "run-mlflow"
+    try:
+        state = svc.up(run_dir, with_=("mlflow",), only="mlflow")
+        yield f"http://127.0.0.1:{state['mlflow']['port']}"
+    finally:
+        svc.down(run_dir, purge=True)
+
+
+@pytest.fixture(scope="session")
 def workspace(services) -> Workspace:
     run_dir, _ = services
     return prepare_workspace(WORKSPACE, run_dir)
@@ -46,3 +63,13 @@ def server(workspace: Workspace):
     srv = start_server(workspace)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def mlflow_backend(request, tmp_path):
+    """The same lifecycle test on the embedded SQLite store and on the MLflow server backed by PostgreSQL."""
+    from lifecycle.tracking import Backend
+
+    if request.param == "sqlite":
+        return Backend.for_uri(str(tmp_path / "mlflow.db"))
+    return Backend.for_uri(request.getfixturevalue("mlflow_server"))

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 N_CUSTOMERS = 400
 N_TRANSACTIONS = 8_000
 
-__all__ = ["ConsumerProcess", "Workspace", "prepare_workspace", "start_server", "start_consumer", "metric_value"]
+__all__ = ["ConsumerProcess", "Workspace", "prepare_workspace", "start_server", "start_consumer", "metric_value",
+           "feast_features"]
 
 
 def prepare_workspace(root: Path, run_dir: Path) -> Workspace:
@@ -26,9 +27,10 @@ def prepare_workspace(root: Path, run_dir: Path) -> Workspace:
     return ws
 
 
-def start_server(ws: Workspace, extra_env: dict[str, str] | None = None) -> server_process.ServerProcess:
+def start_server(ws: Workspace, extra_env: dict[str, str] | None = None,
+                 timeout: float = 180) -> server_process.ServerProcess:
     port = svc.free_port()
-    return server_process.start(port, {**ws.env, **(extra_env or {})}, ws.root / f"server-{port}.log")
+    return server_process.start(port, {**ws.env, **(extra_env or {})}, ws.root / f"server-{port}.log", timeout)
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:
@@ -44,3 +46,15 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
 def start_consumer(ws: Workspace, env: dict[str, str], *args: str) -> ConsumerProcess:
     port = svc.free_port()
     return consumer_process.start({**ws.env, **env}, ws.root / f"consumer-{port}.log", port, *args)
+
+
+def feast_features(ws: Workspace, customers: list[str]) -> list[dict | None]:
+    """The customers' store features through the Feast SDK (the reference the service's own reader must equal)."""
+    from mlops.schema import ENTITY, FEATURE_VIEW, STORE_FEATURES
+    from service.online_store import open_feature_store
+
+    table = open_feature_store(ws.settings).get_online_features(
+        features=[f"{FEATURE_VIEW}:{name}" for name in STORE_FEATURES],
+        entity_rows=[{ENTITY: c} for c in customers]).to_dict()
+    rows = [{name: table[name][i] for name in STORE_FEATURES} for i in range(len(customers))]
+    return [None if any(v is None for v in row.values()) else row for row in rows]

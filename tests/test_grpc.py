@@ -52,17 +52,21 @@ def test_raw_features_and_batch_with_unknown_row(stub):
     kinds = [r.WhichOneof("outcome") for r in batch.results]
     assert kinds == ["prediction", "error", "prediction"]
     assert "unknown customer_id 'ghost'" in batch.results[1].error and batch.results[1].customer_id == "ghost"
+    assert batch.results[1].error_code == "unknown_entity"
 
 
 @pytest.mark.parametrize(("request_", "code", "message"), [
-    (pb.PredictRequest(customer_id="C000001"), grpc.StatusCode.INVALID_ARGUMENT, "transaction_amount: Field required"),
+    (pb.PredictRequest(customer_id="C000001"), grpc.StatusCode.INVALID_ARGUMENT,
+     "missing required field `transaction_amount`"),
     (pb.PredictRequest(customer_id="C000001", transaction_amount=-2), grpc.StatusCode.INVALID_ARGUMENT,
-     "greater than or equal to 0"),
+     "Expected `float` >= 0.0 - at `$.transaction_amount`"),
     (pb.PredictRequest(customer_id="C000001", transaction_amount=math.nan), grpc.StatusCode.INVALID_ARGUMENT,
-     "finite number"),
+     "transaction_amount is not a number (NaN)"),
+    (pb.PredictRequest(customer_id="C000001", transaction_amount=1.0, features={"lifetime_value": 1e39}),
+     grpc.StatusCode.INVALID_ARGUMENT, "<= 3.40282"),
     (pb.PredictRequest(transaction_amount=1.0), grpc.StatusCode.INVALID_ARGUMENT, "give customer_id"),
     (pb.PredictRequest(customer_id="C000001", transaction_amount=1.0, features={"shoe_size": 4.0}),
-     grpc.StatusCode.INVALID_ARGUMENT, "unknown features"),
+     grpc.StatusCode.INVALID_ARGUMENT, "unknown field `shoe_size`"),
     (pb.PredictRequest(customer_id="nobody", transaction_amount=1.0), grpc.StatusCode.NOT_FOUND,
      "unknown customer_id 'nobody'"),
 ])
@@ -93,3 +97,35 @@ def test_generated_code_matches_the_proto(tmp_path):
     for name in ("fraud_pb2.py", "fraud_pb2_grpc.py"):
         assert (tmp_path / "service" / "proto" / name).read_text() == (ROOT / "service" / "proto" / name).read_text(), (
             f"{name} is stale: run bash scripts/gen_proto.sh")
+
+
+def test_health_service_says_serving(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "mlops.fraud.v1.FraudDetector"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_grpc_binds_the_http_host_only(server):
+    """`bentoml serve --host 127.0.0.1` (the harness does so): gRPC must not listen on other interfaces."""
+    info = httpx.get(f"{server.url}/info").json()
+    assert info["grpc"] == f"127.0.0.1:{server.grpc_port}"
+    port_hex = f"{server.grpc_port:04X}"
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            address, state = line.split()[1], line.split()[3]
+            if state == "0A" and address.endswith(f":{port_hex}"):  # LISTEN on the gRPC port
+                listening.add(address.rsplit(":", 1)[0])
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, as IPv4 or IPv4-mapped IPv6
+    assert listening and listening <= loopback, listening
+
+
+def test_a_second_server_on_the_same_grpc_port_refuses_to_start(server, workspace):
+    from tests.harness import start_server
+
+    with pytest.raises(RuntimeError, match="already served by another server"):
+        start_server(workspace, {"MLOPS_GRPC_PORT": str(server.grpc_port)}, timeout=90)

@@ -1,14 +1,18 @@
-"""Zero-downtime promotion and rollback under continuous traffic, and canary routing."""
+"""Zero-downtime promotion and rollback on MLflow's registry under continuous traffic, canary routing, and two
+replicas following one registry on the MLflow server (PostgreSQL)."""
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 
 import httpx
 import pytest
 
+from lifecycle import model_store
 from lifecycle.registry import Registry
+from lifecycle.tracking import Backend
 from lifecycle.train import register as store_model
 from lifecycle.train import train
 from tests.harness import metric_value, start_server
@@ -19,18 +23,22 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def versions(workspace):
-    """v1 (from the workspace) and a visibly different v2, both in the model store."""
-    from lifecycle import model_store
-
-    if not model_store.exists("fraud_detector", "v2"):
-        store_model(train(workspace.dataset, params={"n_estimators": 30, "max_depth": 2}), "fraud_detector", "v2")
-    return "v1", "v2"
+def trained(workspace):
+    """Two visibly different models on the workspace's data."""
+    return train(workspace.dataset), train(workspace.dataset, params={"n_estimators": 30, "max_depth": 2})
 
 
-def follower_env(registry_path, **extra: str) -> dict[str, str]:
-    return {"MLOPS_MODEL_VERSION": "", "MLOPS_REGISTRY_PATH": str(registry_path), "MLOPS_REGISTRY_POLL_S": "0.5",
-            **extra}
+def stored(backend: Backend, trained) -> str:
+    """A fresh registered model (its own name, so each test starts from an empty registry) with v1 and v2."""
+    name = f"fraud_{uuid.uuid4().hex[:8]}"
+    for version, model in zip(("v1", "v2"), trained, strict=True):
+        store_model(model, name, version, backend=backend)
+    return name
+
+
+def follower_env(backend: Backend, name: str, **extra: str) -> dict[str, str]:
+    return {"MLOPS_MODEL_VERSION": "", "MLOPS_MODEL_NAME": name, "MLOPS_MLFLOW_URI": backend.uri,
+            "MLOPS_REGISTRY_POLL_S": "0.5", **extra}
 
 
 def takeover(traffic: Traffic, since: float, version: str) -> float:
@@ -40,23 +48,24 @@ def takeover(traffic: Traffic, since: float, version: str) -> float:
     return seconds
 
 
-def test_promote_and_rollback_under_traffic_fail_no_request(workspace, versions, tmp_path):
-    v1, v2 = versions
-    reg = Registry(tmp_path / "registry.db")
-    reg.register("fraud_detector", v1)
-    reg.register("fraud_detector", v2, stage="staging")
-    reg.promote("fraud_detector", v1, "production")
-    server = start_server(workspace, follower_env(reg.path))
+def test_promote_and_rollback_under_traffic_fail_no_request(workspace, trained):
+    v1, v2 = "v1", "v2"
+    reg = Registry(model_store.default_backend())  # the embedded SQLite store the workspace trained into
+    name = stored(reg.backend, trained)
+    reg.register(name, v1)
+    reg.register(name, v2, stage="staging")
+    reg.promote(name, v1, "production")
+    server = start_server(workspace, follower_env(reg.backend, name))
     try:
         assert httpx.get(f"{server.url}/info/").json()["model_version"] == v1
         with Traffic(server.url) as traffic:
             time.sleep(2)
             promoted_at = time.monotonic()
-            reg.promote("fraud_detector", v2, "production")
+            reg.promote(name, v2, "production")
             promote_s = takeover(traffic, promoted_at, v2)
             time.sleep(2)
             rolled_back_at = time.monotonic()
-            reg.rollback("fraud_detector")
+            reg.rollback(name)
             rollback_s = takeover(traffic, rolled_back_at, v1)
             time.sleep(2)
         statuses = traffic.statuses()
@@ -80,13 +89,14 @@ def test_promote_and_rollback_under_traffic_fail_no_request(workspace, versions,
         server.stop()
 
 
-def test_canary_share_goes_to_staging_with_per_version_metrics(workspace, versions, tmp_path):
-    v1, v2 = versions
-    reg = Registry(tmp_path / "registry.db")
-    reg.register("fraud_detector", v1)
-    reg.promote("fraud_detector", v1, "production")
-    reg.register("fraud_detector", v2, stage="staging")
-    server = start_server(workspace, follower_env(reg.path, MLOPS_CANARY_SHARE="0.3"))
+def test_canary_share_goes_to_staging_with_per_version_metrics(workspace, trained):
+    v1, v2 = "v1", "v2"
+    reg = Registry(model_store.default_backend())
+    name = stored(reg.backend, trained)
+    reg.register(name, v1)
+    reg.promote(name, v1, "production")
+    reg.register(name, v2, stage="staging")
+    server = start_server(workspace, follower_env(reg.backend, name, MLOPS_CANARY_SHARE="0.3"))
     try:
         info = httpx.get(f"{server.url}/info/").json()
         assert (info["model_version"], info["canary_version"], info["canary_share"]) == (v1, v2, 0.3)
@@ -101,7 +111,7 @@ def test_canary_share_goes_to_staging_with_per_version_metrics(workspace, versio
         assert metric_value(text, "mlops_predictions_total", f'model_version="{v2}"') == 2 * first.count(v2)
         assert metric_value(text, "mlops_predictions_total", f'model_version="{v1}"') == 2 * first.count(v1)
         # Promoting the canary ends the split: everything on v2.
-        reg.promote("fraud_detector", v2, "production")
+        reg.promote(name, v2, "production")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             info = httpx.get(f"{server.url}/info/").json()
@@ -111,3 +121,36 @@ def test_canary_share_goes_to_staging_with_per_version_metrics(workspace, versio
         assert info["model_version"] == v2 and info["canary_version"] is None
     finally:
         server.stop()
+
+
+def test_two_replicas_follow_one_registry_on_the_mlflow_server(workspace, trained, mlflow_server):
+    """Many hosts: the registry is `mlflow server` on PostgreSQL; two replicas follow it, with no failed request."""
+    backend = Backend.for_uri(mlflow_server)
+    reg = Registry(backend)
+    name = stored(backend, trained)
+    reg.register(name, "v1")
+    reg.register(name, "v2", stage="staging")
+    reg.promote(name, "v1", "production")
+    replicas = [start_server(workspace, follower_env(backend, name)) for _ in range(2)]
+    try:
+        with Traffic(replicas[0].url, clients=2) as first, Traffic(replicas[1].url, clients=2) as second:
+            time.sleep(2)
+            at = time.monotonic()
+            reg.promote(name, "v2", "production", "two replicas")
+            promote_s = [takeover(t, at, "v2") for t in (first, second)]
+            time.sleep(1)
+            at = time.monotonic()
+            reg.rollback(name)
+            rollback_s = [takeover(t, at, "v1") for t in (first, second)]
+            time.sleep(1)
+        for traffic in (first, second):
+            assert traffic.statuses() == Counter({200: len(traffic.results)}), traffic.statuses()
+            assert set(traffic.versions()) == {"v1", "v2"}
+        assert max(promote_s + rollback_s) < 10, (promote_s, rollback_s)
+        print(f"\ntwo replicas on the MLflow server: promotion took effect in {promote_s}, rollback in {rollback_s}, "
+              f"{len(first.results) + len(second.results)} requests, 0 failed")
+        for replica in replicas:
+            assert httpx.get(f"{replica.url}/info/").json()["model_version"] == "v1"
+    finally:
+        for replica in replicas:
+            replica.stop()

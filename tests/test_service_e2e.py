@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import httpx
@@ -13,8 +14,7 @@ import pytest
 from lifecycle import model_store
 from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import MODEL_FEATURES
-from service.feature_lookup import FeatureLookup, open_store
-from tests.harness import metric_value
+from tests.harness import feast_features, metric_value
 from tools.kafka_read import read_events
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ def test_predictions_equal_onnx_on_feast_features_and_each_is_logged_once(server
         answers.append(r.json())
 
     # Expected: the stored ONNX model on the same features, fetched from Feast by this test.
-    stats = FeatureLookup(open_store(workspace.settings)).fetch(customers)
+    stats = feast_features(workspace, customers)
     vectors = [{**s, "transaction_amount": a} for s, a in zip(stats, amounts, strict=True)]
     x = np.array([[v[f] for f in MODEL_FEATURES] for v in vectors], dtype=np.float32)
     stored = model_store.load("fraud_detector", "v1")
@@ -77,7 +77,8 @@ def test_batch_endpoint_keeps_order_and_flags_unknown(server):
     assert r.status_code == 200, r.text
     rows = r.json()
     assert [row.get("customer_id") for row in rows] == [*ids(2), "ghost", *ids(3, start=2)]
-    assert "unknown customer_id 'ghost'" in rows[2]["error"] and "prediction" not in rows[2]
+    assert rows[2]["error"] == "unknown_entity" and "unknown customer_id 'ghost'" in rows[2]["detail"]
+    assert "prediction" not in rows[2]
     assert all("prediction" in row for i, row in enumerate(rows) if i != 2)
 
 
@@ -98,25 +99,33 @@ def test_concurrent_requests_are_batched(server):
 
 
 BAD_INPUTS = [
-    ({"customer_id": "C000001"}, "transaction_amount"),
-    ({"customer_id": "C000001", "transaction_amount": "12"}, "valid number"),
-    ({"customer_id": "C000001", "transaction_amount": True}, "valid number"),
-    ({"customer_id": "C000001", "transaction_amount": -1}, "greater than or equal to 0"),
-    ({"customer_id": "C000001", "transaction_amount": 1, "colour": "red"}, "Extra inputs"),
-    ({"customer_id": "", "transaction_amount": 1}, "at least 1 character"),
-    ({"customer_id": 17, "transaction_amount": 1}, "valid string"),
+    ({"customer_id": "C000001"}, "missing required field `transaction_amount`"),
+    ({"customer_id": "C000001", "transaction_amount": "12"}, "Expected `float`, got `str`"),
+    ({"customer_id": "C000001", "transaction_amount": True}, "Expected `float`, got `bool`"),
+    ({"customer_id": "C000001", "transaction_amount": -1}, "Expected `float` >= 0.0 - at `$.transaction_amount`"),
+    ({"customer_id": "C000001", "transaction_amount": 1, "colour": "red"}, "unknown field `colour`"),
+    ({"customer_id": "", "transaction_amount": 1}, "Expected `str` of length >= 1 - at `$.customer_id`"),
+    ({"customer_id": 17, "transaction_amount": 1}, "got `int` - at `$.customer_id`"),
     ({"transaction_amount": 1}, "give customer_id, or all store features"),
     ({"transaction_amount": 1, "features": {"avg_order_value": 3}}, "missing"),
-    ({"customer_id": "C000001", "transaction_amount": 1, "features": {"shoe_size": 3}}, "unknown features"),
-    ({"customer_id": "C000001", "transaction_amount": 1, "features": {"lifetime_value": -3}}, "negative"),
+    ({"customer_id": "C000001", "transaction_amount": 1, "features": {"shoe_size": 3}}, "unknown field `shoe_size`"),
+    ({"customer_id": "C000001", "transaction_amount": 1, "features": {"lifetime_value": -3}}, ">= 0.0"),
+    ({"customer_id": "C000001", "transaction_amount": 1, "features": {"lifetime_value": 3.5e38}}, "<= 3.40282"),
+    ({"customer_id": "C000001", "transaction_amount": 1e300}, "<= 1000000000.0"),
 ]
+
+
+def error_of(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error", "detail"} and isinstance(body["detail"], str), body
+    return body
 
 
 @pytest.mark.parametrize(("body", "message"), BAD_INPUTS)
 def test_bad_input_is_a_400_with_a_message(server, body, message):
     r = predict(server, **body)
     assert r.status_code == 400, r.text
-    assert message in r.text
+    assert error_of(r)["error"] == "invalid_request" and message in r.json()["detail"], r.text
 
 
 @pytest.mark.parametrize("raw", ['{"customer_id": "C000001", "transaction_amount": NaN}',
@@ -127,33 +136,86 @@ def test_bad_input_is_a_400_with_a_message(server, body, message):
 def test_non_finite_and_malformed_json_are_400(server, raw):
     r = httpx.post(f"{server.url}/predict", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
+    assert error_of(r)["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+@pytest.mark.parametrize("path", ["/predict", "/predict_batch"])
+def test_a_body_that_is_not_json_is_415_and_not_logged(server, path, content_type):
+    body = '{"customer_id": "C000001", "transaction_amount": 1}'
+    time.sleep(1.2)  # counters are exported once a second: let earlier tests' events settle
+    before = metric_value(httpx.get(f"{server.url}/metrics").text, "mlops_kafka_accepted_total")
+    headers = {"content-type": content_type} if content_type else {}
+    r = httpx.post(f"{server.url}{path}", content=body, headers=headers)
+    assert r.status_code == 415, r.text
+    assert error_of(r)["error"] == "unsupported_media_type"
+    time.sleep(1.2)  # counters are exported once a second
+    assert metric_value(httpx.get(f"{server.url}/metrics").text, "mlops_kafka_accepted_total") == before
+
+
+def test_unknown_fields_are_refused_on_both_endpoints(server):
+    r = httpx.post(f"{server.url}/predict_batch", json={"requests": [{"customer_id": "C000001",
+                                                                        "transaction_amount": 1}], "extra": 1})
+    assert r.status_code == 400 and "unknown field `extra`" in error_of(r)["detail"]
+    r = predict(server, customer_id="C000001", transaction_amount=1, extra=1)
+    assert r.status_code == 400 and "unknown field `extra`" in error_of(r)["detail"]
+
+
+def test_an_oversized_body_is_413(server, workspace):
+    r = httpx.post(f"{server.url}/predict", content=b" " * (workspace.settings.max_body_bytes + 1),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and error_of(r)["error"] == "body_too_large"
 
 
 def test_unknown_entity_is_404_with_message(server):
     r = predict(server, customer_id="nobody-here", transaction_amount=10.0)
     assert r.status_code == 404
-    assert "unknown customer_id 'nobody-here'" in r.text
+    assert error_of(r) == {"error": "unknown_entity", "detail": "unknown customer_id 'nobody-here': no online features"}
+
+
+def test_client_errors_log_one_line_not_a_traceback(server):
+    predict(server, customer_id="C000001", transaction_amount="oops")
+    time.sleep(0.3)
+    log = server.log_tail(400)
+    assert "Expected `float`, got `str`" in log
+    assert "Traceback" not in log
+
+
+def test_openapi_documents_the_contract(server):
+    spec = httpx.get(f"{server.url}/docs.json").json()
+    request = spec["components"]["schemas"]["PredictRequest"]
+    assert request["additionalProperties"] is False
+    assert [branch["required"] for branch in request["anyOf"]] == [["customer_id"], ["features"]]
+    responses = spec["paths"]["/predict"]["post"]["responses"]
+    assert set(responses) == {"200", "400", "404", "413", "415", "503"}
+    assert spec["components"]["schemas"]["ErrorBody"]["required"] == ["error", "detail"]
 
 
 def test_oversized_and_empty_batches_are_400(server, workspace):
     limit = workspace.settings.max_request_rows
     too_many = {"requests": [{"customer_id": "C000001", "transaction_amount": 1.0}] * (limit + 1)}
     r = httpx.post(f"{server.url}/predict_batch", json=too_many, timeout=30)
-    assert r.status_code == 400 and f"at most {limit} items" in r.text
+    assert r.status_code == 400 and f"give 1 to {limit} rows, got {limit + 1}" in error_of(r)["detail"]
     r = httpx.post(f"{server.url}/predict_batch", json={"requests": []})
     assert r.status_code == 400
 
 
 def test_probes_info_and_metrics(server):
+    assert predict(server, customer_id="C000001", transaction_amount=5.0).status_code == 200
+    time.sleep(1.2)  # log counters are exported once a second
     assert httpx.get(f"{server.url}/livez").status_code == 200
     assert httpx.get(f"{server.url}/readyz").status_code == 200
-    info = httpx.get(f"{server.url}/info/").json()
-    assert info["provider"] == "CPUExecutionProvider"
+    info = httpx.get(f"{server.url}/info").json()
+    assert info["provider"] == "CPUExecutionProvider" and info["ready"] is True
     assert info["model_version"] == "v1" and info["kafka"]["connected"] is True
+    assert info["online_store"]["up"] is True and info["online_store"]["empty"] is False
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("mlops_request_latency_seconds_bucket", "mlops_feature_lookup_latency_seconds_bucket",
                  "mlops_inference_latency_seconds_bucket", "mlops_batch_size_bucket", "mlops_predictions_total",
-                 "mlops_errors_total", "mlops_kafka_publish_failures_total", "mlops_kafka_queue_depth"):
+                 "mlops_errors_total", "mlops_kafka_delivered_total", "mlops_kafka_queue_depth",
+                 "mlops_kafka_in_flight", "mlops_kafka_spool_events", "mlops_kafka_connected", "mlops_online_store_up",
+                 "mlops_requests_total", "mlops_feature_age_seconds_bucket"):
         assert name in text, name
     info_line = 'mlops_model_info{model_name="fraud_detector",model_version="v1",provider="CPUExecutionProvider"} 1.0'
     assert info_line in text

@@ -74,3 +74,65 @@ def test_train_cli_without_data_exits_2(tmp_path, capsys):
     assert train_main(["--data-dir", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mlops-train: no data at") and "\n" not in err
+
+
+def _history_case():
+    """Customer C1: a snapshot at t0, a transaction at t1, a snapshot written at t2 (after it), a transaction at t3;
+    a transaction exactly at t2; and one a day and a half after t0 for C2 (older than the ttl)."""
+    import pandas as pd
+
+    t0 = pd.Timestamp("2026-01-01T00:00:00Z")
+    hours = [t0 + pd.Timedelta(hours=h) for h in range(5)]
+    customers = pd.DataFrame({
+        "customer_id": ["C1", "C1", "C2"],
+        "total_purchases": [1, 999, 5],
+        "avg_order_value": [10.0, 99.0, 20.0],
+        "days_since_last_order": [1.0, 2.0, 3.0],
+        "lifetime_value": [10.0, 9999.0, 100.0],
+        "event_timestamp": [hours[0], hours[2], hours[0]],
+    })
+    transactions = pd.DataFrame({
+        "customer_id": ["C1", "C1", "C1", "C2"],
+        "transaction_amount": [5.0, 6.0, 7.0, 8.0],
+        "is_fraud": [0, 1, 0, 1],
+        "event_timestamp": [hours[1], hours[3], hours[2], t0 + pd.Timedelta(hours=36)],
+    })
+    return datamod.Dataset(customers, transactions)
+
+
+def test_point_in_time_join_never_leaks_a_later_snapshot():
+    frame = datamod.training_frame(_history_case())
+    by_amount = frame.set_index("transaction_amount")["total_purchases"].to_dict()
+    assert by_amount == {5.0: 1, 6.0: 999, 7.0: 999}  # 8.0: C2's only snapshot is older than the ttl
+
+
+def test_history_and_latest_snapshot(small_dataset):
+    counts = small_dataset.customers.groupby("customer_id").size()
+    assert (counts == datamod.SNAPSHOTS).all()
+    latest = small_dataset.latest_customers()
+    assert len(latest) == small_dataset.customers["customer_id"].nunique()
+    newest = small_dataset.customers.groupby("customer_id")["event_timestamp"].max()
+    assert (latest.set_index("customer_id")["event_timestamp"] == newest).all()
+    # Every transaction has a snapshot in force (none older than the ttl).
+    assert len(datamod.training_frame(small_dataset)) == len(small_dataset.transactions)
+
+
+def test_train_cli_outside_a_git_checkout_tracks_the_run_without_a_commit(tmp_path):
+    """No git (a tarball, a container): the run has no commit tag, and nothing crashes."""
+    import os
+    import subprocess
+    import sys
+
+    datamod.write(datamod.generate(150, 2_000, seed=5), tmp_path / "data")
+    env = {**os.environ, "GIT_DIR": str(tmp_path / "no-git"), "MLOPS_MLFLOW_DIR": str(tmp_path / "mlflow"),
+           "BENTOML_HOME": str(tmp_path / "bentoml")}
+    out = subprocess.run([sys.executable, "-m", "lifecycle.train", "--data-dir", str(tmp_path / "data"),
+                          "--name", "nogit"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "stored nogit:v1" in out.stdout
+    from lifecycle.tracking import Backend
+
+    backend = Backend.for_uri(str(tmp_path / "mlflow" / "mlflow.db"))
+    run_id = model_store.find(backend, "nogit", "v1").run_id
+    tags = backend.client.get_run(run_id).data.tags
+    assert "git_commit" not in tags and tags["training_data_hash"]

@@ -19,6 +19,7 @@ import httpx
 
 from lifecycle import data as datamod
 from lifecycle.registry import Registry
+from lifecycle.tracking import Backend
 from mlops.settings import Settings
 from streaming import process as consumer_process
 from tools import server_process, workspace
@@ -55,21 +56,28 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.load(env_file)
     server = None
     try:
-        step("data → training (ONNX, parity-checked) → model store → feast apply + feast materialize")
-        ws = workspace.prepare(args.run_dir.resolve(), env_file, settings.feature_repo.resolve())
+        backend = Backend.from_settings(settings)
+        step(f"data (customer_stats history) → training, an MLflow run ({backend.display_uri}) → ONNX "
+             "(parity-checked) → MLflow registry → feast apply + feast materialize")
+        # The first version is a quick baseline (60 shallow trees), so the pipeline's candidate has one to beat.
+        ws = workspace.prepare(args.run_dir.resolve(), env_file, settings.feature_repo.resolve(),
+                               params=BASELINE_PARAMS)
         m = ws.model.metadata["metrics"]
         print(f"data in {ws.feature_repo / 'data'}; stored {ws.model.tag}: auc={m['auc']:.4f} "
               f"accuracy={m['accuracy']:.4f} onnx parity max diff={m['onnx_parity_max_abs_diff']:.2e}; "
-              "feature view customer_stats materialized to Redis")
+              f"MLflow run {ws.model.metadata.get('mlflow_run_id')}, model version "
+              f"{ws.model.metadata.get('mlflow_model_version')}; latest customer_stats materialized to Redis")
 
-        step(f"registry: {ws.model.tag} registered and promoted to Production ({settings.registry_path})")
-        registry = Registry(settings.registry_path)
-        registry.register(ws.model.name, ws.model.version, ws.model.metadata["metrics"], ws.model.metadata["params"],
-                          ws.model.metadata["training_data_hash"], ws.model.metadata["git_commit"])
+        step(f"registry: {ws.model.tag} registered and promoted: models:/{ws.model.name}@production")
+        registry = Registry(backend, settings.registry_lock_timeout_s)
+        meta = ws.model.metadata
+        registry.register(ws.model.name, ws.model.version, meta["metrics"], meta["params"],
+                          meta.get("training_data_hash"), meta.get("git_commit"))
         registry.promote(ws.model.name, ws.model.version, "production", "demo")
 
-        step(f"bentoml serve on port {args.port} (following the registry's Production version)")
-        serve_env = {**ws.env, "MLOPS_MODEL_VERSION": "", "MLOPS_REGISTRY_PATH": str(settings.registry_path.resolve())}
+        step(f"bentoml serve on port {args.port} (following models:/{ws.model.name}@production)")
+        serve_env = {**ws.env, "MLOPS_MODEL_VERSION": "", "MLOPS_MLFLOW_DIR": str(settings.mlflow_dir.resolve()),
+                     "MLOPS_MLFLOW_URI": settings.mlflow_uri}
         server = server_process.start(args.port, serve_env, args.run_dir / "server.log")
         print(f"ready at {server.url} (pid {server.process.pid}); info: {httpx.get(server.url + '/info/').text}")
 
@@ -93,11 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         step("streaming drift: a consumer group on the prediction log, alerts on '"
              f"{settings.alerts_topic}'")
         alerts = demo_drift(ws, server.url, args.run_dir)
-        step("lifecycle: pipeline (gate) → Staging → promote under traffic → rollback under traffic")
-        if not demo_lifecycle(registry, ws.model.name, server.url):
+        step("lifecycle: pipeline (Feast point-in-time training set, gate) → Staging → promote under traffic → "
+             "rollback under traffic")
+        if not demo_lifecycle(registry, ws.model.name, server.url, settings):
             return 1
         step(f"done: {len(ids)} predictions served, {len(events)} events read back from Kafka, "
              f"{len(alerts)} drift alerts, promotion and rollback with no failed request")
+        print(f"browse the training runs and the registry: .venv/bin/mlflow ui --backend-store-uri "
+              f"{backend.display_uri} --port 5000   (then http://127.0.0.1:5000)")
         if args.keep_running:
             print(f"left running: server pid {server.process.pid}, services in {args.run_dir}")
             server = None
@@ -109,12 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             svc.down(args.run_dir)
 
 
-def demo_lifecycle(registry: Registry, name: str, url: str) -> bool:
+BASELINE_PARAMS = {"n_estimators": 60, "max_depth": 2}
+
+
+def demo_lifecycle(registry: Registry, name: str, url: str, settings: Settings) -> bool:
     from lifecycle.pipeline import definition, runner
 
-    summary = runner.run(definition.load(ROOT / "pipeline.yaml"), registry, model_name=name)
+    summary = runner.run(definition.load(ROOT / "pipeline.yaml"), registry, model_name=name, settings=settings)
     for stage in summary["stages"]:
         print(f"  {stage['stage']:<11} {stage['outcome']}")
+    print(f"  MLflow run {summary['mlflow_run_id']} (experiment {registry.backend.experiment})")
     candidate = summary["registered"]["version"]
     production = registry.production(name)
     assert production is not None
@@ -134,7 +149,12 @@ def demo_lifecycle(registry: Registry, name: str, url: str) -> bool:
     print(f"{len(traffic.results)} requests during the switch, {failed} failed, versions seen: "
           f"{dict(traffic.versions())}")
     for row in registry.list(name)[-3:]:
-        print(f"  {row.name}:{row.version:<5} {row.stage:<10} auc={row.metrics.get('auc', 0):.4f}")
+        print(f"  {row.name}:{row.version:<5} {row.stage:<10} auc={row.metrics.get('auc', 0):.4f} "
+              f"aliases={','.join(row.aliases) or '-'}")
+    print("  history (MLflow experiment 'model-registry-history'):")
+    for row in registry.history(name)[-4:]:
+        print(f"    {row['at'][:19]} {row['version']:<4} {row['from_stage']:>10} -> {row['to_stage']:<10} "
+              f"{row['reason']}")
     return failed == 0 and promote_s is not None and rollback_s is not None
 
 

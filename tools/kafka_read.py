@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 
 def read_events(bootstrap: str, topic: str, wanted: set[str], timeout: float = 60, settle: float = 2.0,
@@ -15,18 +16,20 @@ def read_events(bootstrap: str, topic: str, wanted: set[str], timeout: float = 6
 
     Waits until each wanted id was seen, then ``settle`` seconds more so that duplicates would show.
     """
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             value_deserializer=_loads)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "log_level": 2})
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
+        metadata = consumer.list_topics(topic, timeout=30).topics[topic]
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)])
         found: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         complete_at: float | None = None
         while time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                found.extend(r.value for r in records if isinstance(r.value, dict) and r.value.get(key) in wanted)
+            for message in consumer.consume(num_messages=10_000, timeout=0.2):
+                if message.error() is None:
+                    value = _loads(message.value())
+                    if isinstance(value, dict) and value.get(key) in wanted:
+                        found.append(value)
             if complete_at is None and {e[key] for e in found} >= wanted:
                 complete_at = time.monotonic()
             if complete_at is not None and time.monotonic() - complete_at >= settle:
@@ -36,8 +39,8 @@ def read_events(bootstrap: str, topic: str, wanted: set[str], timeout: float = 6
         consumer.close()
 
 
-def _loads(raw: bytes) -> Any:
+def _loads(raw: bytes | None) -> Any:
     try:
-        return json.loads(raw)
+        return json.loads(raw) if raw is not None else None
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None

@@ -1,13 +1,17 @@
-"""Start and stop the real Redis and Kafka that the stack and its tests use.
+"""Start and stop the real Redis and Kafka that the stack and its tests use, and on request PostgreSQL with an
+MLflow tracking server on it.
 
 Redis is Debian's ``redis-server``; Kafka is the Apache broker in KRaft mode (one node, broker+controller)
-run from the Maven Central jars, resolved once into a cache folder. Both listen on free loopback ports;
+run from the Maven Central jars, resolved once into a cache folder. ``--with mlflow`` adds Debian's
+PostgreSQL (its own cluster in ``<run-dir>/postgres``, run as the unprivileged ``postgres`` user when we are
+root, since PostgreSQL refuses root) and ``mlflow server`` on it, the registry many hosts share; their
+address goes to the env file as ``MLOPS_MLFLOW_URI``. All listen on free loopback ports;
 their addresses go to one env file (``<run-dir>/services.env``) that :class:`mlops.settings.Settings`
 reads. Process ids live in ``<run-dir>/services.json`` so that ``down`` (or the next ``up``) never leaves a
 stray process behind. A service restarted with ``up --only kafka`` keeps its port and data, which is what
 the broker-outage tests rely on.
 
-    python -m tools.services up|down|status [--only redis|kafka] [--run-dir .run]
+    python -m tools.services up|down|status [--only redis|kafka|postgres|mlflow] [--with mlflow] [--run-dir .run]
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ KAFKA_VERSION = "4.1.1"
 DEFAULT_RUN_DIR = Path(".run")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlops-stack"
 SERVICES = ("redis", "kafka")
+# Started only when asked for (`up --with mlflow`): the default test session and demo do not need them.
+OPTIONAL = ("postgres", "mlflow")
+REQUIRES = {"mlflow": ("postgres",)}
+PG_DATABASE = "mlflow"
+PG_USER = "mlflow"
 # Topics the stack uses, with their partition counts (more partitions let drift consumers scale out).
 TOPICS = {"predictions": 3, "drift-alerts": 1, "predictions-dlq": 1}
 
@@ -65,6 +74,10 @@ class RunDir:
             lines.append(f"MLOPS_REDIS_ADDRESS=127.0.0.1:{state['redis']['port']}")
         if "kafka" in state:
             lines.append(f"MLOPS_KAFKA_BOOTSTRAP=127.0.0.1:{state['kafka']['port']}")
+        if "postgres" in state:
+            lines.append(f"MLOPS_POSTGRES_ADDRESS=127.0.0.1:{state['postgres']['port']}")
+        if "mlflow" in state:
+            lines.append(f"MLOPS_MLFLOW_URI=http://127.0.0.1:{state['mlflow']['port']}")
         self.env_file.write_text("\n".join(lines) + "\n")
 
 
@@ -89,12 +102,11 @@ def process_alive(pid: int, marker: str) -> bool:
     return marker in cmdline
 
 
-def stop_process(pid: int, marker: str, timeout: float = 30.0, kill: bool = False) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; ``kill``: SIGKILL at once (a crash, for the outage tests)."""
+def stop_process(pid: int, marker: str, timeout: float = 30.0, sig: int = signal.SIGTERM) -> None:
     if not process_alive(pid, marker):
         return
     try:
-        os.killpg(pid, signal.SIGKILL if kill else signal.SIGTERM)
+        os.killpg(pid, sig)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
@@ -268,9 +280,145 @@ def create_topics(bootstrap: str, topics: dict[str, int] = TOPICS) -> None:
         admin.close()
 
 
+# --- PostgreSQL ---------------------------------------------------------------------------------------
+
+
+def postgres_bin(tool: str) -> str:
+    """Debian keeps the server binaries in /usr/lib/postgresql/<major>/bin, off PATH; some images link them."""
+    found = shutil.which(tool)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"), key=lambda p: int(p.parts[-3]),
+                        reverse=True) if Path("/usr/lib/postgresql").exists() else []
+    if candidates:
+        return str(candidates[0])
+    if os.geteuid() != 0:
+        raise ServiceError("PostgreSQL is missing; install it with: sudo apt-get install -y postgresql")
+    run_checked(["apt-get", "update", "-qq"], "apt-get update")
+    run_checked(["apt-get", "install", "-y", "-qq", "postgresql"], "apt-get install postgresql",
+                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return postgres_bin(tool)
+
+
+def postgres_user() -> str | None:
+    """The account PostgreSQL runs as: ourselves, or when we are root (which it refuses) Debian's ``postgres``."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise ServiceError("running as root, and neither a 'postgres' nor a 'nobody' account exists to run PostgreSQL")
+
+
+def _let_through(path: Path) -> None:
+    """Make every folder above ``path`` traversable (not listable) for the unprivileged server account:
+    a test's run folder lives in a 0700 temporary folder."""
+    for parent in reversed(path.resolve().parents):
+        mode = parent.stat().st_mode
+        if not mode & 0o001 and parent.stat().st_uid == os.geteuid():
+            parent.chmod(mode | 0o001)
+
+
+def start_postgres(run: RunDir, port: int) -> int:
+    user = postgres_user()
+    home = (run.path / "postgres").resolve()
+    data = home / "data"
+    home.mkdir(parents=True, exist_ok=True)
+    as_user: dict = {}
+    if user is not None:
+        import pwd
+
+        entry = pwd.getpwnam(user)
+        _let_through(home)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    if not (data / "PG_VERSION").exists():
+        shutil.rmtree(data, ignore_errors=True)
+        run_checked([postgres_bin("initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust", "-E", "UTF8",
+                     "--locale=C"], "initdb", cwd=home, **as_user)
+    log = open(run.path / "postgres.log", "ab")
+    proc = subprocess.Popen(
+        [postgres_bin("postgres"), "-D", str(data), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
+         "-c", "unix_socket_directories=", "-c", "max_connections=100", "-c", "fsync=on"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home, **as_user,
+    )
+    wait_until(lambda: postgres_ready(port), 60, f"postgres on port {port}", proc)
+    ensure_database(port)
+    return proc.pid
+
+
+def _pg_connect(port: int, database: str = "postgres"):
+    import psycopg2
+
+    return psycopg2.connect(host="127.0.0.1", port=port, user=PG_USER, dbname=database, connect_timeout=2)
+
+
+def postgres_ready(port: int) -> bool:
+    if not port_open(port):
+        return False
+    import psycopg2
+
+    try:
+        _pg_connect(port).close()
+        return True
+    except psycopg2.Error:
+        return False
+
+
+def ensure_database(port: int) -> None:
+    conn = _pg_connect(port)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{PG_DATABASE}"')
+    finally:
+        conn.close()
+
+
+def postgres_uri(port: int) -> str:
+    return f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{port}/{PG_DATABASE}"
+
+
+# --- MLflow tracking server ----------------------------------------------------------------------------
+
+
+def start_mlflow(run: RunDir, port: int, pg_port: int) -> int:
+    """``mlflow server`` on the PostgreSQL store; artifacts are proxied by the server into the run folder."""
+    exe = Path(sys.executable).with_name("mlflow")
+    artifacts = (run.path / "mlflow-server" / "artifacts").resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    log = open(run.path / "mlflow-server.log", "ab")
+    proc = subprocess.Popen(
+        [str(exe), "server", "--backend-store-uri", postgres_uri(pg_port), "--artifacts-destination", str(artifacts),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run.path,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
+    )
+    wait_until(lambda: mlflow_ready(port), 180, f"mlflow server on port {port}", proc)
+    return proc.pid
+
+
+def mlflow_ready(port: int) -> bool:
+    if not port_open(port):
+        return False
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 # --- Orchestration -----------------------------------------------------------------------------------
 
-MARKERS = {"redis": "redis-server", "kafka": "kafka.Kafka"}
+MARKERS = {"redis": "redis-server", "kafka": "kafka.Kafka", "postgres": "postgres", "mlflow": "--backend-store-uri"}
 
 
 def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -291,30 +439,45 @@ def is_running(state: dict, name: str) -> bool:
     return bool(entry) and process_alive(entry["pid"], MARKERS[name])
 
 
-def up(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None) -> dict:
+def wanted(only: str | None, extra: tuple[str, ...] = ()) -> list[str]:
+    """The services to act on, in start order (what a service requires comes before it)."""
+    names = [only] if only else [*SERVICES, *extra]
+    out: list[str] = []
+    for name in names:
+        for needed in (*REQUIRES.get(name, ()), name):
+            if needed not in out:
+                out.append(needed)
+    return out
+
+
+def up(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None, with_: tuple[str, ...] = ()) -> dict:
     """Start what is not running yet (reusing recorded ports, so restarts keep their address).
 
-    All or nothing: when one service fails to start, the ones this call started are stopped again.
+    ``with_`` adds optional services (``("mlflow",)``: PostgreSQL and the MLflow server). All or nothing: when
+    one service fails to start, the ones this call started are stopped again.
     """
     run = RunDir(run_dir)
     state = run.load()
     started: list[str] = []
     try:
-        for name in SERVICES if only is None else (only,):
+        for name in wanted(only, with_):
             if is_running(state, name):
                 continue
             entry = state.get(name, {})
+            port = entry.get("port") or free_port()
             if name == "redis":
-                port = entry.get("port") or free_port()
                 state[name] = {"port": port, "pid": start_redis(run, port)}
-            else:
-                port = entry.get("port") or free_port()
+            elif name == "kafka":
                 cport = entry.get("controller_port") or free_port()
                 state[name] = {"port": port, "controller_port": cport, "pid": start_kafka(run, port, cport)}
+            elif name == "postgres":
+                state[name] = {"port": port, "pid": start_postgres(run, port)}
+            elif name == "mlflow":
+                state[name] = {"port": port, "pid": start_mlflow(run, port, state["postgres"]["port"])}
             started.append(name)
             run.save(state)
     except BaseException:
-        for name in started:
+        for name in reversed(started):
             stop_process(state[name]["pid"], MARKERS[name])
             state[name]["pid"] = 0
         run.save(state)
@@ -323,19 +486,22 @@ def up(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None) -> dict:
 
 
 def down(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None, purge: bool = False, kill: bool = False) -> None:
-    """Stop the recorded processes; ``purge`` also deletes their data (ports are forgotten); ``kill`` stops them
-    with SIGKILL (no clean shutdown: what a crash does)."""
+    """Stop the recorded processes (dependents first); ``purge`` also deletes their data (ports are forgotten);
+    ``kill`` stops them with SIGKILL, as a crash would (what the fault tests use)."""
     run = RunDir(run_dir)
     state = run.load()
-    for name in SERVICES if only is None else (only,):
+    names = [only] if only else [n for n in reversed(wanted(None, OPTIONAL)) if n in state]
+    for name in names:
         entry = state.get(name)
         if entry:
-            stop_process(entry["pid"], MARKERS[name], kill=kill)
+            stop_process(entry["pid"], MARKERS[name], sig=signal.SIGKILL if kill else signal.SIGTERM)
             entry["pid"] = 0
     if purge:
-        for name in SERVICES if only is None else (only,):
+        for name in names:
             state.pop(name, None)
             shutil.rmtree(run.path / name, ignore_errors=True)
+            if name == "mlflow":
+                shutil.rmtree(run.path / "mlflow-server", ignore_errors=True)
     run.save(state)
 
 
@@ -343,21 +509,24 @@ def status(run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, dict]:
     state = RunDir(run_dir).load()
     return {
         name: {"running": is_running(state, name), "port": state.get(name, {}).get("port")}
-        for name in SERVICES
+        for name in (*SERVICES, *(n for n in OPTIONAL if n in state))
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlops-services", description="Start/stop local Redis and Kafka.")
+    parser = argparse.ArgumentParser(prog="mlops-services",
+                                     description="Start/stop local Redis and Kafka (and PostgreSQL + MLflow server).")
     parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--only", choices=SERVICES)
+    parser.add_argument("--only", choices=(*SERVICES, *OPTIONAL))
+    parser.add_argument("--with", dest="with_", action="append", choices=OPTIONAL, default=[],
+                        help="with up: also start an optional service (mlflow: PostgreSQL + MLflow tracking server)")
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument("--purge", action="store_true", help="with down: delete data and forget ports")
-    parser.add_argument("--kill", action="store_true", help="with down: SIGKILL, no clean shutdown (fault tests)")
+    parser.add_argument("--kill", action="store_true", help="with down: SIGKILL, as a crash would")
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
-            up(args.run_dir, args.only)
+            up(args.run_dir, args.only, tuple(args.with_))
             print(f"services up; addresses in {RunDir(args.run_dir).env_file}")
             print(RunDir(args.run_dir).env_file.read_text().strip())
         elif args.action == "down":

@@ -1,6 +1,8 @@
-"""Closed-loop /predict traffic in background threads, recording every outcome.
+"""Steady /predict traffic in background threads, recording every outcome (and, optionally, readiness).
 
-Used to prove promotions and rollbacks drop no request (tests, demo).
+Used to prove promotions and rollbacks drop no request (tests, demo) and what outages do to requests
+(the fault tests). Each client sends its next request when the last one answered, at most ``rate`` per
+second, so the load stays bounded while the server struggles.
 """
 
 from __future__ import annotations
@@ -9,17 +11,31 @@ import threading
 import time
 import uuid
 from collections import Counter
+from typing import NamedTuple
 
 import httpx
 
 
+class Outcome(NamedTuple):
+    at: float  # monotonic time of the answer
+    status: int  # HTTP status, 0 for a transport error
+    version: str | None  # model version that answered (200), else the error code or exception
+    request_id: str
+    seconds: float  # how long the request took
+
+
 class Traffic:
-    def __init__(self, url: str, clients: int = 4, customers: int = 300) -> None:
+    def __init__(self, url: str, clients: int = 4, customers: int = 300, rate: float | None = None,
+                 watch_readiness: bool = False) -> None:
         self.url = url
         self.customers = customers
-        self.results: list[tuple[float, int, str | None, str]] = []  # (monotonic time, status, version, request id)
+        self.interval = 1.0 / rate if rate else 0.0
+        self.results: list[Outcome] = []
+        self.readiness: list[tuple[float, int]] = []  # (monotonic time, /readyz status)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+        if watch_readiness:
+            self._threads.append(threading.Thread(target=self._watch_readiness, daemon=True))
 
     def _client(self, n: int) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as http:
@@ -28,13 +44,27 @@ class Traffic:
                 request_id = f"traffic-{n}-{i}-{uuid.uuid4().hex[:6]}"
                 body = {"customer_id": f"C{(n * 97 + i) % self.customers:06d}", "transaction_amount": 80.0,
                         "request_id": request_id}
+                started = time.monotonic()
                 try:
                     r = http.post("/predict", json=body)
-                    version = r.json().get("model_version") if r.status_code == 200 else None
-                    self.results.append((time.monotonic(), r.status_code, version, request_id))
+                    version = r.json().get("model_version" if r.status_code == 200 else "error")
+                    self.results.append(Outcome(time.monotonic(), r.status_code, version, request_id,
+                                                time.monotonic() - started))
                 except httpx.HTTPError as exc:
-                    self.results.append((time.monotonic(), 0, repr(exc), request_id))
+                    self.results.append(Outcome(time.monotonic(), 0, repr(exc), request_id, time.monotonic() - started))
                 i += 1
+                pause = self.interval - (time.monotonic() - started)
+                if pause > 0:
+                    self._stop.wait(pause)
+
+    def _watch_readiness(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=5) as http:
+            while not self._stop.wait(0.2):
+                try:
+                    status = http.get("/readyz").status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.readiness.append((time.monotonic(), status))
 
     def __enter__(self) -> Traffic:
         for t in self._threads:
@@ -64,7 +94,14 @@ class Traffic:
         return None
 
     def statuses(self) -> Counter:
-        return Counter(r[1] for r in self.results)
+        return Counter(r.status for r in self.results)
 
     def versions(self) -> Counter:
-        return Counter(r[2] for r in self.results)
+        return Counter(r.version for r in self.results)
+
+    def accepted(self) -> set[str]:
+        """Request ids the server answered with 200: each must be in the prediction log exactly once."""
+        return {r.request_id for r in self.results if r.status == 200}
+
+    def slowest(self) -> float:
+        return max((r.seconds for r in self.results), default=0.0)

@@ -35,14 +35,14 @@ def copy_feature_repo(dest: Path) -> Path:
 
 def prepare(root: Path, env_file: Path, feature_repo: Path, *, n_customers: int = 2_000,
             n_transactions: int = 40_000, seed: int = 42, version: str | None = None,
-            model_name: str | None = None) -> Workspace:
-    """Seeded data → trained ONNX model in the store → `feast apply` + `feast materialize-incremental`."""
+            model_name: str | None = None, params: dict | None = None) -> Workspace:
+    """Seeded data → trained ONNX model (an MLflow run, a registered version) → `feast apply` + `feast materialize`."""
     from lifecycle.train import register, train
 
     settings = Settings.load(env_file).model_copy(update={"feature_repo": feature_repo})
     dataset = datamod.generate(n_customers, n_transactions, seed=seed)
     datamod.write(dataset, feature_repo / "data")
-    trained = train(dataset)
+    trained = train(dataset, params)
     stored = register(trained, model_name or settings.model_name, version)
     env = feast_env(env_file)
     env.update({"MLOPS_FEATURE_REPO": str(feature_repo), "MLOPS_MODEL_VERSION": stored.version,

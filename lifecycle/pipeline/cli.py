@@ -1,6 +1,7 @@
-"""`pipeline validate` and `pipeline run`.
+"""`pipeline` (validate, as the reference tool's command line) and `pipeline run`.
 
-    pipeline validate --pipeline pipeline.yaml [--strict] [--json]     exit 0 valid, 1 errors, 2 unreadable
+    pipeline --pipeline pipeline.json --strict [--json]                 validate (`pipeline validate ...` too)
+                                                                        exit 0 valid, 1 errors, 2 unreadable
     pipeline run --pipeline pipeline.yaml [--version V] [--data-dir D]  exit 0 registered, 1 a stage failed
 """
 
@@ -12,10 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+
 from lifecycle.pipeline import definition, runner
 from lifecycle.pipeline.stages import StageFailed
 from lifecycle.pipeline.validator import validate
 from lifecycle.registry import Registry
+from lifecycle.tracking import TrackingError
 from mlops.cli_args import OneLineParser
 from mlops.settings import Settings
 
@@ -58,29 +62,41 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"(run `pipeline validate` for all findings)", file=sys.stderr)
         return 1
     settings = Settings.load()
-    registry = Registry(args.registry or settings.registry_path)
+    if args.mlflow_uri:
+        settings = settings.model_copy(update={"mlflow_uri": args.mlflow_uri})
     try:
-        summary = runner.run(pipeline, registry, args.version, args.data_dir, args.name)
+        registry = Registry.from_settings(settings)
+        summary = runner.run(pipeline, registry, args.version, args.data_dir, args.name, settings)
     except StageFailed as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
+        return 1
+    except (TrackingError, MlflowException) as exc:
+        print(f"pipeline: MLflow at {settings.tracking_uri.split('?')[0]}: {getattr(exc, 'message', exc)}",
+              file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
+COMMANDS = ("validate", "run")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="pipeline", description="Declarative training pipeline.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in COMMANDS for a in argv[:1]) and not any(a in ("-h", "--help") for a in argv[:1]):
+        argv = ["validate", *argv]  # the reference's command line: `pipeline --pipeline p.json --strict --json`
+    parser = OneLineParser(prog="pipeline", description="Declarative training pipeline: validate (the default) or run.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    v = sub.add_parser("validate")
+    v = sub.add_parser("validate", help="check a pipeline file (also the default: `pipeline --pipeline F`)")
     v.add_argument("--pipeline", required=True, type=Path)
     v.add_argument("--strict", action="store_true", help="warnings count as errors")
     v.add_argument("--json", action="store_true")
-    r = sub.add_parser("run")
+    r = sub.add_parser("run", help="run it as one MLflow run; registers the gated candidate")
     r.add_argument("--pipeline", required=True, type=Path)
     r.add_argument("--version", help="version to register (default: next vN)")
     r.add_argument("--name", help="model name (default: the pipeline's model_name)")
-    r.add_argument("--data-dir", type=Path, help="for source: parquet")
-    r.add_argument("--registry", type=Path)
+    r.add_argument("--data-dir", type=Path, help="for source: parquet/feast, the data folder")
+    r.add_argument("--mlflow-uri", help="MLflow tracking/registry URI (default: MLOPS_MLFLOW_URI, else embedded)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)

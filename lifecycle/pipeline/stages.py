@@ -12,11 +12,14 @@ import numpy as np
 import onnxruntime as ort
 
 from lifecycle import data as datamod
-from lifecycle import model_store, train
+from lifecycle import model_store, offline, train
 from lifecycle.onnx_export import ParityError
+from lifecycle.pipeline.validator import DEFAULT_MIN_IMPROVEMENT, THRESHOLD_KEYS
 from lifecycle.registry import Registry
+from lifecycle.tracking import TrainingRun
 from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import ENTITY, LABEL, STORE_FEATURES, TIMESTAMP
+from mlops.settings import Settings
 
 log = logging.getLogger("pipeline")
 
@@ -32,6 +35,8 @@ class StageFailed(RuntimeError):
 class Context:
     model_name: str
     registry: Registry
+    run: TrainingRun
+    settings: Settings
     version: str | None = None
     data_dir: Path | None = None
     values: dict[str, Any] = field(default_factory=dict)
@@ -39,20 +44,31 @@ class Context:
 
 
 def fetch_data(ctx: Context, params: dict[str, Any]) -> str:
+    """``synthetic`` (seeded), ``parquet`` (a data folder) or ``feast``: the transactions of the Feast repo's data
+    folder, joined point-in-time with ``customer_stats`` by Feast's offline store."""
     source = params.get("source", "synthetic")
     if source == "synthetic":
         ctx.values["dataset"] = datamod.generate(int(params.get("customers", 2_000)),
                                                  int(params.get("transactions", 40_000)), int(params.get("seed", 42)))
-    elif source == "parquet":
-        path = ctx.data_dir or Path(params.get("path", "feature_repo/data"))
+    elif source in ("parquet", "feast"):
+        repo = Path(params.get("feature_repo") or ctx.settings.feature_repo)
+        path = ctx.data_dir or Path(params.get("path") or repo / "data")
         try:
             ctx.values["dataset"] = datamod.read(path)
         except FileNotFoundError as exc:
             raise StageFailed("fetch-data", f"no data at {path} ({exc.filename})") from None
+        if source == "feast":
+            try:
+                ctx.values["frame"] = offline.training_frame(repo, ctx.values["dataset"].transactions,
+                                                             ctx.settings.redis_address)
+            except offline.OfflineStoreError as exc:
+                raise StageFailed("fetch-data", str(exc)) from None
     else:
-        raise StageFailed("fetch-data", f"unknown source {source!r} (synthetic or parquet)")
+        raise StageFailed("fetch-data", f"unknown source {source!r} (synthetic, parquet or feast)")
     d = ctx.values["dataset"]
-    return f"{len(d.customers)} customers, {len(d.transactions)} transactions from {source}"
+    ctx.run.set_tags({"data_source": source, "point_in_time_join": "feast" if source == "feast" else "pandas"})
+    return (f"{d.customers[ENTITY].nunique()} customers ({len(d.customers)} snapshots), {len(d.transactions)} "
+            f"transactions from {source}" + (", features joined point-in-time by Feast" if source == "feast" else ""))
 
 
 def validate_data(ctx: Context, params: dict[str, Any]) -> str:
@@ -96,7 +112,10 @@ def preprocess(ctx: Context, params: dict[str, Any]) -> str:
     holdout = float(params.get("holdout", 0.25))
     if not 0 < holdout < 1:
         raise StageFailed("preprocess", f"holdout must be in (0, 1), got {holdout}")
-    x_tr, x_te, y_tr, y_te = train.split(ctx.values["dataset"], holdout, int(params.get("seed", 0)))
+    frame = ctx.values.get("frame")
+    if frame is None:
+        frame = datamod.training_frame(ctx.values["dataset"])
+    x_tr, x_te, y_tr, y_te = train.split_frame(frame, holdout, int(params.get("seed", 0)))
     ctx.values.update(x_train=x_tr, x_holdout=x_te, y_train=y_tr, y_holdout=y_te)
     return f"{len(y_tr)} train / {len(y_te)} holdout rows, fraud rate {y_tr.mean():.3f}"
 
@@ -106,6 +125,7 @@ def fit(ctx: Context, params: dict[str, Any]) -> str:
         preprocess(ctx, {})
     ctx.values["params"] = params
     ctx.values["estimator"] = train.fit(ctx.values["x_train"], ctx.values["y_train"], params)
+    ctx.run.log_params({**train.DEFAULT_PARAMS, **params})
     return f"GradientBoostingClassifier {params}"
 
 
@@ -118,32 +138,45 @@ def evaluate(ctx: Context, params: dict[str, Any]) -> str:
     metrics["n_train"] = int(len(ctx.values["y_train"]))
     ctx.values.update(onnx_bytes=onnx_bytes, metrics=metrics)
     ctx.summary["metrics"] = metrics
-    return (f"auc={metrics['auc']:.4f} accuracy={metrics['accuracy']:.4f} "
-            f"onnx parity={metrics['onnx_parity_max_abs_diff']:.2e}")
+    ctx.run.log_metrics(metrics)
+    outcome = (f"auc={metrics['auc']:.4f} accuracy={metrics['accuracy']:.4f} "
+               f"onnx parity={metrics['onnx_parity_max_abs_diff']:.2e}")
+    gate_params = params.get("gate") if isinstance(params.get("gate"), dict) else params
+    if any(k in gate_params for k in (*THRESHOLD_KEYS, "compare_to_production")):  # the reference's gate in evaluate
+        outcome += f"; gate {gate(ctx, gate_params)}"
+    return outcome
 
 
 def gate(ctx: Context, params: dict[str, Any]) -> str:
+    """Absolute thresholds, then (``compare_to_production``) beating Production's AUC on the same holdout by at
+    least ``min_improvement`` (default 0.005), so a retrain on identical data does not pass by +0.0000."""
     metrics = ctx.values["metrics"]
     for key in ("auc", "accuracy"):
         floor = params.get(f"min_{key}")
         if floor is not None and metrics[key] < float(floor):
+            ctx.run.set_tags({"gate": "blocked"})
             raise StageFailed("gate", f"{key} {metrics[key]:.4f} is below the threshold {float(floor):.4f}")
     notes = []
     production = ctx.registry.production(ctx.model_name)
     if params.get("compare_to_production", False) and production is not None:
-        margin = float(params.get("min_improvement", 0.0))
-        stored = model_store.load(ctx.model_name, production.version)
+        margin = float(params.get("min_improvement", DEFAULT_MIN_IMPROVEMENT))
+        stored = model_store.load(ctx.model_name, production.version, ctx.registry.backend)
         session = ort.InferenceSession(str(stored.onnx_path), providers=["CPUExecutionProvider"])
         x = ctx.values["x_holdout"].astype(np.float32)
         prod_metrics = train.score_metrics(ctx.values["y_holdout"], positive_proba(session.run(None, {INPUT_NAME: x})))
         ctx.summary["production"] = {"version": production.version, **prod_metrics}
+        ctx.run.log_metrics({"production_auc": prod_metrics["auc"],
+                             "auc_improvement": metrics["auc"] - prod_metrics["auc"]})
         if metrics["auc"] < prod_metrics["auc"] + margin:
+            ctx.run.set_tags({"gate": "blocked"})
             raise StageFailed("gate", f"candidate auc {metrics['auc']:.4f} does not beat Production "
-                              f"{production.version} ({prod_metrics['auc']:.4f}) by {margin} on the same holdout")
+                              f"{production.version} ({prod_metrics['auc']:.4f}) by {margin} on the same holdout "
+                              f"({metrics['auc'] - prod_metrics['auc']:+.4f})")
         notes.append(f"beats Production {production.version} (auc {prod_metrics['auc']:.4f}) by "
-                     f"{metrics['auc'] - prod_metrics['auc']:+.4f}")
+                     f"{metrics['auc'] - prod_metrics['auc']:+.4f} (min {margin})")
     elif params.get("compare_to_production", False):
         notes.append("no Production version yet: absolute thresholds only")
+    ctx.run.set_tags({"gate": "passed"})
     return "passed" + (f"; {'; '.join(notes)}" if notes else "")
 
 
@@ -151,15 +184,17 @@ def register(ctx: Context, params: dict[str, Any]) -> str:
     v = ctx.values
     trained = train.assemble(v["estimator"], v["onnx_bytes"], v["metrics"], v["params"],
                              v["x_train"], v["x_holdout"], v["y_train"], v["y_holdout"])
-    stored = train.register(trained, ctx.model_name, ctx.version)
+    ctx.run.set_tags({"training_data_hash": trained.data_hash})
+    stored = train.register(trained, ctx.model_name, ctx.version, run=ctx.run)
     meta = stored.metadata
     stage = str(params.get("stage", "staging"))
     version = ctx.registry.register(ctx.model_name, stored.version, meta["metrics"], meta["params"],
-                                    meta["training_data_hash"], meta["git_commit"],
+                                    meta["training_data_hash"], meta.get("git_commit"),
                                     stage="None" if stage.lower() == "production" else stage)
     if stage.lower() == "production":
         version = ctx.registry.promote(ctx.model_name, stored.version, "production", "pipeline")
-    ctx.summary["registered"] = {"version": version.version, "stage": version.stage}
+    ctx.summary["registered"] = {"version": version.version, "stage": version.stage,
+                                 "mlflow_model_version": version.mlflow_version, "mlflow_run_id": ctx.run.run_id}
     return f"{version.name}:{version.version} stored and registered in {version.stage}"
 
 

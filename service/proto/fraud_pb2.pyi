@@ -50,14 +50,16 @@ class PredictBatchRequest(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[PredictRequest, _Mapping]]] = ...) -> None: ...
 
 class BatchResult(_message.Message):
-    __slots__ = ("prediction", "error", "customer_id")
+    __slots__ = ("prediction", "error", "customer_id", "error_code")
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     prediction: Prediction
     error: str
     customer_id: str
-    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., error: _Optional[str] = ..., customer_id: _Optional[str] = ...) -> None: ...
+    error_code: str
+    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., error: _Optional[str] = ..., customer_id: _Optional[str] = ..., error_code: _Optional[str] = ...) -> None: ...
 
 class PredictBatchResponse(_message.Message):
     __slots__ = ("results",)

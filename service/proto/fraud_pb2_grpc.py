@@ -50,8 +50,9 @@ class FraudDetectorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Predict(self, request, context):
-        """One transaction. NOT_FOUND for an unknown customer, INVALID_ARGUMENT for bad input,
-        UNAVAILABLE when the model service sheds load.
+        """One transaction. NOT_FOUND for an unknown customer, INVALID_ARGUMENT for bad input, UNAVAILABLE
+        (retryable) when the server sheds load, the online store is down or empty, or the log is full.
+        The standard grpc.health.v1.Health service runs beside it (service name "mlops.fraud.v1.FraudDetector").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,58 @@
+"""Point-in-time-correct training sets from Feast's offline store.
+
+``get_historical_features`` joins each labelled transaction with the ``customer_stats`` snapshot that was the
+newest at the transaction's ``event_timestamp`` (and within the feature view's ttl): a snapshot written after a
+transaction never reaches that transaction's row. The same join as :func:`lifecycle.data.point_in_time`, done
+by the feature store the service reads online, so training and serving share one definition of the features.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from mlops.schema import ENTITY, FEATURE_VIEW, LABEL, STORE_FEATURES, TIMESTAMP
+
+ROW = "_row"
+
+
+class OfflineStoreError(RuntimeError):
+    """The Feast repo cannot serve historical features (not applied, no data)."""
+
+
+def open_store(repo: Path, redis_address: str):
+    """The repo's store; the online address is filled in but never contacted by offline reads."""
+    from feast import FeatureStore, RepoConfig
+
+    repo = Path(repo).resolve()
+    try:
+        text = (repo / "feature_store.yaml").read_text()
+    except OSError as exc:
+        raise OfflineStoreError(f"no Feast repo at {repo}: {exc.strerror}") from None
+    raw = yaml.safe_load(string.Template(text).safe_substitute(MLOPS_REDIS_ADDRESS=redis_address))
+    config = RepoConfig(**raw)
+    config.repo_path = repo
+    registry = raw.get("registry")
+    if isinstance(registry, str) and not (repo / registry).exists():
+        raise OfflineStoreError(f"the Feast repo {repo} has no registry ({registry}): run `feast apply` there first")
+    return FeatureStore(repo_path=str(repo), config=config)
+
+
+def training_frame(repo: Path, transactions: pd.DataFrame, redis_address: str = "127.0.0.1:6379") -> pd.DataFrame:
+    """Transactions (``customer_id``, ``event_timestamp``, ``transaction_amount``, ``is_fraud``) with the store
+    features as of each one, in the transactions' order; rows with no snapshot within the ttl are dropped."""
+    missing = [c for c in (ENTITY, TIMESTAMP, "transaction_amount", LABEL) if c not in transactions.columns]
+    if missing:
+        raise OfflineStoreError(f"transactions lack columns {missing}")
+    store = open_store(repo, redis_address)
+    entity_df = transactions[[ENTITY, TIMESTAMP, "transaction_amount", LABEL]]
+    entity_df = entity_df.assign(**{ROW: np.arange(len(entity_df))})
+    job = store.get_historical_features(entity_df=entity_df,
+                                        features=[f"{FEATURE_VIEW}:{name}" for name in STORE_FEATURES])
+    frame = job.to_df().sort_values(ROW).drop(columns=[ROW]).reset_index(drop=True)
+    columns = [ENTITY, "transaction_amount", LABEL, TIMESTAMP, *STORE_FEATURES]
+    return frame[columns].dropna(subset=list(STORE_FEATURES)).reset_index(drop=True)

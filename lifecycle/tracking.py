@@ -1,0 +1,188 @@
+"""The MLflow backend every lifecycle module shares: clients, experiments, and tracked training runs.
+
+One backend is one URI for both tracking and the model registry: the embedded SQLite store under
+``MLOPS_MLFLOW_DIR`` (artifacts beside it), or ``MLOPS_MLFLOW_URI``, an ``mlflow server`` that many hosts share
+(PostgreSQL behind it, artifacts proxied through it). Everything goes through an explicit ``MlflowClient``,
+never MLflow's process-global "current URI", so one process can talk to two backends (the tests do).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+from mlflow.exceptions import MlflowException
+
+from mlops.settings import Settings
+
+# Our command lines own stdout (`--json`): MLflow must not print run links there. And nothing here may phone
+# home (no network but the package registries; usage data is nobody's business).
+MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.set(True)
+MLFLOW_DISABLE_TELEMETRY.set(True)
+
+HISTORY_EXPERIMENT = "model-registry-history"
+# SQLite waits this long for a lock held by another writer instead of failing with "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
+class TrackingError(RuntimeError):
+    """The MLflow backend could not be reached or refused an operation."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    uri: str
+    artifact_root: str | None = None  # embedded store only; a server chooses its own
+    experiment: str = "fraud-detector-training"
+    _experiments: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Backend:
+        if settings.mlflow_uri:
+            return _cached(settings.mlflow_uri, None, settings.mlflow_experiment)
+        home = settings.mlflow_dir.resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{home / 'mlflow.db'}?timeout={SQLITE_BUSY_TIMEOUT_S}"
+        return _cached(uri, (home / "artifacts").as_uri(), settings.mlflow_experiment)
+
+    @classmethod
+    def for_uri(cls, uri: str, experiment: str = "fraud-detector-training") -> Backend:
+        """A URI, or a plain path taken as an embedded SQLite file (artifacts beside it, as for a sqlite URI;
+        MLflow's own default would be ./mlruns under whatever folder the process runs in)."""
+        if uri.startswith("sqlite:///"):
+            db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+            return _cached(uri, (db.parent / "artifacts").as_uri(), experiment)
+        if "://" in uri:
+            return _cached(uri, None, experiment)
+        path = Path(uri).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _cached(f"sqlite:///{path}?timeout={SQLITE_BUSY_TIMEOUT_S}", (path.parent / "artifacts").as_uri(),
+                       experiment)
+
+    @property
+    def client(self) -> MlflowClient:
+        return _client(self.uri)
+
+    @property
+    def display_uri(self) -> str:
+        """The URI as `mlflow ui --backend-store-uri` takes it."""
+        return self.uri.split("?", 1)[0]
+
+    def experiment_id(self, name: str | None = None) -> str:
+        """The experiment's id, created on first use (two processes creating it at once is fine)."""
+        name = name or self.experiment
+        if name not in self._experiments:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                location = f"{self.artifact_root}/{name}" if self.artifact_root else None
+                try:
+                    self._experiments[name] = self.client.create_experiment(name, artifact_location=location)
+                except MlflowException as exc:
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    found = self.client.get_experiment_by_name(name)
+            if found is not None:
+                self._experiments[name] = found.experiment_id
+        return self._experiments[name]
+
+
+_BACKENDS: dict[tuple[str, str | None, str], Backend] = {}
+_CLIENTS: dict[str, MlflowClient] = {}
+
+
+def _cached(uri: str, artifact_root: str | None, experiment: str) -> Backend:
+    key = (uri, artifact_root, experiment)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = Backend(uri, artifact_root, experiment)
+    return _BACKENDS[key]
+
+
+def _client(uri: str) -> MlflowClient:
+    if uri not in _CLIENTS:
+        _CLIENTS[uri] = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return _CLIENTS[uri]
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, or None outside a git checkout (never an error)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+@dataclass
+class TrainingRun:
+    """One MLflow run: what a person browsing the experiment needs to reproduce and judge a model."""
+
+    backend: Backend
+    run_id: str
+    artifact_uri: str
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, json.dumps(v) if isinstance(v, dict | list) else str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.backend.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, int | float)]
+        if items:
+            self.backend.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None and v != ""]
+        if items:
+            self.backend.client.log_batch(self.run_id, tags=items)
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
+        self.backend.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+
+@contextmanager
+def training_run(backend: Backend, run_name: str, tags: dict[str, Any] | None = None) -> Iterator[TrainingRun]:
+    """An MLflow run that ends FINISHED, or FAILED (with the reason as a tag) when the block raises."""
+    commit = git_commit()
+    try:
+        run = backend.client.create_run(backend.experiment_id(), run_name=run_name, tags={
+            "mlflow.source.name": "mlops-stack", "mlflow.user": _user(),
+            **({"mlflow.source.git.commit": commit, "git_commit": commit} if commit else {}),
+            **{k: str(v) for k, v in (tags or {}).items() if v is not None},
+        })
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow at {backend.display_uri} refused a new run: {exc.message}") from None
+    tracked = TrainingRun(backend, run.info.run_id, run.info.artifact_uri)
+    try:
+        yield tracked
+    except BaseException as exc:
+        tracked.set_tags({"failure": str(exc)[:4000]})
+        backend.client.set_terminated(tracked.run_id, "FAILED")
+        raise
+    backend.client.set_terminated(tracked.run_id, "FINISHED")
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except (KeyError, OSError):
+        return socket.gethostname()

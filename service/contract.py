@@ -1,0 +1,176 @@
+"""The prediction API's contract: request and response shapes, the checks that turn client mistakes into
+400s, the one error body every failure uses, and the OpenAPI document generated from the same types.
+
+Typed with msgspec: decoding *is* validation (strict types — a JSON string or bool is not a number — and
+unknown fields refused), done once, in C. What a JSON schema cannot say alone (a customer id or all four
+store features) is checked here and stated in the OpenAPI document too.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from mlops.schema import ENTITY, STORE_FEATURES
+
+FLOAT32_MAX = 3.4028234663852886e38  # the model computes in float32: larger values would become infinity
+EntityId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+RequestId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Amount = Annotated[float, Meta(ge=0, le=1e9, description="transaction amount, 0 to 1e9")]
+FeatureValue = Annotated[float, Meta(ge=0, le=FLOAT32_MAX)]
+
+
+class StoreFeatures(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Store features given by the caller; they override the looked-up values."""
+
+    total_purchases: FeatureValue | None = None
+    avg_order_value: FeatureValue | None = None
+    days_since_last_order: FeatureValue | None = None
+    lifetime_value: FeatureValue | None = None
+
+    def given(self) -> dict[str, float]:
+        return {name: value for name in STORE_FEATURES if (value := getattr(self, name)) is not None}
+
+
+class PredictRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One transaction to score: a customer id whose stats come from Feast, and/or all the stats themselves."""
+
+    transaction_amount: Amount
+    customer_id: EntityId | None = None
+    features: StoreFeatures | None = None
+    request_id: RequestId | None = None
+
+
+class PredictBatchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    requests: list[PredictRequest]
+
+
+class Prediction(msgspec.Struct):
+    request_id: str
+    customer_id: str | None
+    prediction: Annotated[float, Meta(description="fraud probability")]
+    label: Annotated[int, Meta(description="1 when prediction >= the decision threshold")]
+    model_name: str
+    model_version: str
+    latency_ms: float
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error, whatever its status: a stable code and a one-line message."""
+
+    error: Annotated[str, Meta(description="stable code, e.g. invalid_request, unknown_entity, overloaded")]
+    detail: str
+
+
+class RowError(msgspec.Struct):
+    """A row of /predict_batch that could not be scored (the other rows still are)."""
+
+    error: str
+    detail: str
+    customer_id: str | None = None
+
+
+class RequestError(ValueError):
+    """A client mistake: HTTP 400 / gRPC INVALID_ARGUMENT with this message."""
+
+
+def check(request: PredictRequest) -> None:
+    """The rules a JSON schema cannot express on its own."""
+    if request.customer_id is None:
+        given = request.features.given() if request.features is not None else {}
+        if len(given) != len(STORE_FEATURES):
+            missing = [name for name in STORE_FEATURES if name not in given]
+            raise RequestError(f"give {ENTITY}, or all store features (missing {missing})")
+
+
+_request_decoder = msgspec.json.Decoder(PredictRequest)
+_batch_decoder = msgspec.json.Decoder(PredictBatchRequest)
+
+
+def decode_request(body: bytes) -> PredictRequest:
+    try:
+        request = _request_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise RequestError(_message(exc)) from None
+    check(request)
+    return request
+
+
+def decode_batch(body: bytes, max_rows: int) -> list[PredictRequest]:
+    try:
+        requests = _batch_decoder.decode(body).requests
+    except msgspec.DecodeError as exc:
+        raise RequestError(_message(exc)) from None
+    if not 1 <= len(requests) <= max_rows:
+        raise RequestError(f"requests: give 1 to {max_rows} rows, got {len(requests)}")
+    for i, request in enumerate(requests):
+        try:
+            check(request)
+        except RequestError as exc:
+            raise RequestError(f"requests[{i}]: {exc}") from None
+    return requests
+
+
+def _message(exc: msgspec.DecodeError) -> str:
+    text = str(exc)
+    if text.startswith("JSON is malformed: "):
+        return "malformed JSON: " + text.removeprefix("JSON is malformed: ")
+    if text.startswith("Input data was truncated"):
+        return "malformed JSON: input data was truncated"
+    return text
+
+
+# --- OpenAPI ------------------------------------------------------------------------------------------------
+
+ERRORS = {
+    "400": "invalid request (wrong or missing field, bad JSON, too many rows); `detail` says what",
+    "404": "unknown customer_id: the online store has no features for it (/predict only; a batch row says so)",
+    "413": "body larger than the configured limit",
+    "415": "content type is not application/json",
+    "503": "retryable: overloaded, online store unreachable or empty, prediction log full",
+}
+
+
+def openapi(title: str, version: str, max_rows: int) -> dict[str, Any]:
+    """OpenAPI 3.1 for /predict and /predict_batch, generated from the types above."""
+    (request_ref, batch_ref, prediction_ref, error_ref, row_error_ref), components = msgspec.json.schema_components(
+        [PredictRequest, PredictBatchRequest, Prediction, ErrorBody, RowError],
+        ref_template="#/components/schemas/{name}",
+    )
+    request_schema = components["PredictRequest"]
+    request_schema["anyOf"] = [  # null counts as absent: a present-but-null field does not satisfy a branch
+        {"required": [ENTITY], "properties": {ENTITY: {"type": "string"}}},
+        {"required": ["features"],
+         "properties": {"features": {"type": "object", "required": list(STORE_FEATURES),
+                                     "properties": {name: {"type": "number"} for name in STORE_FEATURES}}}},
+    ]
+    request_schema["description"] = (f"Give {ENTITY} (its stats come from the online store), or all store features "
+                                      "in `features`, or both (given features override looked-up ones).")
+    components["PredictBatchRequest"]["properties"]["requests"].update(minItems=1, maxItems=max_rows)
+    errors = {code: {"description": text, "content": {"application/json": {"schema": error_ref}}}
+              for code, text in ERRORS.items()}
+
+    def operation(summary: str, body_ref: dict, ok: dict, statuses: list[str]) -> dict:
+        return {"post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body_ref}}},
+            "responses": {"200": {"description": "scored", "content": {"application/json": {"schema": ok}}},
+                          **{code: errors[code] for code in statuses}},
+        }}
+
+    batch_ok = {"type": "array", "items": {"anyOf": [prediction_ref, row_error_ref]},
+                "description": "one entry per request row, in order"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version,
+                 "description": "Fraud scoring: Feast online features + ONNX model, every prediction logged to Kafka."},
+        "paths": {
+            "/predict": operation("Score one transaction", request_ref, prediction_ref,
+                                  ["400", "404", "413", "415", "503"]),
+            "/predict_batch": operation("Score up to max_request_rows transactions", batch_ref, batch_ok,
+                                        ["400", "413", "415", "503"]),
+        },
+        "components": {"schemas": components},
+    }

@@ -1,0 +1,102 @@
+"""Scores a batch of rows: one online-store round trip for all of them, one ONNX call per model version.
+
+The model version of each row is chosen by the registry follower (``ModelSelector``): Production, or the
+canary for the share of customers it owns. A batch finishes on the versions it started with, whatever
+swaps meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlops.schema import ENTITY, REQUEST_FEATURES, STORE_FEATURES
+from service import metrics
+from service.contract import PredictRequest
+from service.model_selector import ModelSelector
+from service.online_store import OnlineStore, OnlineStoreUnavailable, Row
+from service.onnx_predictor import OnnxPredictor
+
+# Row error codes. Retryable ones make the whole request a 503.
+UNKNOWN_ENTITY = "unknown_entity"
+STORE_UNAVAILABLE = "online_store_unavailable"
+STORE_EMPTY = "online_store_empty"
+RETRYABLE = {STORE_UNAVAILABLE, STORE_EMPTY}
+
+
+@dataclass(slots=True)
+class Scored:
+    model_name: str
+    model_version: str
+    prediction: float = 0.0
+    features: dict[str, float] | None = None  # the model input as served, for the prediction log
+    error: str | None = None
+    detail: str | None = None
+
+
+class Scorer:
+    def __init__(self, store: OnlineStore, selector: ModelSelector) -> None:
+        self.store = store
+        self.selector = selector
+
+    async def score(self, rows: list[PredictRequest]) -> list[Scored]:
+        serving = self.selector.current
+        given = [r.features.given() if r.features is not None else {} for r in rows]
+        # A row needs the store when it names a customer and does not bring all store features itself.
+        needs_lookup = [r.customer_id is not None and len(g) < len(STORE_FEATURES)
+                        for r, g in zip(rows, given, strict=True)]
+        looked_up: dict[str, Row | None] = {}
+        lookup_error: OnlineStoreUnavailable | None = None
+        ids = [r.customer_id for r, need in zip(rows, needs_lookup, strict=True) if need]
+        if ids:
+            started = time.perf_counter()
+            try:
+                looked_up = dict(zip(ids, await self.store.fetch(ids), strict=True))  # type: ignore[arg-type]
+            except OnlineStoreUnavailable as exc:
+                lookup_error = exc
+            metrics.FEATURE_LOOKUP_LATENCY.observe(time.perf_counter() - started)
+            self._observe_age([row for row in looked_up.values() if row is not None])
+
+        results: list[Scored] = []
+        by_predictor: dict[int, tuple[OnnxPredictor, list[int]]] = {}
+        for row, stats, need in zip(rows, given, needs_lookup, strict=True):
+            predictor = serving.route(row.customer_id)
+            scored = Scored(predictor.model.name, predictor.model.version)
+            results.append(scored)
+            if need:
+                if lookup_error is not None:
+                    scored.error, scored.detail = STORE_UNAVAILABLE, str(lookup_error)
+                    continue
+                found = looked_up[row.customer_id]  # type: ignore[index]
+                if found is None:
+                    if self.store.empty:
+                        scored.error = STORE_EMPTY
+                        scored.detail = "the online store holds no features at all (not materialized?); retry later"
+                    else:
+                        scored.error = UNKNOWN_ENTITY
+                        scored.detail = f"unknown {ENTITY} {row.customer_id!r}: no online features"
+                    continue
+                stats = {**found.features, **stats}
+            scored.features = {**stats, REQUEST_FEATURES[0]: row.transaction_amount}
+            by_predictor.setdefault(id(predictor), (predictor, []))[1].append(len(results) - 1)
+
+        for predictor, indices in by_predictor.values():
+            names = predictor.features
+            x = np.array([[results[i].features[f] for f in names] for i in indices], dtype=np.float32)  # type: ignore[index]
+            started = time.perf_counter()
+            proba = predictor.predict(x)
+            metrics.INFERENCE_LATENCY.observe(time.perf_counter() - started)
+            for i, p in zip(indices, proba.tolist(), strict=True):
+                results[i].prediction = p
+        return results
+
+    def _observe_age(self, found: list[Row]) -> None:
+        if not found:
+            return
+        now = time.time()
+        oldest = now - min(row.event_time for row in found)
+        metrics.FEATURE_AGE.observe(oldest)
+        if self.store.ttl_s is not None and oldest > self.store.ttl_s:
+            metrics.STALE_ROWS.inc(sum(1 for row in found if now - row.event_time > self.store.ttl_s))

@@ -1,0 +1,139 @@
+"""Outages under steady load: the broker killed (short and long), Redis killed, Redis emptied and restored.
+
+Every test asserts by request id that each request the server answered 200 put its event in the Kafka
+topic exactly once, that no request hung, and what readiness said during and after the outage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import httpx
+import pytest
+import redis
+
+from tests.harness import start_server
+from tools import services as svc
+from tools.feast_cli import feast
+from tools.kafka_read import read_events
+from tools.traffic import Traffic
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
+FAST_CHECKS = {"MLOPS_KAFKA_RETRY_INTERVAL_S": "0.5", "MLOPS_ONLINE_STORE_CHECK_S": "0.5"}
+HANG_S = 1.0  # no request may take longer than this, outage or not
+
+
+@pytest.fixture(scope="module")
+def fault_server(workspace):
+    server = start_server(workspace, FAST_CHECKS)
+    yield server
+    server.stop()
+
+
+def run_dir(workspace):
+    return workspace.env_file.parent
+
+
+def wait_until(condition, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.1)
+    pytest.fail(f"{what} did not happen within {timeout:.0f}s")
+
+
+def ready(server) -> bool:
+    try:
+        return httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def assert_logged_exactly_once(workspace, traffic: Traffic) -> None:
+    accepted = traffic.accepted()
+    assert accepted, "no request succeeded"
+    events = read_events(workspace.settings.kafka_bootstrap, "predictions", accepted, timeout=120, settle=2.0)
+    counts = Counter(e["request_id"] for e in events)
+    missing = accepted - set(counts)
+    repeated = {rid: n for rid, n in counts.items() if n > 1}
+    assert not missing and not repeated, f"{len(missing)} missing, {len(repeated)} repeated of {len(accepted)}"
+
+
+def log_state(server) -> dict:
+    return httpx.get(f"{server.url}/info", timeout=5).json()["kafka"]
+
+
+@pytest.mark.parametrize("outage_s", [5, 65], ids=["short", "long"])
+def test_broker_killed_requests_succeed_and_every_event_arrives_once(workspace, fault_server, outage_s):
+    with Traffic(fault_server.url, clients=4, rate=25, watch_readiness=True) as traffic:
+        time.sleep(2)
+        svc.down(run_dir(workspace), only="kafka", kill=True)
+        try:
+            time.sleep(outage_s)
+            during = log_state(fault_server)
+        finally:
+            svc.up(run_dir(workspace), only="kafka")
+        wait_until(lambda: log_state(fault_server)["connected"] and log_state(fault_server)["spool_events"] == 0,
+                   120, "the spool to be replayed")
+        time.sleep(2)
+    assert not during["connected"] and during["spool_events"] > 0, during
+    assert traffic.statuses() == Counter({200: len(traffic.results)}), traffic.statuses()
+    assert traffic.slowest() < HANG_S, f"a request took {traffic.slowest():.2f}s"
+    assert all(status == 200 for _, status in traffic.readiness), "a broker outage alone must not flip readiness"
+    after = log_state(fault_server)
+    assert after["dropped"] == {} and after["in_flight"] == 0 and after["queue_depth"] == 0
+    assert_logged_exactly_once(workspace, traffic)
+
+
+def test_redis_killed_requests_fail_fast_readiness_flips_and_recovers(workspace, fault_server):
+    with Traffic(fault_server.url, clients=4, rate=25, watch_readiness=True) as traffic:
+        time.sleep(2)
+        killed_at = time.monotonic()
+        svc.down(run_dir(workspace), only="redis", kill=True)
+        try:
+            flipped_s = wait_until(lambda: not ready(fault_server), 10, "readiness to flip")
+            time.sleep(5)
+        finally:
+            restarted_at = time.monotonic()
+            svc.up(run_dir(workspace), only="redis")
+        recovered_s = wait_until(lambda: ready(fault_server), 20, "readiness to recover")
+        wait_until(lambda: any(r.status == 200 and r.at > restarted_at + recovered_s for r in traffic.results), 10,
+                   "requests to succeed again")
+        time.sleep(1)
+    statuses = traffic.statuses()
+    during = [r for r in traffic.results if killed_at + 1 < r.at < restarted_at]
+    assert during and all(r.status == 503 and r.version == "online_store_unavailable" for r in during), \
+        Counter((r.status, r.version) for r in during)
+    assert set(statuses) <= {200, 503}, statuses
+    assert traffic.slowest() < HANG_S, f"a request took {traffic.slowest():.2f}s"
+    assert max(r.seconds for r in during) < 0.5, "requests must fail fast while Redis is down"
+    assert flipped_s < 5 and recovered_s < 15, (flipped_s, recovered_s)
+    # Redis keeps its data across the restart (append-only file): no customer became unknown.
+    assert not [r for r in traffic.results if r.status == 404]
+    assert_logged_exactly_once(workspace, traffic)
+    print(f"\nreadiness flipped {flipped_s:.1f}s after the kill, recovered {recovered_s:.1f}s after the restart; "
+          f"{statuses[200]} ok, {statuses[503]} fast 503s")
+
+
+def test_emptied_online_store_is_detected_and_the_documented_command_restores_it(workspace, fault_server):
+    client = redis.Redis(host=workspace.settings.redis_host, port=workspace.settings.redis_port)
+    with Traffic(fault_server.url, clients=2, rate=20, watch_readiness=True) as traffic:
+        time.sleep(1)
+        client.flushall()  # what a Redis without persistence looks like after a restart
+        wait_until(lambda: not ready(fault_server), 15, "readiness to flip on an empty store")
+        time.sleep(1)
+        empty_answers = [r for r in traffic.results if r.status == 503]
+        info = httpx.get(f"{fault_server.url}/info").json()
+        assert info["not_ready_because"] == "online_store_empty"
+        # The README's restore command: materialize the whole TTL window again.
+        now = time.time()
+        fmt = "%Y-%m-%dT%H:%M:%S"
+        feast(workspace.feature_repo, workspace.env, "materialize",
+              time.strftime(fmt, time.gmtime(now - 2 * 86400)), time.strftime(fmt, time.gmtime(now)))
+        wait_until(lambda: ready(fault_server), 20, "readiness to recover after materialize")
+        time.sleep(1)
+    assert empty_answers and all(r.version == "online_store_empty" for r in empty_answers)
+    assert not [r for r in traffic.results if r.status == 404], "an emptied store must not turn customers unknown"
+    assert traffic.results[-1].status == 200

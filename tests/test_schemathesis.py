@@ -1,0 +1,29 @@
+"""Schemathesis fuzzes the live API from its own OpenAPI document: no 5xx, no answer outside the schema."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_fuzzing_finds_no_server_error_and_no_schema_violation(server, tmp_path):
+    st = Path(sys.executable).with_name("st")
+    before = len(server.log_tail(100_000).splitlines())
+    result = subprocess.run(
+        [str(st), "run", f"{server.url}/docs.json", "--checks", "all", "--max-examples", "600", "--seed", "20261125",
+         "--no-color", "--report", "junit", "--report-dir", str(tmp_path), "--request-timeout", "10"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    summary = result.stdout[-3000:]
+    assert result.returncode == 0, summary
+    generated = int(re.search(r"(\d+) generated", result.stdout).group(1))
+    assert generated >= 1000, summary
+    new_log = server.log_tail(100_000).splitlines()[before:]
+    assert not [line for line in new_log if "Traceback" in line], "a fuzzed request made a traceback"
+    print(f"\nschemathesis: {generated} cases, all checks passed")
