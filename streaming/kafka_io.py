@@ -54,6 +54,9 @@ def consumer_config(bootstrap: str, group_id: str, auto_offset_reset: str, **cal
         "reconnect.backoff.ms": 100,
         "reconnect.backoff.max.ms": 2_000,
         "statistics.interval.ms": 1_000,
+        # librdkafka backs a partition's fetching off for this long once its local queue is full (default 1 s):
+        # with a consumer that is the bottleneck, that idles it; a short backoff keeps the queue flowing.
+        "fetch.queue.backoff.ms": 10,
         "logger": librdkafka_log,
         **callbacks,
     }

@@ -92,6 +92,7 @@ def test_killed_consumer_resumes_without_losing_or_double_counting(workspace, to
     first = start_consumer(workspace, topics.env, "--group", topics.group, *WINDOW_ARGS)
     wait_assigned(first)
     produce(workspace, topics.predictions, events[:1750], pause=0.2)
+    wait_consumed(workspace, topics, 1)  # (its first poll loads the reference profile, which can take seconds)
     first.kill()  # SIGKILL mid-stream: no chance to checkpoint or commit
     reflected_at_kill = consumed(workspace, topics)
     produce(workspace, topics.predictions, events[1750:], pause=0.2)
