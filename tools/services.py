@@ -397,7 +397,10 @@ def start_mlflow(run: RunDir, port: int, pg_port: int) -> int:
         [str(exe), "server", "--backend-store-uri", postgres_uri(pg_port), "--artifacts-destination", str(artifacts),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run.path,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
+        # No job runner: MLflow's huey job consumers (GenAI jobs, unused here) run in sessions of their own and
+        # outlived `down`, leaving seven processes behind per server.
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     wait_until(lambda: mlflow_ready(port), 180, f"mlflow server on port {port}", proc)
     return proc.pid
