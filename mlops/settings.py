@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     grpc_port: int = Field(3001, ge=0, le=65535, description="gRPC port of the serving workers; 0: no gRPC")
     grpc_host: str | None = Field(None, description="gRPC bind address; unset: the HTTP server's own address")
     decision_threshold: float = Field(0.5, gt=0, lt=1, description="fraud label is 1 at or above this score")
+    request_timeout_s: float = Field(
+        10.0, gt=0, le=600,
+        description="BentoML answers a request still running after this long with a 504 (keep it short: it holds "
+                    "a timer per request for this long)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = Field(False, description="BentoML's per-request access log (4xx/5xx are logged anyway)")
     trace_requests: bool = Field(False, description="OpenTelemetry spans for prediction requests")

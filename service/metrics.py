@@ -70,6 +70,11 @@ ERRORS = bentoml.metrics.Counter(
                   "online_store_empty, prediction_log_full, internal)",
     labelnames=["kind"],
 )
+EVENT_LOOP_LAG = bentoml.metrics.Histogram(
+    name="mlops_event_loop_lag_seconds",
+    documentation="How late each worker's event loop woke from a 100 ms sleep (stalls: long GC, blocking calls)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 MODEL_INFO = bentoml.metrics.Gauge(
     name="mlops_model_info",
     documentation="1 for the model version and ONNX Runtime provider being served",

@@ -24,7 +24,7 @@ import bentoml
 from bentoml._internal.container import BentoMLContainer
 
 from mlops.settings import Settings
-from service import contract, metrics
+from service import bentoml_fixes, contract, metrics
 from service.grpc_api import GrpcServer, PortInUse, http_host
 from service.http_api import HttpApi
 from service.model_selector import ModelSelector
@@ -34,6 +34,7 @@ from service.prediction_service import PredictionService
 from service.spool import Spool
 
 settings = Settings.load()  # read at import: workers and routes are part of the service definition
+bentoml_fixes.apply()
 for _package in ("service", "mlops", "lifecycle"):  # BentoML's logging config leaves the root at WARNING
     logging.getLogger(_package).setLevel(settings.log_level)
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ PREDICTION_ROUTES = ["/predict", "/predict_batch", "/info", "/metrics", "/docs.j
 def bentoml_config(s: Settings) -> dict[str, Any]:
     config: dict[str, Any] = {
         "workers": s.workers,
-        "traffic": {"timeout": 60},
+        "traffic": {"timeout": s.request_timeout_s},
         "metrics": {"enabled": False},  # its per-request middleware; our metrics are served on /metrics
         "logging": {"access": {"enabled": s.access_log}},
     }
@@ -122,7 +123,10 @@ class Runtime:
                 os.kill(os.getppid(), signal.SIGTERM)
                 raise
         self._tasks.append(asyncio.get_running_loop().create_task(self._export_forever()))
-        gc.freeze()  # the imported heap is never garbage: keep the collector from walking it (P99 tails)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch_loop_lag()))
+        # The imported heap (~300,000 objects: BentoML, Feast, pandas, onnxruntime...) is never garbage; frozen,
+        # CPython's full collections stop walking it. Measured: without this, P99 ~170 ms at P50 ~4 ms.
+        gc.freeze()
         log.info("worker %d serving %s (canary %s)", self.index, *self.selector.current.versions)
 
     async def stop(self) -> None:
@@ -133,6 +137,14 @@ class Runtime:
         self.selector.stop()
         await asyncio.to_thread(self.prediction_log.close)
         await self.store.close()
+
+    async def _watch_loop_lag(self, every_s: float = 0.1) -> None:
+        """How late the event loop wakes up: anything that blocks it (a long collection, a slow call) shows here."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(every_s)
+            metrics.EVENT_LOOP_LAG.observe(max(0.0, loop.time() - started - every_s))
 
     def ready(self) -> bool:
         return self.service.not_ready_because() is None
