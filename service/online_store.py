@@ -75,12 +75,14 @@ class OnlineStore:
         self._key_version = store.config.entity_key_serialization_version
         self.ttl_s = view.ttl.total_seconds() if isinstance(view.ttl, timedelta) and view.ttl else None
         self._fields = [_mmh3(f"{view.name}:{name}") for name in STORE_FEATURES] + [f"_ts:{view.name}"]
-        self._client = aioredis.Redis(
-            host=settings.redis_host, port=settings.redis_port,
-            socket_timeout=settings.online_store_timeout_ms / 1000,
-            socket_connect_timeout=settings.online_store_timeout_ms / 1000,
-            retry=None, max_connections=64,
+        timeout = settings.online_store_timeout_ms / 1000
+        # A blocking pool: with batching off every request looks up on its own, and a plain pool answers the
+        # 65th concurrent lookup with "Too many connections" (a 503) instead of a short wait for a connection.
+        pool = aioredis.BlockingConnectionPool(
+            host=settings.redis_host, port=settings.redis_port, socket_timeout=timeout,
+            socket_connect_timeout=timeout, max_connections=64, timeout=timeout,
         )
+        self._client = aioredis.Redis(connection_pool=pool, retry=None)
         self.check_interval_s = settings.online_store_check_s
         self.up = False
         self.empty = True
