@@ -43,7 +43,8 @@ def test_kafka_round_trip_and_topics(services):
 
 
 def test_up_is_idempotent_and_keeps_addresses(services):
-    run_dir, state = services
+    run_dir, _ = services
+    state = svc.RunDir(run_dir).load()  # as recorded now: the fault tests restart services (new pids)
     again = svc.up(run_dir)
     assert again["redis"]["pid"] == state["redis"]["pid"]
     assert again["kafka"]["port"] == state["kafka"]["port"]
