@@ -216,7 +216,7 @@ def worker_pids(running: Running) -> list[int]:
 
 def run(ws, args) -> list[dict]:
     tool = tools()
-    customers = list(ws.dataset.customers["customer_id"])
+    customers = sorted(ws.dataset.latest_customers()["customer_id"])  # one row per customer (the history has several)
     n_customers = len(customers)
     workers = [int(w) for w in args.workers.split(",")]
     systems = [System("project", w) for w in workers]

@@ -26,3 +26,27 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
 # Resolve the Kafka broker jars now (cached under ~/.cache/mlops-stack) so the first start is quick.
 .venv/bin/python -c 'from tools.services import kafka_lib; print("kafka jars:", kafka_lib())'
+
+# Operations tooling, each only if missing: Prometheus + promtool (alert rules checked, unit-tested and
+# scraping the live stack) and headless Chromium (the drift report rendered) from Debian; kustomize,
+# pinned, built once from the Go module proxy into the cache (tools/manifests.py names the same version).
+ops_apt=()
+{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || ops_apt+=(prometheus)
+command -v chromium >/dev/null || ops_apt+=(chromium)
+if ((${#ops_apt[@]})); then
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  echo "install.sh: apt-get install ${ops_apt[*]}"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${ops_apt[@]}" >/dev/null
+fi
+KUSTOMIZE_VERSION=v5.8.1
+kustomize_bin="$HOME/.cache/mlops-stack/bin/kustomize-$KUSTOMIZE_VERSION"
+if [ ! -x "$kustomize_bin" ]; then
+  command -v go >/dev/null || { echo "install.sh: Go (1.22 or newer) is needed to build kustomize" >&2; exit 2; }
+  echo "install.sh: go install sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION"
+  gobin="$(mktemp -d)"
+  GOBIN="$gobin" go install "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION"
+  mkdir -p "$(dirname "$kustomize_bin")"
+  mv "$gobin/kustomize" "$kustomize_bin"
+  rm -rf "$gobin"
+fi

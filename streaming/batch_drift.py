@@ -1,12 +1,16 @@
 """`drift`: batch drift between two CSV files, per column.
 
     drift --reference train.csv --current prod.csv [--columns a,b] [--threshold 0.2]
-          [--ks-threshold 0.15] [--alpha 0.05] [--json]
+          [--ks-threshold 0.15] [--alpha 0.05] [--json] [--html report.html [--model NAME:VERSION]]
 
 Numeric columns: scipy's exact two-sample KS (statistic, p-value) and PSI over 10 reference-quantile bins.
 Categorical columns (non-numeric in the reference): chi-square of the current counts against the reference
 frequencies, and PSI over the categories. A column drifted when PSI > --threshold, or (numeric) KS >
 --ks-threshold with p < --alpha, or (categorical) chi-square p < --alpha.
+--html also writes a self-contained HTML report (streaming/report.py): per column the reference and current
+histograms over the bins the scores use, verdicts critical (PSI over --threshold), warning (only the KS or
+chi-square test says drifted) or ok, sorted by severity; the time range is the current file's
+`timestamp`/`event_timestamp` column when it has one.
 Exit code: 0 nothing drifted, 1 something drifted, 2 bad input (one-line reason on stderr).
 """
 
@@ -22,9 +26,11 @@ import numpy as np
 import pandas as pd
 
 from mlops.cli_args import OneLineParser
+from streaming import report as html_report
 from streaming import stats
 
 PSI_BINS = 10
+TIME_COLUMNS = ("timestamp", "event_timestamp")
 
 
 class BadInput(ValueError):
@@ -110,6 +116,63 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str] |
     return results
 
 
+def verdict(result: ColumnResult, args: argparse.Namespace) -> tuple[html_report.Verdict, str]:
+    if result.psi > args.threshold:
+        return "critical", f"PSI {result.psi:.3f} > {args.threshold:g}"
+    if result.drifted:
+        test = "KS" if result.test == "ks" else "chi-square"
+        extra = f"KS {result.statistic:.3f} > {args.ks_threshold:g}, " if result.test == "ks" else ""
+        return "warning", f"{extra}{test} p {result.p_value:.2g} < {args.alpha:g}"
+    if result.test == "ks":
+        return "ok", f"PSI {result.psi:.3f} ≤ {args.threshold:g}, KS {result.statistic:.3f} (p {result.p_value:.2g})"
+    return "ok", f"PSI {result.psi:.3f} ≤ {args.threshold:g}, chi-square p {result.p_value:.2g} ≥ {args.alpha:g}"
+
+
+def report_column(result: ColumnResult, reference: pd.DataFrame, current: pd.DataFrame,
+                  args: argparse.Namespace) -> html_report.ColumnDrift:
+    """The histogram the scores were computed on: reference-quantile bins, or the categories."""
+    name = result.column
+    if result.type == "numeric":
+        ref = numeric_values(reference[name], name, "reference")
+        cur = numeric_values(current[name], name, "current")
+        edges = stats.quantile_edges(ref, PSI_BINS)
+        bins, ref_counts, cur_counts = html_report.numeric_bin_labels(edges), stats.histogram(edges, ref), \
+            stats.histogram(edges, cur)
+        scores = {"psi": result.psi, "ks": result.statistic, "ks_pvalue": result.p_value}
+    else:
+        ref_s, cur_s = reference[name].dropna().astype(str), current[name].dropna().astype(str)
+        bins = sorted(set(ref_s) | set(cur_s))
+        ref_counts = ref_s.value_counts().reindex(bins, fill_value=0).to_numpy()
+        cur_counts = cur_s.value_counts().reindex(bins, fill_value=0).to_numpy()
+        scores = {"psi": result.psi, "chi2": result.statistic, "chi2_pvalue": result.p_value}
+    level, reason = verdict(result, args)
+    return html_report.ColumnDrift(name, result.type, bins, [float(x) for x in ref_counts],
+                                   [float(x) for x in cur_counts], scores, level, reason)
+
+
+def time_range(frame: pd.DataFrame) -> tuple[str | None, str | None]:
+    for column in TIME_COLUMNS:
+        if column in frame.columns:
+            times = pd.to_datetime(frame[column], errors="coerce", utc=True).dropna()
+            if len(times):
+                return times.min().isoformat(), times.max().isoformat()
+    return None, None
+
+
+def build_report(results: list[ColumnResult], reference: pd.DataFrame, current: pd.DataFrame,
+                 args: argparse.Namespace) -> html_report.DriftReport:
+    model_name, _, model_version = (args.model or "").partition(":")
+    start, end = time_range(current)
+    return html_report.DriftReport(
+        title=f"Drift report: {args.current.name} against {args.reference.name}",
+        columns=[report_column(r, reference, current, args) for r in results],
+        model_name=model_name or None, model_version=model_version or None, window_start=start, window_end=end,
+        thresholds={"psi": args.threshold, "ks": args.ks_threshold, "ks_pvalue": args.alpha},
+        source=f"batch: reference {args.reference} ({len(reference):,} rows), current {args.current} "
+               f"({len(current):,} rows)",
+    )
+
+
 def render_table(results: list[ColumnResult]) -> str:
     header = f"{'column':<24} {'type':<12} {'test':<5} {'statistic':>10} {'p_value':>10} {'psi':>8}  drifted"
     lines = [header, "-" * len(header)]
@@ -130,6 +193,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ks-threshold", type=float, default=0.15, help="KS statistic threshold (default 0.15)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of KS/chi-square")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--html", type=Path, help="also write a self-contained HTML report to this file")
+    parser.add_argument("--model", help="NAME[:VERSION] of the model the current data went to (for the report)")
     return parser.parse_args(argv)
 
 
@@ -142,9 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.threshold <= 0 or args.ks_threshold <= 0 or not 0 < args.alpha < 1:
             raise BadInput("--threshold and --ks-threshold must be > 0 and --alpha in (0, 1)")
         columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
-        results = compare(read_csv(args.reference, "reference"), read_csv(args.current, "current"), columns, args)
+        reference, current = read_csv(args.reference, "reference"), read_csv(args.current, "current")
+        results = compare(reference, current, columns, args)
+        if args.html:
+            html_report.write_html(build_report(results, reference, current, args), args.html)
     except BadInput as exc:
         print(f"drift: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"drift: cannot write the HTML report {args.html}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     drifted = any(r.drifted for r in results)
     if args.json:

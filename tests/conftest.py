@@ -24,8 +24,34 @@ import pytest  # noqa: E402
 from tests.harness import Workspace, prepare_workspace, start_server  # noqa: E402
 
 
+def left_behind(root: Path) -> list[str]:
+    """Processes still running from the test workspace (working directory, command line or environment in it)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = os.readlink(proc / "cwd")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if int(proc.name) != os.getpid() and (cwd.startswith(str(root)) or str(root) in cmdline + environ):
+            found.append(f"{proc.name}: {cmdline[:160]}")
+    return found
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
+    """Every fixture has stopped what it started by now: anything still running from the workspace is a leak
+    (it fails the run, and is killed so CI does not hang on it)."""
+    leaks = left_behind(WORKSPACE)
+    for line in leaks:
+        try:
+            os.kill(int(line.split(":", 1)[0]), 9)
+        except OSError:
+            pass
     shutil.rmtree(WORKSPACE, ignore_errors=True)
+    if leaks:
+        print("\nprocesses left behind by the tests:\n  " + "\n  ".join(leaks))
+        session.exitstatus = 1
 
 
 @pytest.fixture(scope="session")

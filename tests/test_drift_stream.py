@@ -74,7 +74,7 @@ def test_serving_traffic_shift_alerts_once_then_resolves(workspace, topics):
         assert resolved["severity"] == "ok" and resolved["previous_severity"] in ("warning", "critical")
         assert len(firing(alerts.messages, SHIFTED)) == 1
 
-        wait_consumed(workspace, topics, 4200)  # the resolved alert can come before the last events are read
+        wait_consumed(workspace, topics, 4200)  # the window can resolve before the last events are checkpointed
         text = httpx.get(f"http://127.0.0.1:{consumer.metrics_port}/metrics").text
         assert metric_value(text, "mlops_drift_events_consumed_total") == 4200
         assert metric_value(text, "mlops_drift_score", f'feature="{SHIFTED}",metric="psi"') >= 0

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 import redis
-from kafka import KafkaProducer
+from confluent_kafka import Producer
 
 from tools import services as svc
 from tools.kafka_read import read_events
@@ -35,16 +35,16 @@ def test_kafka_round_trip_and_topics(services):
     _, state = services
     bootstrap = f"127.0.0.1:{state['kafka']['port']}"
     marker = uuid.uuid4().hex
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    producer.send("predictions", json.dumps({"request_id": marker}).encode()).get(timeout=30)
-    producer.close()
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    producer.produce("predictions", json.dumps({"request_id": marker}).encode())
+    assert producer.flush(30) == 0
     events = read_events(bootstrap, "predictions", {marker}, settle=0.5)
     assert [e["request_id"] for e in events] == [marker]
 
 
 def test_up_is_idempotent_and_keeps_addresses(services):
     run_dir, _ = services
-    state = svc.RunDir(run_dir).load()  # as recorded now: the fault tests restart services (new pids)
+    state = svc.RunDir(run_dir).load()  # as now: the fault tests restart services (new pids, same ports)
     again = svc.up(run_dir)
     assert again["redis"]["pid"] == state["redis"]["pid"]
     assert again["kafka"]["port"] == state["kafka"]["port"]

@@ -164,16 +164,19 @@ def _seconds(value: float | None) -> str:
 
 def demo_drift(ws: workspace.Workspace, url: str, run_dir: Path) -> list[dict]:
     """Reference-like traffic (no alert), then transaction amounts x4 (alert), read from the alerts topic."""
-    from kafka import KafkaConsumer
+    from confluent_kafka import Consumer, TopicPartition
 
     group = f"demo-{uuid.uuid4().hex[:8]}"
     consumer = consumer_process.start(
         {**ws.env, "MLOPS_DRIFT_EVAL_INTERVAL_S": "0.5"}, run_dir / "drift-consumer.log", 0,
         "--group", group, "--slot-seconds", "1", "--window-seconds", "60", "--max-events", "600",
     )
-    alerts_reader = KafkaConsumer(ws.settings.alerts_topic, bootstrap_servers=ws.settings.kafka_bootstrap,
-                                  group_id=None, auto_offset_reset="latest")
-    alerts_reader.poll(timeout_ms=1000)  # join at the current end of the alerts topic
+    alerts_reader = Consumer({"bootstrap.servers": ws.settings.kafka_bootstrap, "group.id": f"{group}-reader",
+                              "enable.auto.commit": False, "log_level": 2})
+    topic = ws.settings.alerts_topic
+    partitions = alerts_reader.list_topics(topic, timeout=30).topics[topic].partitions
+    ends = [alerts_reader.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in partitions]
+    alerts_reader.assign([TopicPartition(topic, p, end) for p, end in zip(partitions, ends, strict=True)])
     frame = datamod.training_frame(ws.dataset)
     try:
         if not consumer.wait_assigned():
@@ -191,8 +194,7 @@ def demo_drift(ws: workspace.Workspace, url: str, run_dir: Path) -> list[dict]:
         received = []
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not any(a["feature"] == "transaction_amount" for a in received):
-            for records in alerts_reader.poll(timeout_ms=500).values():
-                received.extend(json.loads(r.value) for r in records)
+            received.extend(json.loads(m.value()) for m in alerts_reader.consume(100, timeout=0.5) if not m.error())
         for a in received:
             if a.get("consumer_group") == group:
                 print(f"ALERT {a['status']:<8} {a['severity']:<8} {a['model_name']}:{a['model_version']} "

@@ -252,32 +252,30 @@ def start_kafka(run: RunDir, port: int, controller_port: int) -> int:
 def kafka_ready(port: int) -> bool:
     if not port_open(port):
         return False
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaError
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=3000)
-        try:
-            admin.list_topics()
-            return True
-        finally:
-            admin.close()
-    except (KafkaError, OSError):
+        AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 2}).list_topics(timeout=3)
+        return True
+    except KafkaException:
         return False
 
 
 def create_topics(bootstrap: str, topics: dict[str, int] = TOPICS) -> None:
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
+    from confluent_kafka import KafkaError
+    from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        existing = set(admin.list_topics())
-        new = [NewTopic(name, parts, 1) for name, parts in topics.items() if name not in existing]
-        if new:
-            admin.create_topics(new)
-    finally:
-        admin.close()
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 2})
+    existing = set(admin.list_topics(timeout=30).topics)
+    new = [NewTopic(name, parts, 1) for name, parts in topics.items() if name not in existing]
+    for name, future in (admin.create_topics(new, request_timeout=30) if new else {}).items():
+        try:
+            future.result(timeout=30)
+        except Exception as exc:  # a topic another caller created meanwhile is fine
+            error = exc.args[0] if exc.args else None
+            if not (isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise ServiceError(f"could not create topic {name}: {exc}") from exc
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------
@@ -399,7 +397,10 @@ def start_mlflow(run: RunDir, port: int, pg_port: int) -> int:
         [str(exe), "server", "--backend-store-uri", postgres_uri(pg_port), "--artifacts-destination", str(artifacts),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run.path,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
+        # No job runner: MLflow's huey job consumers (GenAI jobs, unused here) run in sessions of their own and
+        # outlived `down`, leaving seven processes behind per server.
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     wait_until(lambda: mlflow_ready(port), 180, f"mlflow server on port {port}", proc)
     return proc.pid

@@ -22,6 +22,7 @@ from tools.traffic import Traffic
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 FAST_CHECKS = {"MLOPS_KAFKA_RETRY_INTERVAL_S": "0.5", "MLOPS_ONLINE_STORE_CHECK_S": "0.5"}
 HANG_S = 1.0  # no request may take longer than this, outage or not
+SERVING, NOT_SERVING = 1, 2  # grpc.health.v1.HealthCheckResponse.ServingStatus
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,16 @@ def assert_logged_exactly_once(workspace, traffic: Traffic) -> None:
     assert not missing and not repeated, f"{len(missing)} missing, {len(repeated)} repeated of {len(accepted)}"
 
 
+def grpc_health(server) -> int:
+    """The standard gRPC health status of the prediction service (what Kubernetes' readiness probe asks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        request = health_pb2.HealthCheckRequest(service="mlops.fraud.v1.FraudDetector")
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+
+
 def log_state(server) -> dict:
     return httpx.get(f"{server.url}/info", timeout=5).json()["kafka"]
 
@@ -94,11 +105,13 @@ def test_redis_killed_requests_fail_fast_readiness_flips_and_recovers(workspace,
         svc.down(run_dir(workspace), only="redis", kill=True)
         try:
             flipped_s = wait_until(lambda: not ready(fault_server), 10, "readiness to flip")
+            wait_until(lambda: grpc_health(fault_server) == NOT_SERVING, 5, "gRPC health to say NOT_SERVING")
             time.sleep(5)
         finally:
             restarted_at = time.monotonic()
             svc.up(run_dir(workspace), only="redis")
         recovered_s = wait_until(lambda: ready(fault_server), 20, "readiness to recover")
+        wait_until(lambda: grpc_health(fault_server) == SERVING, 5, "gRPC health to say SERVING again")
         wait_until(lambda: any(r.status == 200 and r.at > restarted_at + recovered_s for r in traffic.results), 10,
                    "requests to succeed again")
         time.sleep(1)

@@ -1,0 +1,197 @@
+"""Every kustomize overlay renders, validates against the Kubernetes schemas offline, and keeps the invariants.
+
+The renderer is the real kustomize binary (scripts/install.sh) and the schemas those `kubernetes-validate`
+bundles; the negative cases prove the checks bite on the kind of mistake they exist for.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from typing import Any
+
+import pytest
+
+from mlops.settings import Settings
+from tools import manifests
+from tools.services import TOPICS
+
+OVERLAYS = manifests.overlays()
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {overlay: manifests.render(overlay) for overlay in OVERLAYS}
+
+
+def by_name(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].startswith(name)]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} objects"
+    return found[0]
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_overlays_exist():
+    assert {"production", "gpu"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_is_valid_kubernetes_and_keeps_the_invariants(rendered, overlay):
+    objects = rendered[overlay]
+    assert manifests.validate_schema(objects) == []
+    assert manifests.check_invariants(objects) == []
+    kinds = {o["kind"] for o in objects}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap", "CronJob",
+            "NetworkPolicy"} <= kinds
+    assert all(o["metadata"].get("namespace") == "mlops" for o in objects)
+
+
+def test_the_cli_reports_valid_overlays(capsys):
+    assert manifests.main([]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{overlay}: " in out and "valid for Kubernetes" in out for overlay in OVERLAYS)
+
+
+def test_schema_validation_rejects_a_misspelt_field_and_a_wrong_type(rendered):
+    deployment = copy.deepcopy(by_name(rendered["production"], "Deployment", "fraud-detector"))
+    container(deployment)["readinesProbe"] = container(deployment).pop("readinessProbe")
+    service = copy.deepcopy(by_name(rendered["production"], "Service", "fraud-detector"))
+    service["spec"]["ports"][0]["port"] = "eighty"
+    problems = manifests.validate_schema([deployment, service])
+    assert any("Deployment/fraud-detector" in p and "readinesProbe" in p for p in problems), problems
+    assert any("Service/fraud-detector" in p and "ports/0/port" in p for p in problems), problems
+
+
+def test_invariant_checks_catch_unpinned_privileged_and_unprobed_containers(rendered):
+    deployment = copy.deepcopy(by_name(rendered["production"], "Deployment", "fraud-detector"))
+    c = container(deployment)
+    c["image"] = "registry.example.com/mlops/fraud_detector:latest"
+    c["securityContext"]["privileged"] = True
+    del c["livenessProbe"], c["resources"]["limits"]
+    problems = " | ".join(manifests.check_invariants([deployment]))
+    for expected in ("not pinned", "privileged", "liveness probes", "no cpu/memory limits"):
+        assert expected in problems, problems
+    assert manifests.image_pinned("repo/app@sha256:" + "0" * 64)
+    assert not manifests.image_pinned("repo/app") and not manifests.image_pinned("localhost:5000/app")
+
+
+def test_serving_deployment_rolls_without_losing_capacity_and_drains(rendered):
+    objects = rendered["production"]
+    deployment = by_name(objects, "Deployment", "fraud-detector")
+    spec = deployment["spec"]
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    c = container(deployment)
+    # readiness through the standard gRPC health service, which follows /readyz (tests/test_grpc.py)
+    assert c["readinessProbe"]["grpc"] == {"port": 3001, "service": "mlops.fraud.v1.FraudDetector"}
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert c["startupProbe"]["httpGet"]["path"] == "/livez"
+    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep" and int(pre_stop[1]) + 30 <= spec["template"]["spec"]["terminationGracePeriodSeconds"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": 3000, "grpc": 3001}
+    service = by_name(objects, "Service", "fraud-detector")
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http", "grpc"}
+    assert [p["appProtocol"] for p in service["spec"]["ports"] if p["name"] == "grpc"] == ["grpc"]
+    hpa = by_name(objects, "HorizontalPodAutoscaler", "fraud-detector")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "fraud-detector" and hpa["spec"]["minReplicas"] >= 2
+    pdb = by_name(objects, "PodDisruptionBudget", "fraud-detector")
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]  # a drain can always evict one pod
+
+
+def test_selectors_match_the_pods_they_mean(rendered):
+    objects = rendered["production"]
+    pods = {o["metadata"]["name"]: (manifests.pod_spec(o), o) for o in objects if manifests.pod_spec(o)}
+
+    def template_labels(obj: dict[str, Any]) -> dict[str, str]:
+        if obj["kind"] == "CronJob":
+            return obj["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+        return obj["spec"]["template"]["metadata"]["labels"]
+
+    def selects(selector: dict[str, str]) -> list[str]:
+        return [n for n, (_, o) in pods.items() if selector.items() <= template_labels(o).items()]
+
+    for o in objects:
+        if o["kind"] in ("PodDisruptionBudget", "Deployment"):
+            assert selects(o["spec"]["selector"]["matchLabels"]) == [o["metadata"]["name"]]
+        if o["kind"] == "Service":
+            assert selects(o["spec"]["selector"]) == ["fraud-detector"]
+        if o["kind"] == "NetworkPolicy" and o["spec"]["podSelector"]:
+            assert selects(o["spec"]["podSelector"]["matchLabels"]) == [o["metadata"]["name"]]
+    # Every port a pod listens on is open in its NetworkPolicy, and scrape annotations name a real port.
+    for name, (spec, obj) in pods.items():
+        listening = {p["containerPort"] for c in spec["containers"] for p in c.get("ports", [])}
+        policy = by_name(objects, "NetworkPolicy", name)
+        opened = {p["port"] for rule in policy["spec"].get("ingress", []) for p in rule["ports"]}
+        assert listening == opened, (name, listening, opened)
+        annotations = obj["spec"].get("template", {}).get("metadata", {}).get("annotations", {})
+        if annotations.get("prometheus.io/scrape") == "true":
+            assert int(annotations["prometheus.io/port"]) in listening
+
+
+def test_drift_consumers_never_outnumber_partitions(rendered):
+    for overlay, objects in rendered.items():
+        deployment = by_name(objects, "Deployment", "drift-consumer")
+        spec = deployment["spec"]
+        partitions = int(deployment["metadata"]["annotations"]["mlops/predictions-partitions"])
+        assert partitions == TOPICS["predictions"]
+        assert spec["replicas"] + spec["strategy"]["rollingUpdate"].get("maxSurge", 0) <= partitions, overlay
+        c = container(deployment)
+        assert c["command"][:4] == ["python", "-m", "streaming", "consume"]
+        assert {"name": "BENTOML_HOME", "value": "/home/bentoml/bento"} in c["env"]
+
+
+def test_feast_materialisation_cronjob(rendered):
+    job = by_name(rendered["production"], "CronJob", "feast-materialize")
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    c = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert "feast materialize-incremental" in " ".join(c["command"])
+    assert c["workingDir"].endswith("/src/feature_repo")
+
+
+def test_config_map_holds_only_real_settings(rendered):
+    for overlay, objects in rendered.items():
+        config = by_name(objects, "ConfigMap", "mlops-config")["data"]
+        unknown = [k for k in config if k.removeprefix("MLOPS_").lower() not in Settings.model_fields]
+        assert not unknown, (overlay, unknown)
+        Settings(**{k.removeprefix("MLOPS_").lower(): v for k, v in config.items()})  # the values parse too
+        generated_name = by_name(objects, "ConfigMap", "mlops-config")["metadata"]["name"]
+        for workload in (o for o in objects if manifests.pod_spec(o)):
+            for _, c in manifests.containers(workload):
+                assert {"configMapRef": {"name": generated_name}} in c["envFrom"], manifests.name_of(workload)
+
+
+def test_images_are_the_project_version(rendered):
+    version = tomllib.loads((manifests.ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for objects in rendered.values():
+        for obj in objects:
+            for _, c in manifests.containers(obj):
+                assert c["image"].endswith(f":{version}"), c["image"]
+
+
+def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_provider(rendered):
+    gpu, cpu = rendered["gpu"], rendered["production"]
+    serving = container(by_name(gpu, "Deployment", "fraud-detector"))
+    assert serving["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "fraud_detector_gpu" in serving["image"]
+    assert by_name(gpu, "ConfigMap", "mlops-config")["data"]["MLOPS_ONNX_PROVIDER"] == "cuda"
+    assert "fraud_detector_gpu" not in container(by_name(gpu, "Deployment", "drift-consumer"))["image"]
+    assert "nvidia.com/gpu" not in container(by_name(cpu, "Deployment", "fraud-detector"))["resources"]["limits"]
+    assert by_name(cpu, "ConfigMap", "mlops-config")["data"]["MLOPS_ONNX_PROVIDER"] == "cpu"
+
+
+def test_install_script_builds_the_kustomize_version_the_renderer_uses():
+    install = (manifests.ROOT / "scripts" / "install.sh").read_text()
+    assert f"KUSTOMIZE_VERSION={manifests.KUSTOMIZE_VERSION}\n" in install
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--overlay", "staging"], "unknown overlay 'staging'"),
+    (["--kube-version", "1.10.0"], "no bundled schemas for Kubernetes 1.10.0"),
+])
+def test_cli_bad_input_exits_2_with_one_line(capsys, args, message):
+    assert manifests.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
