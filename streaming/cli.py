@@ -3,6 +3,7 @@
     mlops-drift consume [--group G] [--rules rules.yaml] [--window-seconds S] [--slot-seconds S]
                         [--max-events N] [--metrics-port P] [--max-seconds S]
     mlops-drift alerts [--from-beginning] [--max-seconds S]
+    mlops-drift report --out report.html [--window 3600] [--group G] [--model NAME[:VERSION]] [--rules R]
 """
 
 from __future__ import annotations
@@ -84,6 +85,36 @@ def follow_alerts(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def write_report(args: argparse.Namespace, settings: Settings) -> int:
+    """The consumer group's live window as a self-contained HTML report (streaming/live_report.py)."""
+    from streaming import live_report
+    from streaming import report as html_report
+
+    try:
+        rules = RuleSet.load(Path(args.rules or settings.drift_rules_file)) \
+            if (args.rules or settings.drift_rules_file) else RuleSet.default()
+        client = redis.Redis(host=settings.redis_host, port=settings.redis_port, socket_timeout=5,
+                             socket_connect_timeout=2)
+        store = StateStore(client, args.group or settings.drift_group_id, settings.predictions_topic)
+        spec = WindowSpec(slot_seconds=args.slot_seconds or settings.drift_slot_seconds, window_seconds=args.window)
+        report = live_report.build(store, spec, ProfileCache(load_profile_from_store).get, rules, args.model)
+        html_report.write_html(report, args.out)
+    except (live_report.ReportError, RulesError) as exc:
+        print(f"mlops-drift: {exc}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:
+        print(f"mlops-drift: cannot read the checkpoints from Redis at {settings.redis_address}: {exc}",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mlops-drift: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    worst = max((c.verdict for c in report.columns), key=html_report.SEVERITY_RANK.__getitem__, default="ok")
+    print(f"wrote {args.out}: {report.model_name}:{report.model_version}, {len(report.columns)} columns, "
+          f"worst verdict {worst}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlops-drift", description="Streaming drift detection on Kafka.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,10 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("alerts", help="print drift alerts as they arrive")
     a.add_argument("--from-beginning", action="store_true")
     a.add_argument("--max-seconds", type=float)
+    r = sub.add_parser("report", help="write the live window as a self-contained HTML drift report")
+    r.add_argument("--out", type=Path, required=True, help="HTML file to write")
+    r.add_argument("--window", type=float, default=3600.0, help="seconds of traffic to report (default 1 h)")
+    r.add_argument("--slot-seconds", type=float, help="the consumers' slot width (default: the setting)")
+    r.add_argument("--group")
+    r.add_argument("--model", help="NAME or NAME:VERSION (default: the version with most events)")
+    r.add_argument("--rules", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.load()
-    return consume(args, settings) if args.command == "consume" else follow_alerts(args, settings)
+    commands = {"consume": consume, "alerts": follow_alerts, "report": write_report}
+    return commands[args.command](args, settings)
 
 
 if __name__ == "__main__":
