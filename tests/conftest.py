@@ -24,6 +24,10 @@ import pytest  # noqa: E402
 from tests.harness import Workspace, prepare_workspace, start_server  # noqa: E402
 
 
+# Helpers Python's multiprocessing starts for this pytest process itself; they end when it does.
+OWN_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
 def left_behind(root: Path) -> list[str]:
     """Processes still running from the test workspace (working directory, command line or environment in it)."""
     found = []
@@ -32,7 +36,10 @@ def left_behind(root: Path) -> list[str]:
             cwd = os.readlink(proc / "cwd")
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             environ = (proc / "environ").read_bytes().decode(errors="replace")
-        except OSError:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and any(helper in cmdline for helper in OWN_HELPERS):
             continue
         if int(proc.name) != os.getpid() and (cwd.startswith(str(root)) or str(root) in cmdline + environ):
             found.append(f"{proc.name}: {cmdline[:160]}")
