@@ -184,10 +184,10 @@ def ghz(tool: str, descriptors: Path, port: int, connections: int, seconds: floa
     dist = {d["percentage"]: d["latency"] for d in r.get("latencyDistribution") or []}
     # ghz closes its connections when the duration is up: the calls still in flight then fail with
     # "transport is closing" on the client side. They are the run's end, not server errors.
-    errors = sum(n for message, n in (r.get("errorDistribution") or {}).items()
-                 if "transport is closing" not in message)
-    return {"rps": r["rps"], "p50_ms": dist.get(50, 0) / 1e6, "p99_ms": dist.get(99, 0) / 1e6, "errors": errors,
-            "requests": r["count"]}
+    failed = {message: n for message, n in (r.get("errorDistribution") or {}).items()
+              if "transport is closing" not in message}
+    return {"rps": r["rps"], "p50_ms": dist.get(50, 0) / 1e6, "p99_ms": dist.get(99, 0) / 1e6,
+            "errors": sum(failed.values()), "error_messages": failed, "requests": r["count"]}
 
 
 def profile(pid: int, seconds: float, out: Path) -> dict[str, float]:
