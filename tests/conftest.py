@@ -23,7 +23,6 @@ import pytest  # noqa: E402
 
 from tests.harness import Workspace, prepare_workspace, start_server  # noqa: E402
 
-
 # Helpers Python's multiprocessing starts for this pytest process itself; they end when it does.
 OWN_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 
