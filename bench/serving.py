@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import print_table, write_results
+from tools.readiness import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlops-stack" / "bin"
@@ -98,19 +99,12 @@ def start(system: System, ws, port: int) -> Running:
         start_new_session=True,
     )
     running = Running(f"http://127.0.0.1:{port}", process, free_port(), log_path)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{system.label} exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.post(f"{running.url}/predict", json={"customer_id": "C000001", "transaction_amount": 1.0},
-                          timeout=2).status_code == 200:
-                return running
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    why_not = wait_ready(process, lambda: httpx.post(f"{running.url}/predict", json={
+        "customer_id": "C000001", "transaction_amount": 1.0}, timeout=2).status_code == 200, timeout=180)
+    if why_not is None:
+        return running
     running.stop()
-    raise RuntimeError(f"{system.label} did not answer within 180 s")
+    raise RuntimeError(f"{system.label} {why_not}: {log_path.read_text()[-2000:]}")
 
 
 def check_answers(url: str, reference: dict[str, float], customers: list[str]) -> None:

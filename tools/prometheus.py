@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import httpx
 import yaml
 
+from tools.readiness import http_ok, wait_ready
 from tools.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,18 +103,11 @@ def start(targets: dict[str, list[str]], workdir: Path, port: int | None = None,
         stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
     )
     prom = PrometheusProcess(f"http://{host}:{port}", process, workdir, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise PrometheusError(f"prometheus exited with {process.returncode}:\n{prom.log_tail()}")
-        try:
-            if httpx.get(f"{prom.url}/-/ready", timeout=2).status_code == 200:
-                return prom
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
+    why_not = wait_ready(process, http_ok(f"{prom.url}/-/ready"), timeout, interval=0.3)
+    if why_not is None:
+        return prom
     prom.stop()
-    raise PrometheusError(f"prometheus not ready within {timeout:.0f}s:\n{prom.log_tail()}")
+    raise PrometheusError(f"prometheus {why_not}:\n{prom.log_tail()}")
 
 
 def main(argv: list[str] | None = None) -> int:

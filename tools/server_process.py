@@ -6,12 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
+from tools.readiness import http_ok, wait_ready
 from tools.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,15 +72,8 @@ def start(port: int, env: dict[str, str], log_path: Path, timeout: float = 180,
         cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path, int(env["MLOPS_GRPC_PORT"]))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    why_not = wait_ready(process, http_ok(f"{server.url}/readyz"), timeout)
+    if why_not is None:
+        return server
     server.stop()
-    raise RuntimeError(f"bentoml serve not ready within {timeout:.0f}s:\n{server.log_tail()}")
+    raise RuntimeError(f"bentoml serve {why_not}:\n{server.log_tail()}")
