@@ -1,4 +1,6 @@
-"""A fix for a BentoML defect that costs this service its P99, applied when the service module is imported.
+"""Fixes to the server stack under BentoML, applied when the service module is imported.
+
+1. A BentoML defect that cost this service its P99.
 
 BentoML 1.4's ``TimeoutMiddleware`` (bentoml/_internal/server/http/traffic.py) arms a timer per request
 with ``loop.call_later(timeout, ...)`` and never cancels it when the request finishes, so every request
@@ -6,8 +8,11 @@ leaves a timer handle, a future and their context alive for ``traffic.timeout`` 
 and the default 60 s that is ~1.7 million live objects per worker; CPython's full collections walk all of
 them, and measured here each took 100-400 ms — the whole P99 tail (P99 ~200 ms at P50 ~4 ms, where the
 same work in a plain uvicorn app had a P99 of ~8 ms). The replacement below is the same middleware, with
-the timer cancelled when the request is done. tests/test_bentoml_fixes.py checks that timers no longer
-accumulate.
+the timer cancelled when the request is done, and its 504 in the service's one error body. tests/test_bentoml_fixes.py
+checks that timers no longer accumulate.
+
+2. uvicorn answers a request it cannot parse (bad request line, header, chunking) with a plain-text 400; the
+   service promises ``{"error", "detail"}`` on every failure, so the same 400 is sent with that body.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ async def _timeout_middleware_call(self: Any, scope: dict[str, Any], receive: An
         await waiter
     except TimeoutError:
         if fut.cancel():
-            resp = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds"},
+            resp = JSONResponse({"error": "timeout",  # the service's one error body
+                                 "detail": f"not able to process the request in {self.timeout} seconds"},
                                 status_code=504)
             await resp(scope, receive, send)
     else:
@@ -47,6 +53,25 @@ async def _timeout_middleware_call(self: Any, scope: dict[str, Any], receive: An
         timer.cancel()  # the fix: the timer (and the future it holds) goes away with the request
 
 
+BAD_REQUEST_BODY = b'{"error":"invalid_request","detail":"malformed HTTP request"}'
+
+
+def _send_json_400(self: Any, msg: str) -> None:
+    """uvicorn's ``send_400_response`` (httptools and h11 protocols), with the error body in JSON."""
+    head = [b"HTTP/1.1 400 Bad Request\r\n"]
+    for name, value in self.server_state.default_headers:
+        head.extend([name, b": ", value, b"\r\n"])
+    head.extend([b"content-type: application/json\r\n",
+                 b"content-length: " + str(len(BAD_REQUEST_BODY)).encode("ascii") + b"\r\n",
+                 b"connection: close\r\n\r\n", BAD_REQUEST_BODY])
+    self.transport.write(b"".join(head))
+    self.transport.close()
+
+
 def apply() -> None:
-    """Idempotent: install the fixed middleware call."""
+    """Idempotent: install the fixed middleware call and the JSON 400 of uvicorn's protocols."""
+    from uvicorn.protocols.http import h11_impl, httptools_impl
+
     traffic.TimeoutMiddleware.__call__ = _timeout_middleware_call  # type: ignore[method-assign]
+    httptools_impl.HttpToolsProtocol.send_400_response = _send_json_400  # type: ignore[method-assign]
+    h11_impl.H11Protocol.send_400_response = _send_json_400  # type: ignore[method-assign]

@@ -16,8 +16,11 @@ from msgspec import Meta
 from mlops.schema import ENTITY, STORE_FEATURES
 
 FLOAT32_MAX = 3.4028234663852886e38  # the model computes in float32: larger values would become infinity
-EntityId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
-RequestId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+# Python's `$` also matches before a final newline ("C1\n" would pass); `(?!\n)$` is the end of the string in
+# Python and in the ECMA-262 dialect of the OpenAPI document alike.
+ID_PATTERN = r"^[A-Za-z0-9_.:-]+(?!\n)$"
+EntityId = Annotated[str, Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
+RequestId = Annotated[str, Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
 Amount = Annotated[float, Meta(ge=0, le=1e9, description="transaction amount, 0 to 1e9")]
 FeatureValue = Annotated[float, Meta(ge=0, le=FLOAT32_MAX)]
 
@@ -89,10 +92,27 @@ _request_decoder = msgspec.json.Decoder(PredictRequest)
 _batch_decoder = msgspec.json.Decoder(PredictBatchRequest)
 
 
+def check_batch(requests: list[PredictRequest], max_rows: int) -> None:
+    """Row count, each row's rules, and one row per request_id: the id names one prediction event."""
+    if not 1 <= len(requests) <= max_rows:
+        raise RequestError(f"requests: give 1 to {max_rows} rows, got {len(requests)}")
+    first: dict[str, int] = {}
+    for i, request in enumerate(requests):
+        try:
+            check(request)
+        except RequestError as exc:
+            raise RequestError(f"requests[{i}]: {exc}") from None
+        if request.request_id is not None:
+            j = first.setdefault(request.request_id, i)
+            if j != i:
+                raise RequestError(f"requests[{i}]: request_id {request.request_id!r} repeats requests[{j}]'s; "
+                                   "each row is one prediction and needs an id of its own")
+
+
 def decode_request(body: bytes) -> PredictRequest:
     try:
         request = _request_decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RequestError(_message(exc)) from None
     check(request)
     return request
@@ -101,19 +121,15 @@ def decode_request(body: bytes) -> PredictRequest:
 def decode_batch(body: bytes, max_rows: int) -> list[PredictRequest]:
     try:
         requests = _batch_decoder.decode(body).requests
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RequestError(_message(exc)) from None
-    if not 1 <= len(requests) <= max_rows:
-        raise RequestError(f"requests: give 1 to {max_rows} rows, got {len(requests)}")
-    for i, request in enumerate(requests):
-        try:
-            check(request)
-        except RequestError as exc:
-            raise RequestError(f"requests[{i}]: {exc}") from None
+    check_batch(requests, max_rows)
     return requests
 
 
-def _message(exc: msgspec.DecodeError) -> str:
+def _message(exc: msgspec.DecodeError | UnicodeDecodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):  # msgspec passes strings' bytes to Python's UTF-8 decoder
+        return f"malformed JSON: a string is not valid UTF-8 ({exc.reason})"
     text = str(exc)
     if text.startswith("JSON is malformed: "):
         return "malformed JSON: " + text.removeprefix("JSON is malformed: ")

@@ -5,34 +5,33 @@ the same adaptive batches, validation (the same msgspec types, so the same messa
 as HTTP. The health service says SERVING exactly when /readyz would say ready, and NOT_SERVING while the
 worker drains on shutdown.
 
-All workers of one server share the port (SO_REUSEPORT, the kernel spreads connections), so a port lock
-makes sure no *other* server can join it: the first server to bind records its id (the BentoML arbiter's
-pid) in a lock file, and a second server finds it alive and refuses to start, instead of silently
-splitting the traffic.
+All workers of one server share the port (SO_REUSEPORT, the kernel spreads connections);
+``service.port_guard`` makes sure no *other* process can join it. A request that is not a valid protobuf
+message is INVALID_ARGUMENT (gRPC's own deserialisation would answer INTERNAL).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import math
 import os
 import socket
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
 import msgspec
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service.contract import Prediction, PredictRequest, RequestError, RowError, check
+from service import port_guard
+from service.contract import Prediction, PredictRequest, RequestError, RowError, check, check_batch
 from service.prediction_service import PredictionService, Unavailable
-from service.proto import fraud_pb2, fraud_pb2_grpc
+from service.proto import fraud_pb2
 from service.scoring import UNKNOWN_ENTITY
 
 log = logging.getLogger(__name__)
@@ -40,8 +39,25 @@ SERVICE_NAME = "mlops.fraud.v1.FraudDetector"
 TIMEOUT_S = 30.0
 
 
-class PortInUse(RuntimeError):
-    """Another server (not a worker of this one) holds the gRPC port."""
+PortInUse = port_guard.PortInUse
+
+
+class Malformed:
+    """What a request that is not a valid protobuf message deserialises to: the method answers INVALID_ARGUMENT."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except (DecodeError, ValueError, UnicodeDecodeError) as exc:  # a string field must be valid UTF-8
+            return Malformed(f"malformed protobuf message: {exc or type(exc).__name__}")
+    return deserialize
 
 
 def to_request(message: fraud_pb2.PredictRequest) -> PredictRequest:
@@ -72,7 +88,7 @@ def to_message(prediction: Prediction) -> fraud_pb2.Prediction:
     return message
 
 
-class FraudDetectorServicer(fraud_pb2_grpc.FraudDetectorServicer):
+class FraudDetectorServicer:
     def __init__(self, service: PredictionService, loop: asyncio.AbstractEventLoop, max_rows: int) -> None:
         self.service = service
         self.loop = loop
@@ -90,6 +106,8 @@ class FraudDetectorServicer(fraud_pb2_grpc.FraudDetectorServicer):
         raise AssertionError("unreachable")
 
     def Predict(self, request, context):  # noqa: N802 (gRPC method name)
+        if isinstance(request, Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         try:
             parsed = to_request(request)
         except RequestError as exc:
@@ -101,15 +119,18 @@ class FraudDetectorServicer(fraud_pb2_grpc.FraudDetectorServicer):
         return to_message(answer)
 
     def PredictBatch(self, request, context):  # noqa: N802
-        if not 1 <= len(request.requests) <= self.max_rows:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"requests: give 1 to {self.max_rows} rows, got {len(request.requests)}")
+        if isinstance(request, Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         parsed = []
         for i, message in enumerate(request.requests):
             try:
                 parsed.append(to_request(message))
             except RequestError as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests[{i}]: {exc}")
+        try:
+            check_batch(parsed, self.max_rows)
+        except RequestError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         results = []
         for answer in self._run(parsed, context):
             if isinstance(answer, Prediction):
@@ -131,41 +152,40 @@ def http_host(default: str = "127.0.0.1") -> str:
         return default
 
 
-def claim_port(host: str, port: int, owner: int) -> None:
-    """Record ``owner`` (this server's id) as the holder of host:port, or raise if another live server is."""
-    path = Path(tempfile.gettempdir()) / "mlops-grpc-ports" / f"{host}_{port}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        holder = f.read().strip()
-        if holder.isdigit() and int(holder) != owner and _alive(int(holder)):
-            raise PortInUse(f"gRPC port {host}:{port} is already served by another server (pid {holder}); "
-                            "set MLOPS_GRPC_PORT to a free port, or 0 to turn gRPC off")
-        f.seek(0)
-        f.truncate()
-        f.write(str(owner))
-
-
-def _alive(pid: int) -> bool:
-    """A live BentoML server process (a recycled pid of something else does not count)."""
-    try:
-        return b"bentoml" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+def add_servicer(servicer: FraudDetectorServicer, server: grpc.Server) -> None:
+    """The generated registration, with deserialisers that turn a malformed message into INVALID_ARGUMENT."""
+    handlers = {
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            servicer.Predict, request_deserializer=tolerant(fraud_pb2.PredictRequest.FromString),
+            response_serializer=fraud_pb2.Prediction.SerializeToString),
+        "PredictBatch": grpc.unary_unary_rpc_method_handler(
+            servicer.PredictBatch, request_deserializer=tolerant(fraud_pb2.PredictBatchRequest.FromString),
+            response_serializer=fraud_pb2.PredictBatchResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class GrpcServer:
     def __init__(self, service: PredictionService, loop: asyncio.AbstractEventLoop, host: str, port: int,
                  max_rows: int, workers: int = 16) -> None:
-        claim_port(host, port, owner=os.getppid())
+        owner = os.getppid()  # the BentoML arbiter: the server this worker belongs to
+        port_guard.claim(host, port, owner)
         self.health = health.HealthServicer()
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                                   options=[("grpc.so_reuseport", 1)])
-        fraud_pb2_grpc.add_FraudDetectorServicer_to_server(FraudDetectorServicer(service, loop, max_rows), self.server)
+        add_servicer(FraudDetectorServicer(service, loop, max_rows), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if self.server.add_insecure_port(f"{host}:{port}") == 0:
-            raise PortInUse(f"gRPC could not bind {host}:{port}")
+        try:
+            bound = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:  # grpcio raises where it used to return 0
+            bound, why = 0, str(exc)
+        else:
+            why = "another process holds it"
+        if bound == 0:
+            reason = f"gRPC could not bind {host}:{port} ({why})"
+            port_guard.refuse(owner, reason)
+            raise PortInUse(reason)
         self.address = f"{host}:{port}"
         self.set_serving(False)
         self.server.start()

@@ -9,8 +9,10 @@ still runs the process: ``bentoml serve``/``build``/``containerize``, workers, l
 
 Every failure has one JSON body, ``{"error": code, "detail": message}``: 400 invalid_request, 404
 unknown_entity, 413 body_too_large, 415 unsupported_media_type, 503 (retryable) overloaded,
-online_store_unavailable, online_store_empty, prediction_log_full; 500 internal only for a bug. A 4xx
-is logged as one line, never a traceback.
+online_store_unavailable, online_store_empty, prediction_log_full; 500 internal only for a bug. Routing
+failures (404 not_found, 405 method_not_allowed) use the same body, and a path with a trailing slash is not
+redirected. Errors are logged one line per error code at most every ``LOG_EVERY_S`` seconds per worker, with
+how many that line stands for, never a traceback (an outage of thousands of 503s writes a few lines).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from service import metrics
 from service.contract import ErrorBody, Prediction, RequestError, RowError, decode_batch, decode_request
@@ -37,6 +40,30 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 JSON_HEADERS = [(b"content-type", b"application/json")]
 _encoder = msgspec.json.Encoder()
+LOG_EVERY_S = 10.0
+
+
+class ErrorLog:
+    """One log line per error code per ``every_s``: the first at once, then a count of those it stood for."""
+
+    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def record(self, status: int, path: str, code: str, detail: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(code, -self.every_s) < self.every_s:
+            self._held[code] = self._held.get(code, 0) + 1
+            return
+        self._last[code] = now
+        held = self._held.pop(code, 0)
+        more = f" (and {held} more {code} in the last {self.every_s:.0f}s)" if held else ""
+        log.log(logging.WARNING if status >= 500 else logging.INFO, "%d %s %s: %s%s", status, path, code, detail,
+                more)
+
+
+error_log = ErrorLog()
 
 
 class HttpError(Exception):
@@ -99,10 +126,7 @@ class PredictEndpoint:
         except HttpError as exc:
             status, body = exc.status, _encoder.encode(ErrorBody(exc.code, exc.detail))
             metrics.ERRORS.labels(exc.code).inc()
-            if status < 500:
-                log.info("%d %s %s: %s", status, scope["path"], exc.code, exc.detail)
-            else:
-                log.warning("%d %s %s: %s", status, scope["path"], exc.code, exc.detail)
+            error_log.record(status, scope["path"], exc.code, exc.detail)
         except Exception:  # a bug: the client gets a clean 500, the log gets the traceback
             log.exception("500 %s", scope["path"])
             metrics.ERRORS.labels("internal").inc()
@@ -135,6 +159,46 @@ class PredictEndpoint:
         return 200, _encoder.encode(answer)
 
 
+ROUTING_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+BENTOML_UI = ("/assets/", "/static_content/")  # routes BentoML adds after the mounted app: its UI at "/"
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
+
+
+class Fallback(Route):
+    """Whatever no route of the server matched. BentoML's own router answers those with a plain-text 404, or
+    a 307 to the path without its trailing slash; mounted last, this route answers them in the error body
+    instead (BentoML's routes, and ours, are matched before it)."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        super().__init__("/{path:path}", not_found, methods=ALL_METHODS)
+        self.taken = {route.path for route in routes}  # a wrong method there is a 405, from the route itself
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        path = scope.get("path", "")
+        if scope.get("type") != "http" or path == "/" or path in self.taken or path.startswith(BENTOML_UI):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
+async def not_found(request: Request) -> Response:
+    raise HTTPException(404)
+
+
+async def routing_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no such route, wrong method) in the one error body."""
+    assert isinstance(exc, HTTPException)
+    code = ROUTING_ERRORS.get(exc.status_code, "invalid_request")
+    if exc.status_code == 404:
+        detail = f"no route {request.method} {request.url.path}; see /docs.json"
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        detail = str(exc.detail)
+    error_log.record(exc.status_code, request.url.path, code, detail)
+    return Response(_encoder.encode(ErrorBody(code, detail)), exc.status_code, headers=exc.headers,
+                    media_type="application/json")
+
+
 class HttpApi:
     """The mounted app; ``service`` is set by the BentoML service once this worker has started."""
 
@@ -146,7 +210,7 @@ class HttpApi:
         self._openapi = _encoder.encode(openapi)
         self._info = info
         self._metrics_text = metrics_text
-        self.app = Starlette(routes=[
+        routes = [
             Route("/predict", PredictEndpoint(self, batch=False), methods=["POST"]),
             Route("/predict_batch", PredictEndpoint(self, batch=True), methods=["POST"]),
             Route("/info", self.info, methods=["GET"]),
@@ -154,7 +218,8 @@ class HttpApi:
             Route("/docs.json", self.openapi, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
-        ])
+        ]
+        self.app = Starlette(routes=[*routes, Fallback(routes)], exception_handlers={HTTPException: routing_error})
 
     async def info(self, request: Request) -> Response:
         return Response(_encoder.encode(await self._info()), media_type="application/json")

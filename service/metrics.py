@@ -116,6 +116,10 @@ KAFKA_PUBLISH_FAILURES = bentoml.metrics.Counter(
     name="mlops_kafka_publish_failures_total",
     documentation="Deliveries Kafka refused (the events went to the spool, not lost)",
 )
+KAFKA_OUTAGES = bentoml.metrics.Counter(
+    name="mlops_kafka_outages_total",
+    documentation="Times the prediction log declared Kafka unreachable and began spooling",
+)
 KAFKA_REJECTED = bentoml.metrics.Counter(
     name="mlops_kafka_rejected_total",
     documentation="Prediction events refused because the spool was full (policy reject: the request got a 503)",

@@ -88,7 +88,7 @@ class OnlineStore:
         self.empty = True
         self._scan_cursor = 0
         self._seen_in_pass = False
-        self._size_checked = 0.0
+        self._sentinel: bytes | None = None  # a key of this project's rows the store held at the last check
         self._checker: asyncio.Task[None] | None = None
 
     # -- the request path ----------------------------------------------------------------------------
@@ -114,24 +114,28 @@ class OnlineStore:
             self._mark_down(exc)
             raise OnlineStoreUnavailable(f"online store (Redis) lookup failed: {exc}; retry later") from None
         rows = {entity: _decode(reply) for entity, reply in zip(unique, replies, strict=True)}
-        if None in rows.values():
-            await self._confirm_not_empty()
+        if None in rows.values() and not await self._still_holds_rows():
+            if not self.empty:
+                log.warning("online store lost its %r rows: run `feast materialize`", self.project)
+            self.empty = True
         return [rows[e] for e in entity_ids]
 
-    async def _confirm_not_empty(self) -> None:
-        """A row is missing: is the customer unknown, or did the whole store lose its data a moment ago?
-        DBSIZE is O(1); asked at most every 100 ms, so a flood of unknown ids costs nothing."""
-        now = time.monotonic()
-        if now - self._size_checked < 0.1:
-            return
-        self._size_checked = now
+    async def _still_holds_rows(self) -> bool:
+        """A row is missing: is the customer unknown, or did the store lose its data (FLUSHALL, a restart
+        without persistence) since the last check? Asked after the lookup, of a row the store is known to
+        have held (the sentinel, seen by the background SCAN): gone means the store was emptied, so the
+        request is a retryable 503, never a 404. One EXISTS per batch that misses a row; other keys in the
+        same Redis (DBSIZE would count them) cannot hide the loss."""
+        sentinel = self._sentinel
+        if sentinel is None:
+            return not self.empty
         try:
-            if await self._client.dbsize() == 0:
-                if not self.empty:
-                    log.warning("online store is empty: run `feast materialize`")
-                self.empty = True
+            if await self._client.exists(sentinel):
+                return True
         except (TimeoutError, RedisError, OSError):
-            pass  # the lookup itself worked; the next check decides
+            return True  # the lookup itself worked; the next check decides
+        self._sentinel = None  # the background check finds a new one if the store still holds rows
+        return False
 
     # -- health ----------------------------------------------------------------------------------------
 
@@ -160,6 +164,8 @@ class OnlineStore:
             log.info("online store (Redis) reachable")
         self.up = True
         self._seen_in_pass = self._seen_in_pass or bool(keys)
+        if keys:
+            self._sentinel = keys[0]
         if keys and self.empty:
             self.empty = False
             log.info("online store holds %r rows", self.project)

@@ -55,6 +55,7 @@ class LogStats:
     delivery_failures: int
     rejected: int
     dropped: dict[str, int]
+    outages: int = 0  # times the broker was declared unreachable
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "dropped": dict(self.dropped)}
@@ -104,7 +105,9 @@ class PredictionLog:
         self._broker_up = False  # until the first probe or acknowledgement says otherwise
         self._connected_once = threading.Event()
         self._last_ack = time.monotonic()
+        self._held_since: float | None = None  # since when the client holds unacknowledged events
         self._acked_seen = 0
+        self._outages = 0
         self._next_probe = 0.0
         self._next_ack_check = 0.0
         self._accepted = self._produced = self._failed = self._replay_acked = self._spooled = self._replayed = 0
@@ -174,6 +177,7 @@ class PredictionLog:
                 queue_depth=len(self._to_spool), spool_events=self.spool.pending_events,
                 spool_bytes=self.spool.pending_bytes, spooled=self._spooled, replayed=self._replayed,
                 delivery_failures=self._failures, rejected=self._rejected, dropped=self._dropped.copy(),
+                outages=self._outages,
             )
 
     def _acked(self) -> int:
@@ -233,8 +237,11 @@ class PredictionLog:
             log.warning("Kafka producer: %s", err)
 
     def _mark_down(self, why: str) -> None:
+        """Only a probe (a metadata round trip, ``probe_interval_s`` later at the soonest) brings it back up:
+        acknowledgements still arriving at an outage's start for events sent before it prove nothing."""
         if self._broker_up:
             log.warning("Kafka at %s unreachable (%s): spooling prediction events", self.bootstrap, why)
+            self._outages += 1
         self._broker_up = False
         self._next_probe = time.monotonic() + self.probe_interval_s
 
@@ -306,9 +313,10 @@ class PredictionLog:
         self._mark_up()
 
     def _check_acks(self) -> None:
-        """Twice a second: acknowledgements seen (the client holds fewer than it was handed) mean the broker is
-        up; events held with none acknowledged for ``stall_s`` mean it is as good as down (it accepts
-        connections but never answers), so new events go to the spool."""
+        """Twice a second: has the broker stopped answering while it still accepts connections? That is
+        events held, none acknowledged, for ``stall_s`` — counted from the later of the last acknowledgement
+        and the moment the client began holding events, so a quiet spell with nothing to send never counts
+        as silence. Then new events go to the spool."""
         now = time.monotonic()
         if now < self._next_ack_check:
             return
@@ -317,9 +325,12 @@ class PredictionLog:
         if acked > self._acked_seen:
             self._acked_seen = acked
             self._last_ack = now
-            if not self._broker_up:
-                self._mark_up()
-        elif self._broker_up and len(self._producer) and now - self._last_ack > self.stall_s:
+        if not len(self._producer):
+            self._held_since = None
+            return
+        if self._held_since is None:
+            self._held_since = now
+        if self._broker_up and now - max(self._last_ack, self._held_since) > self.stall_s:
             self._mark_down(f"no acknowledgement for {self.stall_s:.0f}s")
 
     def _replay_step(self) -> None:
@@ -398,8 +409,6 @@ class _Replay:
         if err is None:
             self.acked[index] = True
             owner._last_ack = time.monotonic()
-            if not owner._broker_up:
-                owner._mark_up()
         elif err.code() not in PURGED:
             owner._mark_down(f"replay delivery failed: {err}")
 

@@ -24,7 +24,7 @@ import bentoml
 from bentoml._internal.container import BentoMLContainer
 
 from mlops.settings import Settings
-from service import bentoml_fixes, contract, metrics
+from service import bentoml_fixes, contract, metrics, port_guard
 from service.grpc_api import GrpcServer, PortInUse, http_host
 from service.http_api import HttpApi
 from service.model_selector import ModelSelector
@@ -35,6 +35,8 @@ from service.spool import Spool
 
 settings = Settings.load()  # read at import: workers and routes are part of the service definition
 bentoml_fixes.apply()
+if bentoml.server_context.worker_index is None:  # `bentoml serve` itself, before it starts any worker
+    port_guard.preflight(settings.grpc_host, settings.grpc_port)
 for _package in ("service", "mlops", "lifecycle"):  # BentoML's logging config leaves the root at WARNING
     logging.getLogger(_package).setLevel(settings.log_level)
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ class Runtime:
         )
         self.service = PredictionService(s, self.store, self.selector, self.prediction_log)
         self.grpc: GrpcServer | None = None
-        self._exported = LogStats(False, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {})
+        self._exported = LogStats(False, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {}, 0)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -118,7 +120,7 @@ class Runtime:
                                        self.settings.max_request_rows)
             except PortInUse as exc:
                 # A server that cannot serve its gRPC port must not run at all: stop the whole `bentoml serve`
-                # (this worker's parent) instead of letting it restart this worker forever.
+                # (this worker's parent, which then exits with status 2) instead of restarting this worker forever.
                 log.error("%s", exc)
                 os.kill(os.getppid(), signal.SIGTERM)
                 raise
@@ -172,7 +174,7 @@ class Runtime:
         for counter, field in ((metrics.KAFKA_ACCEPTED, "accepted"), (metrics.KAFKA_DELIVERED, "delivered"),
                                (metrics.KAFKA_REPLAYED, "replayed"), (metrics.KAFKA_SPOOLED, "spooled"),
                                (metrics.KAFKA_PUBLISH_FAILURES, "delivery_failures"),
-                               (metrics.KAFKA_REJECTED, "rejected")):
+                               (metrics.KAFKA_REJECTED, "rejected"), (metrics.KAFKA_OUTAGES, "outages")):
             delta = getattr(now, field) - getattr(before, field)
             if delta:
                 counter.inc(delta)

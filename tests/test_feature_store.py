@@ -111,3 +111,33 @@ def test_materialize_incremental_from_the_cli_picks_up_new_rows(workspace, looku
         assert row is not None and row["total_purchases"] == 77
     finally:
         original.to_parquet(path, index=False)
+
+
+def test_rows_lost_since_the_last_check_mean_an_empty_store_not_unknown_customers(workspace, tmp_path):
+    """FLUSHALL between two background checks: the very next lookup must say "empty" (a retryable 503), not
+    "unknown customer" (a 404) — even right after another lookup, and even when other keys (a drift
+    consumer's checkpoints) share the Redis. A Redis of its own, holding a copy of some rows, so flushing it
+    disturbs no other test."""
+    import redis
+
+    from tools import services as svc
+
+    run_dir = tmp_path / "run"
+    port = svc.up(run_dir, only="redis")["redis"]["port"]
+    try:
+        source = redis.Redis(host=workspace.settings.redis_host, port=workspace.settings.redis_port)
+        target = redis.Redis(host="127.0.0.1", port=port)
+        reader = Reader(workspace.settings.model_copy(update={"redis_address": f"127.0.0.1:{port}"}))
+        ids = ["C000001", "C000002", "C000003"]
+        for key in (reader.store.key(i) for i in ids):
+            target.restore(key, 0, source.dump(key))
+        reader.loop.run_until_complete(reader.store.check())
+        assert not reader.store.empty and all(reader.fetch(ids))
+        assert reader.fetch(["nobody"]) == [None] and not reader.store.empty  # unknown: the store still has rows
+        target.flushall()
+        target.set("drift:checkpoint", b"x")  # another tenant of the same Redis
+        assert reader.fetch(ids) == [None, None, None]
+        assert reader.store.empty, "rows lost since the last check were taken for unknown customers"
+        reader.close()
+    finally:
+        svc.down(run_dir, purge=True)

@@ -122,10 +122,3 @@ def test_grpc_binds_the_http_host_only(server):
                 listening.add(address.rsplit(":", 1)[0])
     loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, as IPv4 or IPv4-mapped IPv6
     assert listening and listening <= loopback, listening
-
-
-def test_a_second_server_on_the_same_grpc_port_refuses_to_start(server, workspace):
-    from tests.harness import start_server
-
-    with pytest.raises(RuntimeError, match="already served by another server"):
-        start_server(workspace, {"MLOPS_GRPC_PORT": str(server.grpc_port)}, timeout=90)

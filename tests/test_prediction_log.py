@@ -87,11 +87,29 @@ def test_broker_crash_loses_and_repeats_nothing(services, tmp_path):
     stats = log.stats()
     assert stats.connected and stats.replayed > 0 and stats.in_flight == 0
     assert stats.accepted == sent and not stats.dropped
+    assert stats.outages == 1, "one outage must be declared once, without flapping back up before it ends"
     assert slowest < 0.05, f"publish blocked for {slowest:.3f}s"
     log.close()
     events = read_events(bootstrap, "predictions", {f"{tag}-{i}" for i in range(sent)}, timeout=60, settle=2.0)
     ids = [e["request_id"] for e in events]
     assert len(ids) == sent and len(set(ids)) == sent, f"{len(ids)} events for {sent} published"
+
+
+def test_a_quiet_spell_longer_than_the_stall_limit_is_not_an_outage(services, tmp_path):
+    """No traffic for longer than ``stall_s``, then a burst: the broker is up, nothing may be spooled."""
+    log = open_log(settings(services).kafka_bootstrap, tmp_path / "spool.jsonl", stall_s=1.0)
+    tag = uuid.uuid4().hex[:8]
+    assert log.publish(*event(tag, 0))
+    wait_for(lambda: log.stats().delivered == 1, 30, "the first acknowledgement")
+    time.sleep(2.5)  # quiet: nothing held, nothing to acknowledge
+    for i in range(1, 3001):
+        assert log.publish(*event(tag, i))
+        if i % 100 == 0:
+            time.sleep(0.05)
+    wait_for(lambda: log.stats().delivered == 3001, 30, "3,001 acknowledgements")
+    stats = log.stats()
+    log.close()
+    assert stats.connected and stats.outages == 0 and stats.spooled == 0, stats
 
 
 def test_close_during_outage_keeps_events_for_the_next_start(services, tmp_path):

@@ -23,6 +23,15 @@ def test_env_file_names_both_services(services):
     assert all(info["running"] for info in svc.status(run_dir).values())
 
 
+def test_ports_lie_outside_the_ephemeral_range(services):
+    """A port in the kernel's range for outgoing connections can be taken by any client socket meanwhile,
+    and the service could not restart on its recorded port."""
+    _, state = services
+    ephemeral = svc.ephemeral_ports()
+    recorded = [state["redis"]["port"], state["kafka"]["port"], state["kafka"]["controller_port"]]
+    assert not [p for p in recorded + [svc.free_port() for _ in range(50)] if p in ephemeral], ephemeral
+
+
 def test_redis_is_a_real_server(services):
     _, state = services
     client = redis.Redis(port=state["redis"]["port"])
