@@ -12,6 +12,13 @@ empty and commits fail (counted, retried with the next ones) until the broker an
 rejoins and every partition resumes from its Redis checkpoint. Through a Redis outage the consumer stops
 advancing: it pauses its partitions, commits nothing past the last saved checkpoint and retries the save
 with backoff; partitions it is given meanwhile wait, paused, until their checkpoint can be read.
+
+A Redis that lost its data (``FLUSHALL``, restarted empty) is not a takeover: the owner keys are gone rather
+than someone else's (see :mod:`streaming.state_store`). The consumer then puts back what only it holds, from
+memory: first the alert states it knew (set-if-absent, so no evaluation re-announces an alert already sent),
+then every owned partition's whole checkpoint; and it goes on reading from where it was (nothing re-read,
+nothing counted twice). A real takeover stops reading the partition until the group revokes it; meanwhile
+``mlops_drift_fenced_partitions``, ``mlops_drift_paused`` and the lag say so.
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ from streaming.events import PoisonEvent
 from streaming.kafka_io import Backoff, consumer_config, producer_config, read_stats
 from streaming.profile import ColumnProfile, NumericProfile, ReferenceProfile
 from streaming.rules import SEVERITY_RANK, RuleSet
-from streaming.state_store import PartitionCheckpoint, StateStore
-from streaming.window import SlotHistograms, WindowSpec, merged_windows
+from streaming.state_store import PartitionCheckpoint, SaveResult, StateStore
+from streaming.window import Key, SlotHistograms, WindowSpec, merged_windows
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
+FENCED_WARN_S = 30.0  # a takeover is followed by a revocation within a rebalance; longer than this is a stall
+HIGH_QUERY_S = 5.0  # how often the high watermarks of partitions not being fetched are asked for
 
 
 @dataclass
@@ -105,6 +114,8 @@ class DriftConsumer:
         self.partitions: dict[int, PartitionCheckpoint] = {}  # owned, checkpoint loaded: these are read
         self.pending: set[int] = set()  # owned, checkpoint not loaded yet (Redis down): paused
         self.unsaved: set[int] = set()  # partitions whose windows are ahead of their Redis checkpoint
+        self.fenced: dict[int, tuple[int | None, float]] = {}  # claimed by another, not revoked: (offset, since)
+        self.alert_memory: dict[Key, str] = {}  # last alert state seen or set: re-seeds the store after a flush
         self.paused = False
         self.save_backoff = Backoff(max_s=config.backoff_max_s)
         self.load_backoff = Backoff(max_s=config.backoff_max_s)
@@ -112,6 +123,7 @@ class DriftConsumer:
         self._dead_letters_in_flight = 0
         self._alerts_in_flight: dict[tuple[str, str, str], str] = {}  # key -> state to restore if undelivered
         self._high: dict[int, int] = {}
+        self._next_high_query = 0.0
         self._stop = threading.Event()
         self._next_eval = 0.0
         self._last_error_log = 0.0
@@ -166,6 +178,7 @@ class DriftConsumer:
         if time.monotonic() >= self._next_eval:
             self.evaluate()
             self._next_eval = time.monotonic() + self.config.eval_interval_s
+            self._warn_fenced()
 
     def _absorb(self, messages: list) -> None:
         raws: list[bytes | None] = []
@@ -231,20 +244,21 @@ class DriftConsumer:
                 return self._checkpoint_failed("dead letters are not acknowledged yet")
         todo = {p: self.partitions[p] for p in self.unsaved if p in self.partitions}
         try:
-            fenced = self.store.save(todo) if todo else self.store.ping()  # paused with nothing to save: probe
+            if todo:
+                saved = self.store.save(todo)
+                if saved.lost:
+                    saved = self._reseed(saved)
+            else:  # paused with nothing to save: probe
+                self.store.ping()
+                saved = SaveResult()
         except redis.RedisError as exc:
             metrics.CHECKPOINT_STORE_UP.set(0)
             return self._checkpoint_failed(f"Redis: {exc}")
         metrics.CHECKPOINT_STORE_UP.set(1)
-        for p in fenced:  # another consumer owns it now: forget it until the group revokes it from us
-            log.warning("partition %s was taken over by another consumer; dropping its unsaved state", p)
-            self.partitions.pop(p, None)
-            try:
-                self.consumer.pause([TopicPartition(self.config.topic, p)])
-            except KafkaException:
-                pass
+        for p in saved.fenced:
+            self._fence(p)
         offsets = [TopicPartition(self.config.topic, p, todo[p].offset) for p in todo
-                   if p not in fenced and todo[p].offset is not None]
+                   if p not in saved.fenced and todo[p].offset is not None]
         self.unsaved.clear()
         self.save_backoff.succeeded()
         if offsets:
@@ -252,6 +266,41 @@ class DriftConsumer:
         if self.paused:
             self._set_paused(False)
         return True
+
+    def _reseed(self, saved: SaveResult) -> SaveResult:
+        """Redis lost this consumer's checkpoints (flushed, or restarted empty; not a takeover: no other owner is
+        there). Put back what only this consumer knows, from memory: the alert states first, so no evaluation
+        sees windows without the state they had reached (it would announce their alerts again), then every owned
+        partition's whole checkpoint, atomically. Reading goes on from the in-memory offsets: nothing re-read."""
+        metrics.STORE_RESETS.inc()
+        restored = self.store.restore_alerts(self.alert_memory)
+        owned = {p: c for p, c in self.partitions.items() if c.offset is not None and p not in saved.fenced}
+        for ckpt in owned.values():
+            ckpt.windows.mark_all_dirty()
+        again = self.store.save(owned, reseed=set(owned))
+        log.warning("Redis had lost the checkpoints of partitions %s (flushed or restarted empty): re-seeded %s "
+                    "partitions and %s alert states from memory", saved.lost, len(owned), restored)
+        return SaveResult(sorted(set(saved.fenced) | set(again.fenced)), again.lost)
+
+    def _fence(self, partition: int) -> None:
+        """Another consumer claimed the partition: stop reading it (its unsaved state is dropped, the new owner
+        resumes from the checkpoint) until the group revokes it from us; the metrics show it as not read."""
+        log.warning("partition %s was taken over by another consumer; dropping its unsaved state", partition)
+        state = self.partitions.pop(partition, None)
+        self.fenced[partition] = (state.offset if state is not None else None, time.monotonic())
+        try:
+            self.consumer.pause([TopicPartition(self.config.topic, partition)])
+        except KafkaException:
+            pass
+        self._report_paused()
+
+    def _warn_fenced(self) -> None:
+        stuck = sorted(p for p, (_, since) in self.fenced.items() if time.monotonic() - since > FENCED_WARN_S)
+        if stuck and time.monotonic() - self._last_error_log > FENCED_WARN_S:
+            log.error("partitions %s are still assigned to this consumer but owned by another one in Redis; not "
+                      "reading them (is another consumer using group %s on this Redis?)", stuck,
+                      self.config.group_id)
+            self._last_error_log = time.monotonic()
 
     def _checkpoint_failed(self, why: str) -> bool:
         metrics.CHECKPOINT_FAILURES.inc()
@@ -287,7 +336,9 @@ class DriftConsumer:
         self._report_paused()
 
     def _report_paused(self) -> None:
-        metrics.PAUSED.set(int(self.paused or bool(self.pending)))
+        metrics.PAUSED.set(int(self.paused or bool(self.pending) or bool(self.fenced)))
+        metrics.FENCED.set(len(self.fenced))
+        metrics.ASSIGNED.set(len(self.partitions) + len(self.pending))
 
     # -- rebalancing ------------------------------------------------------------------------------
 
@@ -302,7 +353,6 @@ class DriftConsumer:
         if self.paused:
             self._set_paused(True)
         self._report_paused()
-        metrics.ASSIGNED.set(len(self.partitions) + len(self.pending))
         log.info("assigned partitions %s%s", sorted(tp.partition for tp in assigned),
                  f" (waiting for Redis: {sorted(self.pending)})" if self.pending else "")
 
@@ -317,6 +367,7 @@ class DriftConsumer:
             return -1001  # OFFSET_INVALID: where the group left it; nothing is read before the checkpoint
         metrics.CHECKPOINT_STORE_UP.set(1)
         self.pending.discard(partition)
+        self.fenced.pop(partition, None)
         if ckpt is None:  # first time for this group: Kafka's committed offset (or auto_offset_reset) decides
             ckpt = PartitionCheckpoint(offset=None, consumed=0, dead_lettered=0, windows=SlotHistograms(),
                                        epoch=epoch)
@@ -362,15 +413,20 @@ class DriftConsumer:
         """Checkpoint partitions on their way out (refused by Redis if another consumer already took one)."""
         metrics.REBALANCES.labels("revoke" if commit else "lost").inc()
         gone = [tp.partition for tp in gone_tps]
-        if any(p in self.unsaved for p in gone):
+        # Saved even when nothing changed: a store that lost its data is noticed (and re-seeded) before the next
+        # owner loads the checkpoint.
+        leaving = [p for p in gone if p in self.partitions and self.partitions[p].offset is not None]
+        if leaving:
+            self.unsaved.update(leaving)
             self.save_backoff.succeeded()
             self._checkpoint(final=True)
         for p in gone:
             self.partitions.pop(p, None)
             self.pending.discard(p)
             self.unsaved.discard(p)
+            self.fenced.pop(p, None)
+            metrics.LAG.remove(str(p))  # its new owner reports it
         self._report_paused()
-        metrics.ASSIGNED.set(len(self.partitions) + len(self.pending))
         log.info("revoked partitions %s%s", sorted(gone), "" if commit else " (lost)")
 
     # -- broker state -----------------------------------------------------------------------------
@@ -388,7 +444,8 @@ class DriftConsumer:
         except (msgspec.DecodeError, ValueError):
             return
         metrics.BROKER_CONNECTED.set(int(connected))
-        self._high.update(high)
+        for p, offset in high.items():  # never back: a paused partition's statistics keep an old watermark
+            self._high[p] = max(offset, self._high.get(p, -1))
 
     # -- judging ----------------------------------------------------------------------------------
 
@@ -405,6 +462,13 @@ class DriftConsumer:
 
     def _evaluate(self) -> list[dict[str, Any]]:
         checkpoints = self.store.load_all()
+        lost = [p for p, c in self.partitions.items()
+                if c.offset is not None and p not in checkpoints and p not in self.unsaved]
+        if lost:  # saved before, gone now: Redis lost its data. Re-seed first; judge on the next evaluation.
+            self.unsaved.update(lost)
+            self.save_backoff.succeeded()
+            self._checkpoint()
+            return []
         now = time.time()
         windows = merged_windows([c.windows for c in checkpoints.values()], self.config.window, now)
         sent = []
@@ -418,12 +482,13 @@ class DriftConsumer:
             metrics.WINDOW_SAMPLES.labels(name, version, column).set(window.n)
             if window.n < self.rules.min_samples or (name, version, column) in self._alerts_in_flight:
                 continue
-            current = self.store.alert_state(name, version, column)
+            current = self._alert_state((name, version, column))
             verdict = self.rules.judge(column, scores, current)  # type: ignore[arg-type]
             metrics.DRIFT_STATE.labels(name, version, column).set(SEVERITY_RANK[verdict.severity])
             if verdict.severity == current:
                 continue
             previous = self.store.transition(name, version, column, verdict.severity)
+            self.alert_memory[(name, version, column)] = verdict.severity
             if previous is None:  # another consumer of the group already made this change
                 continue
             alert = {
@@ -444,6 +509,17 @@ class DriftConsumer:
             self._publish_alert(alert, previous)
             sent.append(alert)
         return sent
+
+    def _alert_state(self, key: Key) -> str:
+        """The stored state; one this consumer knew but the store lost (a flush) is put back first, set-if-absent,
+        so the alert it stands for is not announced a second time."""
+        stored = self.store.stored_alert_state(*key)
+        if stored is None and self.alert_memory.get(key, "ok") != "ok":
+            self.store.restore_alerts({key: self.alert_memory[key]})
+            stored = self.store.stored_alert_state(*key)
+            log.warning("alert state of %s was lost from Redis; put back %s", ":".join(key), stored)
+        self.alert_memory[key] = stored or "ok"
+        return self.alert_memory[key]
 
     def _publish_alert(self, alert: dict[str, Any], previous: str) -> None:
         """Non-blocking: a broker outage holds the alert in the producer (no delivery timeout) until it is
@@ -468,6 +544,7 @@ class DriftConsumer:
             self._revert(*key, previous)
 
     def _revert(self, name: str, version: str, column: str, previous: str) -> None:
+        self.alert_memory[(name, version, column)] = previous
         try:
             self.store.revert(name, version, column, previous)
         except redis.RedisError:
@@ -480,9 +557,28 @@ class DriftConsumer:
         return None, None, None
 
     def _report_lag(self) -> None:
-        for p, state in self.partitions.items():
-            if p in self._high and state.offset is not None:
-                metrics.LAG.labels(str(p)).set(max(0, self._high[p] - state.offset))
+        """Owned partitions, and fenced ones (not read: their lag grows until the group revokes them)."""
+        offsets = {p: state.offset for p, state in self.partitions.items()}
+        offsets.update({p: offset for p, (offset, _) in self.fenced.items()})
+        self._refresh_high(list(offsets) if self.paused else list(self.fenced))
+        for p, offset in offsets.items():
+            if p in self._high and offset is not None:
+                metrics.LAG.labels(str(p)).set(max(0, self._high[p] - offset))
+
+    def _refresh_high(self, partitions: list[int]) -> None:
+        """librdkafka's statistics learn the high watermark from fetches, and a paused partition is not fetched:
+        ask the broker (every few seconds, while it answers), so a stalled partition's lag keeps growing."""
+        if not partitions or time.monotonic() < self._next_high_query:
+            return
+        self._next_high_query = time.monotonic() + HIGH_QUERY_S
+        for p in partitions:
+            try:
+                _, high = self.consumer.get_watermark_offsets(TopicPartition(self.config.topic, p), timeout=0.5,
+                                                              cached=False)
+            except KafkaException:
+                return  # the broker is away: keep the last known values
+            if high >= 0:
+                self._high[p] = max(high, self._high.get(p, 0))
 
 
 def load_profile_from_store(name: str, version: str) -> ReferenceProfile | None:

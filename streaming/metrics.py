@@ -25,3 +25,7 @@ COMMIT_FAILURES = Counter("mlops_drift_commit_failures_total", "Kafka offset com
 PAUSED = Gauge("mlops_drift_paused", "1 while (some) partitions are paused: a checkpoint cannot be saved or loaded")
 ASSIGNED = Gauge("mlops_drift_assigned_partitions", "Partitions this consumer owns and reads")
 REBALANCES = Counter("mlops_drift_rebalances_total", "Partition assignments and revocations", ["kind"])
+STORE_RESETS = Counter("mlops_drift_checkpoint_store_resets_total",
+                       "Times Redis had lost this consumer's checkpoints (flushed, restarted empty); re-seeded")
+FENCED = Gauge("mlops_drift_fenced_partitions",
+               "Partitions assigned to this consumer but claimed by another one in Redis: not read until revoked")

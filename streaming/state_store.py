@@ -7,18 +7,26 @@ nothing lost, nothing counted twice. Layout per partition, cheap to write every 
 - hash ``<prefix>:p:<partition>``: field ``meta`` = msgpack ``[offset, consumed, dead_lettered]``, and one
   field ``s:<slot>`` per time slot (see :meth:`SlotHistograms.slot_blob`); a save writes only the slots
   that changed and deletes the ones that expired;
-- ``<prefix>:owner:<partition>``: the owner epoch. Taking a partition over increments it, and a save
-  from any other epoch is refused, so a consumer that lost a partition without noticing (a zombie) can
-  never overwrite its new owner's checkpoint.
+- ``<prefix>:owner:<partition>``: the owner, ``<epoch>:<token>``. Taking a partition over increments the
+  epoch and writes the taker's token (one per store object, i.e. per consumer process), and a save from any
+  other owner is refused, so a consumer that lost a partition without noticing (a zombie) can never
+  overwrite its new owner's checkpoint. The token keeps that true across a flush, where epochs restart at 1.
+
+A save finds the owner key in one of three states: its own (written), another consumer's (*fenced*: a real
+takeover), or absent (*lost*: Redis was flushed or restarted empty, nobody has claimed the partition since).
+Only the owner holds a lost partition's state, in memory, so it re-seeds the whole checkpoint and its owner
+key in one script (``reseed``); a takeover is never mistaken for a loss, nor a loss for a takeover.
 
 The alert state per (model, version, feature) is shared by all consumers of the group and changed with
-a compare-and-set, so one state change makes one alert however many consumers see it.
+a compare-and-set, so one state change makes one alert however many consumers see it; after a loss,
+consumers put back the states they knew with set-if-absent (:meth:`StateStore.restore_alerts`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 
 import msgspec
 import redis
@@ -32,17 +40,34 @@ redis.call('SET', KEYS[1], ARGV[1])
 return current
 """
 
+# KEYS: owner key, checkpoint hash, legacy checkpoint. ARGV: the claimer's token. Returns {epoch, hash, legacy}.
+CLAIM_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+local epoch = (current and tonumber(string.match(current, '^%d+')) or 0) + 1
+redis.call('SET', KEYS[1], epoch .. ':' .. ARGV[1])
+return {epoch, redis.call('HGETALL', KEYS[2]), redis.call('GET', KEYS[3])}
+"""
+
 # KEYS: the partitions set, then (checkpoint hash, owner key) per partition.
-# ARGV per partition: partition, epoch, n fields to set, n fields to delete, field/value pairs, fields.
+# ARGV per partition: partition, owner, reseed (0/1), n fields to set, n fields to delete, field/value pairs,
+# fields. Returns {fenced partitions, lost partitions}; nothing is written for either.
 SAVE_SCRIPT = """
-local fenced = {}
+local fenced, lost = {}, {}
 local a = 1
 for k = 1, (#KEYS - 1) / 2 do
   local hkey, okey = KEYS[2 * k], KEYS[2 * k + 1]
-  local part, epoch = ARGV[a], ARGV[a + 1]
-  local nset, ndel = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  a = a + 4
-  if redis.call('GET', okey) ~= epoch then
+  local part, owner, reseed = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local nset, ndel = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  a = a + 5
+  local current = redis.call('GET', okey)
+  if not current and reseed == '1' then
+    redis.call('DEL', hkey)
+    redis.call('SET', okey, owner)
+    current = owner
+  end
+  if not current then
+    table.insert(lost, part)
+  elseif current ~= owner then
     table.insert(fenced, part)
   else
     if nset > 0 then redis.call('HSET', hkey, unpack(ARGV, a, a + 2 * nset - 1)) end
@@ -51,7 +76,7 @@ for k = 1, (#KEYS - 1) / 2 do
   end
   a = a + 2 * nset + ndel
 end
-return fenced
+return {fenced, lost}
 """
 
 META = b"meta"
@@ -86,11 +111,19 @@ class PartitionCheckpoint:
         return cls(offset, consumed, dead, SlotHistograms.from_blobs(blobs))
 
 
+@dataclass
+class SaveResult:
+    fenced: list[int] = field(default_factory=list)  # taken over by another consumer: nothing written
+    lost: list[int] = field(default_factory=list)  # the store lost them (flushed): nothing written, re-seed them
+
+
 class StateStore:
     def __init__(self, client: redis.Redis, group: str, topic: str) -> None:
         self.client = client
         self.prefix = f"mlops:drift:{group}:{topic}"
+        self.token = secrets.token_hex(8)  # tells this consumer's epochs from another's after a flush
         self._cas = client.register_script(CAS_SCRIPT)
+        self._claim = client.register_script(CLAIM_SCRIPT)
         self._save = client.register_script(SAVE_SCRIPT)
 
     def _hash_key(self, partition: int) -> str:
@@ -105,16 +138,16 @@ class StateStore:
     def _alert_key(self, model: str, version: str, column: str) -> str:
         return f"{self.prefix}:alert:{model}:{version}:{column}"
 
+    def owner(self, epoch: int) -> str:
+        return f"{epoch}:{self.token}"
+
     # -- checkpoints ------------------------------------------------------------------------------
 
     def claim(self, partition: int) -> tuple[int, PartitionCheckpoint | None]:
         """Take a partition over: a new owner epoch (fencing out the previous owner) and its checkpoint."""
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.incr(self._owner_key(partition))
-            pipe.hgetall(self._hash_key(partition))
-            pipe.get(self._legacy_key(partition))
-            epoch, fields, legacy = pipe.execute()
-        ckpt = PartitionCheckpoint.from_hash(fields)
+        epoch, flat, legacy = self._claim(keys=[self._owner_key(partition), self._hash_key(partition),
+                                                self._legacy_key(partition)], args=[self.token])
+        ckpt = PartitionCheckpoint.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
         if ckpt is None and legacy:
             ckpt = PartitionCheckpoint.from_json(legacy)
             ckpt.windows.mark_all_dirty()  # the first save writes it in the new layout
@@ -122,9 +155,12 @@ class StateStore:
             ckpt.epoch = int(epoch)
         return int(epoch), ckpt
 
-    def save(self, checkpoints: dict[int, PartitionCheckpoint]) -> list[int]:
-        """Write the changed slots and offsets of these partitions atomically; returns the partitions whose
-        epoch was taken over by another consumer (nothing written for those). Raises ``redis.RedisError``."""
+    def save(self, checkpoints: dict[int, PartitionCheckpoint], reseed: set[int] | frozenset[int] = frozenset()
+             ) -> SaveResult:
+        """Write the changed slots and offsets of these partitions atomically. Partitions in ``reseed`` whose owner
+        key is gone are rewritten whole (all their slots must be dirty) with this consumer as owner. Returns the
+        partitions taken over by another consumer and those the store lost (nothing written for either).
+        Raises ``redis.RedisError``."""
         keys: list[str] = [f"{self.prefix}:partitions"]
         args: list[bytes | str | int] = []
         written = {}
@@ -137,20 +173,21 @@ class StateStore:
             for slot in dirty:
                 fields += [f"s:{slot}", windows.slot_blob(slot)]
             keys += [self._hash_key(partition), self._owner_key(partition)]
-            args += [partition, ckpt.epoch, len(fields) // 2, len(dropped), *fields, *(f"s:{s}" for s in dropped)]
+            args += [partition, self.owner(ckpt.epoch), int(partition in reseed), len(fields) // 2, len(dropped),
+                     *fields, *(f"s:{s}" for s in dropped)]
             written[partition] = (dirty, dropped)
         if not written:
-            return []
-        fenced = {int(p) for p in self._save(keys=keys, args=args)}
+            return SaveResult()
+        fenced_raw, lost_raw = self._save(keys=keys, args=args)
+        result = SaveResult(sorted(int(p) for p in fenced_raw), sorted(int(p) for p in lost_raw))
         for partition, (dirty, dropped) in written.items():
-            if partition not in fenced:
+            if partition not in result.fenced and partition not in result.lost:
                 checkpoints[partition].windows.mark_saved(dirty, dropped)
-        return sorted(fenced)
+        return result
 
-    def ping(self) -> list[int]:
-        """Raises ``redis.RedisError`` while Redis is unreachable (nothing fenced: returns [])."""
+    def ping(self) -> None:
+        """Raises ``redis.RedisError`` while Redis is unreachable."""
         self.client.ping()
-        return []
 
     def load(self, partition: int) -> PartitionCheckpoint | None:
         ckpt = PartitionCheckpoint.from_hash(self.client.hgetall(self._hash_key(partition)))
@@ -177,8 +214,23 @@ class StateStore:
     # -- alert state ------------------------------------------------------------------------------
 
     def alert_state(self, model: str, version: str, column: str) -> str:
+        return self.stored_alert_state(model, version, column) or "ok"
+
+    def stored_alert_state(self, model: str, version: str, column: str) -> str | None:
+        """The stored state, None when there is none (never set, or lost with a flush)."""
         raw = self.client.get(self._alert_key(model, version, column))
-        return raw.decode() if raw else "ok"
+        return raw.decode() if raw else None
+
+    def restore_alerts(self, states: dict[tuple[str, str, str], str]) -> int:
+        """Put back alert states the store lost (set-if-absent: a state written since is newer); returns how many
+        were put back. The "ok" state is the default and needs no key."""
+        todo = [(key, state) for key, state in states.items() if state != "ok"]
+        if not todo:
+            return 0
+        with self.client.pipeline(transaction=False) as pipe:
+            for (model, version, column), state in todo:
+                pipe.set(self._alert_key(model, version, column), state, nx=True)
+            return sum(bool(done) for done in pipe.execute())
 
     def transition(self, model: str, version: str, column: str, severity: str) -> str | None:
         """Set the alert state; returns the previous state if it changed, None if it already was that."""

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from mlops.schema import MODEL_FEATURES, STORE_FEATURES
-from streaming.state_store import PartitionCheckpoint, StateStore
+from streaming.state_store import PartitionCheckpoint, SaveResult, StateStore
 from streaming.window import SlotHistograms
 from tests.drift_support import (
     SHIFTED,
@@ -182,11 +182,11 @@ def test_checkpoints_are_incremental_atomic_and_fenced(workspace):
     for slot in (100, 101):
         windows.add(("m", "v1", "x"), slot, np.array([0, 1, 1]), 3)
     mine = PartitionCheckpoint(offset=10, consumed=6, dead_lettered=1, windows=windows, epoch=epoch)
-    assert store.save({0: mine}) == [] and not windows.dirty
+    assert store.save({0: mine}) == SaveResult() and not windows.dirty
     windows.add(("m", "v1", "x"), 102, np.array([2]), 3)
     windows.expire(101)
     mine.offset, mine.consumed = 11, 7
-    assert store.save({0: mine}) == []
+    assert store.save({0: mine}) == SaveResult()
     assert sorted(client.hkeys(f"{store.prefix}:p:0")) == [b"meta", b"s:101", b"s:102"]
     loaded = store.load(0)
     assert (loaded.offset, loaded.consumed, loaded.dead_lettered) == (11, 7, 1)
@@ -196,7 +196,7 @@ def test_checkpoints_are_incremental_atomic_and_fenced(workspace):
     assert epoch2 == 2 and taken.consumed == 7
     mine.consumed = 99
     windows.add(("m", "v1", "x"), 102, np.array([2]), 3)
-    assert store.save({0: mine}) == [0], "a fenced owner's save must be refused"
+    assert store.save({0: mine}) == SaveResult(fenced=[0]), "a fenced owner's save must be refused"
     assert store.load(0).consumed == 7
     assert store.partitions() == [0] and list(store.load_all()) == [0]
     legacy = PartitionCheckpoint(offset=5, consumed=5, dead_lettered=0, windows=SlotHistograms())
@@ -204,4 +204,43 @@ def test_checkpoints_are_incremental_atomic_and_fenced(workspace):
     client.set(f"{store.prefix}:ckpt:1", legacy.to_json())  # written by the first (JSON) checkpoint format
     _, upgraded = store.claim(1)
     assert upgraded.offset == 5 and upgraded.windows.dirty == {7}
-    assert store.save({1: upgraded}) == [] and store.load(1).windows.slots[("m", "v1", "x")][7].tolist() == [2, 0, 0]
+    assert store.save({1: upgraded}) == SaveResult()
+    assert store.load(1).windows.slots[("m", "v1", "x")][7].tolist() == [2, 0, 0]
+
+
+def test_a_flushed_store_is_told_from_a_takeover_and_reseeded(workspace):
+    """Real Redis: once the keys are gone (as after FLUSHALL) a save reports the partition lost, not fenced, and
+    writes nothing; the owner's re-seed writes its whole checkpoint. A consumer that claims after the flush starts
+    the epochs again at 1, and the owner token still fences the old owner holding that same epoch number."""
+    client = redis.Redis(port=workspace.settings.redis_port)
+    group = f"g-{time.monotonic_ns()}"
+    mine_store, other_store = StateStore(client, group, "t"), StateStore(client, group, "t")
+    epoch, _ = mine_store.claim(0)
+    windows = SlotHistograms()
+    for slot in (100, 101):
+        windows.add(("m", "v1", "x"), slot, np.array([0, 1, 1]), 3)
+    mine = PartitionCheckpoint(offset=10, consumed=6, dead_lettered=0, windows=windows, epoch=epoch)
+    assert mine_store.save({0: mine}) == SaveResult()
+    mine_store.transition("m", "v1", "x", "critical")
+
+    client.delete(*client.keys(f"{mine_store.prefix}:*"))  # the group's keys gone, as after a FLUSHALL
+    windows.add(("m", "v1", "x"), 101, np.array([2]), 3)
+    mine.offset, mine.consumed = 11, 7
+    assert mine_store.save({0: mine}) == SaveResult(lost=[0]) and windows.dirty == {101}
+    assert client.exists(f"{mine_store.prefix}:p:0") == 0, "nothing is written for a lost partition"
+    assert mine_store.stored_alert_state("m", "v1", "x") is None
+    assert mine_store.restore_alerts({("m", "v1", "x"): "critical", ("m", "v1", "y"): "ok"}) == 1
+    assert mine_store.restore_alerts({("m", "v1", "x"): "warning"}) == 0, "a state written since is kept"
+    assert mine_store.alert_state("m", "v1", "x") == "critical"
+    windows.mark_all_dirty()
+    assert mine_store.save({0: mine}, reseed={0}) == SaveResult()
+    loaded = mine_store.load(0)
+    assert (loaded.offset, loaded.consumed) == (11, 7) and mine_store.partitions() == [0]
+    assert {s: c.tolist() for s, c in loaded.windows.slots[("m", "v1", "x")].items()} == {100: [1, 2, 0],
+                                                                                         101: [1, 2, 1]}
+
+    client.delete(*client.keys(f"{mine_store.prefix}:*"))  # flushed again, and this time another consumer
+    assert other_store.claim(0) == (1, None)  # claims the partition first: epochs restart at 1
+    mine.epoch = 1  # the old owner holds the same epoch number; the token still tells them apart
+    assert mine_store.save({0: mine}, reseed={0}) == SaveResult(fenced=[0]), "a takeover is never re-seeded over"
+    assert mine_store.load(0) is None

@@ -1,7 +1,8 @@
 """The drift consumer through outages, on the real broker and Redis: kill -9 Kafka for a minute, kill -9 Redis,
-SIGKILL the consumer, each while events keep coming. Each time the consumer (the one not killed) survives,
-and once everything is back every acknowledged event is counted exactly once (per partition, in the
-checkpoint's counter and in its window histograms) and the drift alert fired exactly once."""
+SIGKILL the consumer, FLUSHALL its Redis, each while events keep coming. Each time the consumer (the one not
+killed) survives, and once everything is back every acknowledged event is counted exactly once (per partition,
+in the checkpoint's counter and in its window histograms) and the drift alert fired exactly once. A partition
+taken over in Redis (fenced) must show in the metrics, not hide behind a healthy lag."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import httpx
 import pytest
+import redis
 
 from tests.drift_support import (
     PARTITIONS,
@@ -21,11 +23,13 @@ from tests.drift_support import (
     firing,
     make_events,
     new_topics,
+    store,
     wait_assigned,
     wait_consumed,
 )
 from tests.harness import Workspace, metric_value, start_consumer
 from tools import services as svc
+from tools.feast_cli import feast
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -50,13 +54,13 @@ def metrics_of(consumer) -> str:
     return httpx.get(f"http://127.0.0.1:{consumer.metrics_port}/metrics", timeout=5).text
 
 
-def wait_metric(consumer, name: str, predicate, timeout: float, what: str) -> None:
+def wait_metric(consumer, name: str, predicate, timeout: float, what: str, labels: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate(metric_value(metrics_of(consumer), name)):
+        if predicate(metric_value(metrics_of(consumer), name, labels)):
             return
         time.sleep(0.5)
-    pytest.fail(f"{what}: {name} = {metric_value(metrics_of(consumer), name)}\n{consumer.log()[-3000:]}")
+    pytest.fail(f"{what}: {name} = {metric_value(metrics_of(consumer), name, labels)}\n{consumer.log()[-3000:]}")
 
 
 def assert_exactly_once(ws: Workspace, topics: Topics, feeder: Feeder, timeout: float = 120) -> None:
@@ -185,3 +189,73 @@ def test_consumer_killed_and_restarted(workspace, topics, shifted_events):
         if second is not None:
             second.stop()
     assert second.process.returncode == 0, second.log()[-3000:]
+
+
+def restore_online_store(ws: Workspace) -> None:
+    """A FLUSHALL also empties Feast's online store: load it again (the README's restore command) so the tests
+    after this one find their customers."""
+    fmt = "%Y-%m-%dT%H:%M:%S"
+    now = time.time()
+    feast(ws.feature_repo, ws.env, "materialize", time.strftime(fmt, time.gmtime(now - 2 * 86_400)),
+          time.strftime(fmt, time.gmtime(now)))
+
+
+def test_checkpoint_store_flushed_under_load(workspace, services, topics, shifted_events):
+    """`FLUSHALL` on the consumer's Redis (what a Redis restarted without its data looks like): the consumer tells
+    the lost store from a takeover by another consumer, re-seeds its checkpoints and alert state from memory and
+    keeps consuming. Every event is counted once, the alert that fired before the flush is not sent again, and
+    the metrics never claim health while it cannot advance."""
+    consumer = start_consumer(workspace, {**topics.env, **ENV}, "--group", topics.group, *ARGS)
+    client = redis.Redis(host=workspace.settings.redis_host, port=workspace.settings.redis_port)
+    alerts = TopicReader(workspace.settings.kafka_bootstrap, topics.alerts)
+    try:
+        wait_assigned(consumer)
+        with Feeder(workspace, topics.predictions, shifted_events, RATE) as feeder:
+            wait_consumed(workspace, topics, 700)
+            alerts.wait_for(lambda a: a["feature"] == SHIFTED and a["status"] == "firing", 30, "firing alert")
+            before = consumed(workspace, topics)
+            client.flushall()
+            flushed_at = len(feeder.delivered)
+            # It keeps consuming: the events produced since the flush land in the (re-seeded) checkpoints.
+            wait_consumed(workspace, topics, max(before, flushed_at) + 300, timeout=60)
+            wait_metric(consumer, "mlops_drift_checkpoint_store_resets_total", lambda v: v >= 1, 30,
+                        "the lost store was not reported")
+        assert_exactly_once(workspace, topics, feeder)
+        assert_one_alert(workspace, topics)
+        text = metrics_of(consumer)
+        health = {name: metric_value(text, name) for name in
+                  ("mlops_drift_paused", "mlops_drift_assigned_partitions", "mlops_drift_fenced_partitions")}
+        assert health == {"mlops_drift_paused": 0, "mlops_drift_assigned_partitions": PARTITIONS,
+                          "mlops_drift_fenced_partitions": 0}, health
+        assert "taken over" not in consumer.log() and "re-seeded" in consumer.log(), consumer.log()[-3000:]
+        assert consumer.process.poll() is None, "the consumer died after the flush"
+    finally:
+        alerts.close()
+        consumer.stop()
+        restore_online_store(workspace)
+    assert consumer.process.returncode == 0, consumer.log()[-3000:]
+
+
+def test_a_partition_taken_over_in_redis_shows_in_the_metrics(workspace, topics, shifted_events):
+    """A real takeover (another consumer claimed the partition in Redis; here the test claims it) stops this
+    consumer reading the partition until the group revokes it. Its metrics must say so (fenced, paused, one
+    partition fewer assigned, that partition's lag growing) instead of looking healthy."""
+    consumer = start_consumer(workspace, {**topics.env, **ENV}, "--group", topics.group, *ARGS)
+    try:
+        wait_assigned(consumer)
+        with Feeder(workspace, topics.predictions, shifted_events, RATE):
+            wait_consumed(workspace, topics, 300)
+            store(workspace, topics).claim(0)
+            wait_metric(consumer, "mlops_drift_fenced_partitions", lambda v: v == 1, 30, "takeover not reported")
+            text = metrics_of(consumer)
+            health = {name: metric_value(text, name)
+                      for name in ("mlops_drift_paused", "mlops_drift_assigned_partitions")}
+            assert health == {"mlops_drift_paused": 1, "mlops_drift_assigned_partitions": PARTITIONS - 1}, health
+            lag = metric_value(text, "mlops_drift_consumer_lag", 'partition="0"')
+            wait_metric(consumer, "mlops_drift_consumer_lag", lambda v: v >= lag + 30, 30, "the lag hid the stall",
+                        labels='partition="0"')
+        assert "partition 0 was taken over" in consumer.log(), consumer.log()[-3000:]
+        assert consumer.process.poll() is None, consumer.log()[-3000:]
+    finally:
+        consumer.stop()
+    assert consumer.process.returncode == 0, consumer.log()[-3000:]
