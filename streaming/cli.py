@@ -4,6 +4,10 @@
                         [--max-events N] [--metrics-port P] [--max-seconds S]
     mlops-drift alerts [--from-beginning] [--max-seconds S]
     mlops-drift report --out report.html [--window 3600] [--group G] [--model NAME[:VERSION]] [--rules R]
+
+Exit codes: 0 done (stopped by SIGTERM/SIGINT or --max-seconds), 2 bad usage, input or setting, or a metrics port
+that cannot be bound (one line on stderr, never a traceback). Outages of Kafka or Redis are not errors: the
+consumer waits them out.
 """
 
 from __future__ import annotations
@@ -11,19 +15,68 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import time
 from pathlib import Path
 
+import pydantic
 import redis
 from prometheus_client import start_http_server
 
-from mlops.settings import Settings
+from mlops.cli_args import OneLineParser
+from mlops.settings import ENV_PREFIX, Settings
 from streaming.consumer import ConsumerConfig, DriftConsumer, ProfileCache, load_profile_from_store
 from streaming.rules import RulesError, RuleSet
 from streaming.state_store import StateStore
 from streaming.window import WindowSpec
+
+
+class StartupError(Exception):
+    """A bad option, setting or environment the user must fix: one line on stderr, exit code 2."""
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (NaN would silently switch a check off, inf never ends)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535 (0: no metrics), got {text!r}")
+    return value
+
+
+def serve_metrics(port: int, local: bool, from_flag: bool) -> None:
+    """The Prometheus endpoint, or a StartupError saying which port and how to choose another."""
+    addr = "127.0.0.1" if local else "0.0.0.0"
+    try:
+        start_http_server(port, addr=addr)
+    except OSError as exc:
+        source = "--metrics-port" if from_flag else f"{ENV_PREFIX}DRIFT_METRICS_PORT"
+        raise StartupError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}; choose another "
+                           f"--metrics-port (from {source}; 0 turns metrics off)") from None
 
 
 def consume(args: argparse.Namespace, settings: Settings) -> int:
@@ -31,13 +84,15 @@ def consume(args: argparse.Namespace, settings: Settings) -> int:
         rules_file = args.rules or settings.drift_rules_file
         rules = RuleSet.load(Path(rules_file)) if rules_file else RuleSet.default()
     except RulesError as exc:
-        print(f"mlops-drift: {exc}", file=sys.stderr)
-        return 2
+        raise StartupError(str(exc)) from None
     window = WindowSpec(
-        slot_seconds=args.slot_seconds or settings.drift_slot_seconds,
-        window_seconds=args.window_seconds or settings.drift_window_seconds,
-        max_events=args.max_events or settings.drift_max_events,
+        slot_seconds=settings.drift_slot_seconds if args.slot_seconds is None else args.slot_seconds,
+        window_seconds=settings.drift_window_seconds if args.window_seconds is None else args.window_seconds,
+        max_events=settings.drift_max_events if args.max_events is None else args.max_events,
     )
+    if window.window_seconds < window.slot_seconds:
+        raise StartupError(f"--window-seconds ({window.window_seconds:g}) must be at least --slot-seconds "
+                           f"({window.slot_seconds:g})")
     config = ConsumerConfig(
         bootstrap=settings.kafka_bootstrap, topic=settings.predictions_topic, alerts_topic=settings.alerts_topic,
         dlq_topic=settings.dlq_topic, group_id=args.group or settings.drift_group_id, window=window,
@@ -47,7 +102,7 @@ def consume(args: argparse.Namespace, settings: Settings) -> int:
     )
     port = settings.drift_metrics_port if args.metrics_port is None else args.metrics_port
     if port:
-        start_http_server(port, addr="127.0.0.1" if args.metrics_local else "0.0.0.0")
+        serve_metrics(port, args.metrics_local, from_flag=args.metrics_port is not None)
     # Timeouts so that a Redis that stops answering is an error to retry, never a hang.
     client = redis.Redis(host=settings.redis_host, port=settings.redis_port, socket_timeout=5,
                          socket_connect_timeout=2)
@@ -100,8 +155,7 @@ def write_report(args: argparse.Namespace, settings: Settings) -> int:
         report = live_report.build(store, spec, ProfileCache(load_profile_from_store).get, rules, args.model)
         html_report.write_html(report, args.out)
     except (live_report.ReportError, RulesError) as exc:
-        print(f"mlops-drift: {exc}", file=sys.stderr)
-        return 2
+        raise StartupError(str(exc)) from None
     except redis.RedisError as exc:
         print(f"mlops-drift: cannot read the checkpoints from Redis at {settings.redis_address}: {exc}",
               file=sys.stderr)
@@ -115,33 +169,49 @@ def write_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlops-drift", description="Streaming drift detection on Kafka.")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(prog="mlops-drift", description="Streaming drift detection on Kafka.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("consume", help="run a drift consumer (add more with the same --group to scale out)")
     c.add_argument("--group")
     c.add_argument("--rules", type=Path)
-    c.add_argument("--window-seconds", type=float)
-    c.add_argument("--slot-seconds", type=float)
-    c.add_argument("--max-events", type=int)
-    c.add_argument("--metrics-port", type=int)
+    c.add_argument("--window-seconds", type=positive_float)
+    c.add_argument("--slot-seconds", type=positive_float)
+    c.add_argument("--max-events", type=positive_int)
+    c.add_argument("--metrics-port", type=port_number, help="Prometheus port (0: none; default 9108)")
     c.add_argument("--metrics-local", action="store_true", help="serve metrics on 127.0.0.1 only")
-    c.add_argument("--max-seconds", type=float, help="stop after this long (default: run until SIGTERM)")
+    c.add_argument("--max-seconds", type=positive_float, help="stop after this long (default: run until SIGTERM)")
     a = sub.add_parser("alerts", help="print drift alerts as they arrive")
     a.add_argument("--from-beginning", action="store_true")
-    a.add_argument("--max-seconds", type=float)
+    a.add_argument("--max-seconds", type=positive_float)
     r = sub.add_parser("report", help="write the live window as a self-contained HTML drift report")
     r.add_argument("--out", type=Path, required=True, help="HTML file to write")
-    r.add_argument("--window", type=float, default=3600.0, help="seconds of traffic to report (default 1 h)")
-    r.add_argument("--slot-seconds", type=float, help="the consumers' slot width (default: the setting)")
+    r.add_argument("--window", type=positive_float, default=3600.0, help="seconds of traffic to report (default 1 h)")
+    r.add_argument("--slot-seconds", type=positive_float, help="the consumers' slot width (default: the setting)")
     r.add_argument("--group")
     r.add_argument("--model", help="NAME or NAME:VERSION (default: the version with most events)")
     r.add_argument("--rules", type=Path)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings.load()
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        name = f"{ENV_PREFIX}{'_'.join(str(part) for part in error['loc']).upper()}"
+        raise StartupError(f"invalid setting {name}={error.get('input')!r}: {error['msg']}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)  # usage mistakes: one line and exit 2 (OneLineParser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.load()
     commands = {"consume": consume, "alerts": follow_alerts, "report": write_report}
-    return commands[args.command](args, settings)
+    try:
+        return commands[args.command](args, load_settings())
+    except StartupError as exc:
+        print(f"mlops-drift: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
