@@ -11,7 +11,7 @@ the traffic, so two checks keep it the first server's alone:
   machine-wide table (:func:`claim`), keyed by the port number alone, so ``localhost``, ``127.0.0.1`` and
   ``0.0.0.0`` are the same port; a live other owner refuses the worker (two servers started at once).
 
-The table is one small JSON file under the temp directory, rewritten under an exclusive ``flock``; entries of
+The table is one small JSON file, ``/tmp/mlops-grpc-ports.json``, rewritten under an exclusive ``flock``; entries of
 servers that are gone are dropped whenever it is written, so it never grows past the live servers.
 """
 
@@ -25,7 +25,6 @@ import json
 import os
 import socket
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,8 @@ class PortInUse(RuntimeError):
 
 
 def table_path() -> Path:
-    return Path(os.environ.get("MLOPS_PORT_TABLE") or Path(tempfile.gettempdir()) / "mlops-grpc-ports.json")
+    """Machine-wide, whatever TMPDIR a server was given (the tools give each server a temp dir of its own)."""
+    return Path(os.environ.get("MLOPS_PORT_TABLE") or "/tmp/mlops-grpc-ports.json")
 
 
 @contextlib.contextmanager

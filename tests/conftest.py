@@ -18,6 +18,9 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 os.environ["MLOPS_ENV_FILE"] = str(WORKSPACE / "run" / "services.env")
 os.environ["MLOPS_MLFLOW_DIR"] = str(WORKSPACE / "mlflow")
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+(WORKSPACE / "tmp").mkdir()
+os.environ["TMPDIR"] = str(WORKSPACE / "tmp")  # what the tests and their children leave in /tmp goes with it
+tempfile.tempdir = None  # recomputed from TMPDIR
 
 import pytest  # noqa: E402
 

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                      "MLOPS_MLFLOW_URI": settings.mlflow_uri}
         server = server_process.start(args.port, serve_env, args.run_dir / "server.log")
         print(f"ready at {server.url} (pid {server.process.pid}); info: {httpx.get(server.url + '/info/').text}")
+        print(f"gRPC at {server.grpc_target} (a free port the demo picked; `bentoml serve` alone uses 3001)")
 
         step("sending predictions")
         ids = set()

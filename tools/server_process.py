@@ -66,7 +66,10 @@ def start(port: int, env: dict[str, str], log_path: Path, timeout: float = 180,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if "MLOPS_GRPC_PORT" not in env:  # gRPC binds with SO_REUSEPORT: two servers must not share a port
         env = {**env, "MLOPS_GRPC_PORT": str(free_port())}
-    env = {**env, "BENTOML_HOME": str(private_home(env, log_path.parent / f"bentoml-home-{port}"))}
+    home = private_home(env, log_path.parent / f"bentoml-home-{port}")
+    tmp = home / "tmp"  # what the server leaves in the temp dir (Feast's metrics dirs) stays with its home
+    tmp.mkdir(exist_ok=True)
+    env = {**env, "BENTOML_HOME": str(home), "TMPDIR": str(tmp)}
     process = subprocess.Popen(
         [str(exe), "serve", SERVICE, "--port", str(port), "--host", "127.0.0.1", *extra_args],
         cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,

@@ -262,8 +262,10 @@ def start_kafka(run: RunDir, port: int, controller_port: int) -> int:
         run_checked([java, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
                      "-c", str(props)], "kafka storage format")
     log = open(run.path / "kafka.log", "ab")
+    tmp = run.path / "kafka" / "tmp"  # lz4-java unpacks a native library per start: keep it in the run folder
+    tmp.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+        [java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true", f"-Djava.io.tmpdir={tmp}",
          "-cp", classpath, "kafka.Kafka", str(props)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
