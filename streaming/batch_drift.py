@@ -1,23 +1,31 @@
 """`drift`: batch drift between two CSV files, per column.
 
-    drift --reference train.csv --current prod.csv [--columns a,b] [--threshold 0.2]
+    drift --reference train.csv --current prod.csv [--columns a,b | --include a,b] [--threshold 0.2]
           [--ks-threshold 0.15] [--alpha 0.05] [--json] [--html report.html [--model NAME:VERSION]]
 
 Numeric columns: scipy's exact two-sample KS (statistic, p-value) and PSI over 10 reference-quantile bins.
 Categorical columns (non-numeric in the reference): chi-square of the current counts against the reference
 frequencies, and PSI over the categories. A column drifted when PSI > --threshold, or (numeric) KS >
---ks-threshold with p < --alpha, or (categorical) chi-square p < --alpha.
+--ks-threshold with p < --alpha, or (categorical) chi-square p < --alpha. A column holding a single category
+in both files has chi-square statistic 0 and p-value 1.0 (nothing can differ); JSON output never holds NaN or
+Infinity (a value that is not a finite number would be null).
+Identifier and timestamp columns (streaming/column_kinds.py: by name, unique-per-row strings, ISO dates) are
+skipped by default, and the output lists them with the reason; --include names some back in, --columns
+compares exactly the columns it names (nothing skipped).
 --html also writes a self-contained HTML report (streaming/report.py): per column the reference and current
 histograms over the bins the scores use, verdicts critical (PSI over --threshold), warning (only the KS or
 chi-square test says drifted) or ok, sorted by severity; the time range is the current file's
 `timestamp`/`event_timestamp` column when it has one.
-Exit code: 0 nothing drifted, 1 something drifted, 2 bad input (one-line reason on stderr).
+Exit code: 0 nothing drifted, 1 something drifted, 2 bad input (one-line reason on stderr): missing or
+unreadable files, unknown --columns/--include, nothing left to compare, a threshold that is not a finite number
+in range (--threshold > 0, 0 < --ks-threshold < 1, 0 < --alpha < 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +36,7 @@ import pandas as pd
 from mlops.cli_args import OneLineParser
 from streaming import report as html_report
 from streaming import stats
+from streaming.column_kinds import skip_reason
 
 PSI_BINS = 10
 TIME_COLUMNS = ("timestamp", "event_timestamp")
@@ -96,16 +105,42 @@ def compare_categorical(column: str, ref: pd.Series, cur: pd.Series, args: argpa
     return ColumnResult(column, "categorical", "chi2", chi2, p, psi, drifted, len(ref), len(cur))
 
 
-def compare(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str] | None,
-            args: argparse.Namespace) -> list[ColumnResult]:
+@dataclass
+class Skipped:
+    column: str
+    reason: str
+
+
+def select_columns(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str] | None,
+                   include: list[str]) -> tuple[list[str], list[Skipped]]:
+    """The columns to compare and those skipped as identifiers or timestamps (``--columns``: exactly those)."""
     shared = [c for c in reference.columns if c in current.columns]
-    if columns:
-        missing = [c for c in columns if c not in shared]
-        if missing:
-            raise BadInput(f"columns not in both files: {', '.join(missing)}")
-        shared = columns
+    missing = [c for c in (columns or []) + include if c not in shared]
+    if missing:
+        raise BadInput(f"columns not in both files: {', '.join(missing)}")
     if not shared:
         raise BadInput("the two files share no columns")
+    if columns:
+        return columns, []
+    chosen, skipped = [], []
+    for column in shared:
+        reason = None if column in include else skip_reason(column, reference[column])
+        if reason is None:
+            chosen.append(column)
+        else:
+            skipped.append(Skipped(column, reason))
+    if not chosen:
+        raise BadInput(f"every shared column looks like an identifier or a timestamp ({describe(skipped)}); "
+                       "name the ones to compare with --include or --columns")
+    return chosen, skipped
+
+
+def describe(skipped: list[Skipped]) -> str:
+    return ", ".join(f"{s.column} ({s.reason})" for s in skipped)
+
+
+def compare(reference: pd.DataFrame, current: pd.DataFrame, shared: list[str],
+            args: argparse.Namespace) -> list[ColumnResult]:
     results = []
     for column in shared:
         if pd.api.types.is_numeric_dtype(reference[column]):
@@ -160,7 +195,7 @@ def time_range(frame: pd.DataFrame) -> tuple[str | None, str | None]:
 
 
 def build_report(results: list[ColumnResult], reference: pd.DataFrame, current: pd.DataFrame,
-                 args: argparse.Namespace) -> html_report.DriftReport:
+                 args: argparse.Namespace, skipped: list[Skipped] | None = None) -> html_report.DriftReport:
     model_name, _, model_version = (args.model or "").partition(":")
     start, end = time_range(current)
     return html_report.DriftReport(
@@ -169,11 +204,11 @@ def build_report(results: list[ColumnResult], reference: pd.DataFrame, current: 
         model_name=model_name or None, model_version=model_version or None, window_start=start, window_end=end,
         thresholds={"psi": args.threshold, "ks": args.ks_threshold, "ks_pvalue": args.alpha},
         source=f"batch: reference {args.reference} ({len(reference):,} rows), current {args.current} "
-               f"({len(current):,} rows)",
+               f"({len(current):,} rows)" + (f"; not compared: {describe(skipped)}" if skipped else ""),
     )
 
 
-def render_table(results: list[ColumnResult]) -> str:
+def render_table(results: list[ColumnResult], skipped: list[Skipped]) -> str:
     header = f"{'column':<24} {'type':<12} {'test':<5} {'statistic':>10} {'p_value':>10} {'psi':>8}  drifted"
     lines = [header, "-" * len(header)]
     for r in results:
@@ -181,17 +216,43 @@ def render_table(results: list[ColumnResult]) -> str:
                      f"{r.psi:>8.4f}  {'yes' if r.drifted else 'no'}")
     drifted = [r.column for r in results if r.drifted]
     lines.append(f"\n{len(drifted)} of {len(results)} columns drifted" + (f": {', '.join(drifted)}" if drifted else ""))
+    if skipped:
+        lines.append(f"skipped, not compared (--include NAME,... compares them): {describe(skipped)}")
     return "\n".join(lines)
+
+
+def finite_or_none(value):
+    """JSON has no NaN or Infinity: such a value is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def check_thresholds(args: argparse.Namespace) -> None:
+    """NaN compares false with everything, so ``--threshold nan`` would silently switch detection off."""
+    limits = {"--threshold": (args.threshold, math.inf, "> 0"), "--ks-threshold": (args.ks_threshold, 1, "in (0, 1)"),
+              "--alpha": (args.alpha, 1, "in (0, 1)")}
+    for flag, (value, upper, wanted) in limits.items():
+        if not (math.isfinite(value) and 0 < value < upper):
+            raise BadInput(f"{flag} must be a finite number {wanted}, got {value:g}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="drift", description="Drift between a reference and a current CSV.")
     parser.add_argument("--reference", required=True, type=Path)
     parser.add_argument("--current", required=True, type=Path)
-    parser.add_argument("--columns", help="comma-separated columns (default: all shared columns)")
+    parser.add_argument("--columns", help="compare exactly these, comma-separated (default: all shared columns "
+                        "but identifiers and timestamps)")
+    parser.add_argument("--include", default="", help="comma-separated identifier/timestamp columns to compare "
+                        "anyway (skipped by default)")
     parser.add_argument("--threshold", type=float, default=0.2, help="PSI above this is drift (default 0.2)")
-    parser.add_argument("--ks-threshold", type=float, default=0.15, help="KS statistic threshold (default 0.15)")
-    parser.add_argument("--alpha", type=float, default=0.05, help="significance level of KS/chi-square")
+    parser.add_argument("--ks-threshold", type=float, default=0.15,
+                        help="KS statistic threshold, in (0, 1) (default 0.15)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level of KS/chi-square, in (0, 1)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--html", type=Path, help="also write a self-contained HTML report to this file")
     parser.add_argument("--model", help="NAME[:VERSION] of the model the current data went to (for the report)")
@@ -204,13 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed its one-line usage error
         return 2 if exc.code else 0
     try:
-        if args.threshold <= 0 or args.ks_threshold <= 0 or not 0 < args.alpha < 1:
-            raise BadInput("--threshold and --ks-threshold must be > 0 and --alpha in (0, 1)")
+        check_thresholds(args)
         columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+        include = [c.strip() for c in args.include.split(",") if c.strip()]
         reference, current = read_csv(args.reference, "reference"), read_csv(args.current, "current")
-        results = compare(reference, current, columns, args)
+        chosen, skipped = select_columns(reference, current, columns, include)
+        results = compare(reference, current, chosen, args)
         if args.html:
-            html_report.write_html(build_report(results, reference, current, args), args.html)
+            html_report.write_html(build_report(results, reference, current, args, skipped), args.html)
     except BadInput as exc:
         print(f"drift: {exc}", file=sys.stderr)
         return 2
@@ -219,11 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     drifted = any(r.drifted for r in results)
     if args.json:
-        print(json.dumps({"drifted": drifted, "columns": [asdict(r) for r in results],
-                          "thresholds": {"psi": args.threshold, "ks": args.ks_threshold, "alpha": args.alpha}},
-                         indent=2))
+        body = {"drifted": drifted, "columns": [asdict(r) for r in results],
+                "skipped": [asdict(s) for s in skipped],
+                "thresholds": {"psi": args.threshold, "ks": args.ks_threshold, "alpha": args.alpha}}
+        print(json.dumps(finite_or_none(body), indent=2, allow_nan=False))
     else:
-        print(render_table(results))
+        print(render_table(results, skipped))
     return 1 if drifted else 0
 
 

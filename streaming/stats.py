@@ -44,10 +44,14 @@ def ks_from_histograms(reference: Sequence[float] | np.ndarray, current: Sequenc
 
 
 def chi_square(reference: Sequence[float] | np.ndarray, current: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """Chi-square goodness of fit of current category counts to the reference frequencies: (stat, p)."""
+    """Chi-square goodness of fit of current category counts to the reference frequencies: (stat, p).
+
+    With fewer than two categories seen in either sample there is nothing that can differ (and scipy's test,
+    with zero degrees of freedom, answers NaN): (0.0, 1.0).
+    """
     cur = np.asarray(current, dtype=np.float64)
     n = cur.sum()
-    if n <= 0:
+    if n <= 0 or np.count_nonzero((cur > 0) | (np.asarray(reference, dtype=np.float64) > 0)) < 2:
         return 0.0, 1.0
     expected = np.maximum(proportions(reference), EPS)
     expected = expected / expected.sum() * n

@@ -87,3 +87,99 @@ def test_bad_input_exits_2_with_one_line(csvs, tmp_path, make_args, message):
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert out == ""
+
+
+def strict_json(text: str) -> dict:
+    """JSON as the standard defines it: NaN and Infinity are not numbers there."""
+    def refuse(name: str):
+        raise AssertionError(f"{name} in the JSON output")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_one_category_column_has_a_defined_p_value_and_no_nan_in_json(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    for name, n in (("ref", 500), ("cur", 300)):
+        pd.DataFrame({"amount": rng.normal(10, 2, n), "country": ["DE"] * n}).to_csv(tmp_path / f"{name}.csv",
+                                                                                   index=False)
+    code = main(["--reference", str(tmp_path / "ref.csv"), "--current", str(tmp_path / "cur.csv"), "--json"])
+    out = capsys.readouterr().out
+    report = strict_json(out)
+    country = {c["column"]: c for c in report["columns"]}["country"]
+    assert (country["statistic"], country["p_value"], country["drifted"]) == (0.0, 1.0, False), country
+    assert code == 0 and "NaN" not in out
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--threshold", "nan"), ("--threshold", "inf"), ("--threshold", "-1"), ("--threshold", "0"),
+    ("--ks-threshold", "nan"), ("--ks-threshold", "1.5"), ("--ks-threshold", "-inf"),
+    ("--alpha", "nan"), ("--alpha", "1"), ("--alpha", "0"),
+])
+def test_non_finite_or_out_of_range_thresholds_exit_2(csvs, flag, value):
+    code, out, err = run("--reference", str(csvs["ref"]), "--current", str(csvs["shifted"]), f"{flag}={value}")
+    assert code == 2 and out == "", (code, out, err)
+    assert len(err.strip().splitlines()) == 1 and flag in err and value in err, err
+
+
+@pytest.fixture
+def with_ids(tmp_path: Path):
+    """Same-distribution features plus what every export has: ids, a row-unique token, event times."""
+    rng = np.random.default_rng(2)
+
+    def frame(n: int, start: str, first_id: int) -> pd.DataFrame:
+        return pd.DataFrame({
+            "transaction_id": np.arange(first_id, first_id + n),
+            "customerId": rng.integers(0, 50_000, n),
+            "session": [f"s-{rng.integers(1 << 62):x}" for _ in range(n)],
+            "timestamp": pd.date_range(start, periods=n, freq="min").strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "when": pd.date_range(start, periods=n, freq="h").strftime("%Y-%m-%d %H:%M:%S"),
+            "amount": rng.lognormal(3, 0.5, n),
+            "channel": rng.choice(["web", "app", "pos"], n, p=[0.5, 0.3, 0.2]),
+        })
+
+    paths = {"ref": tmp_path / "ref.csv", "cur": tmp_path / "cur.csv"}
+    frame(3000, "2024-01-01", 0).to_csv(paths["ref"], index=False)
+    frame(1500, "2024-06-01", 10_000).to_csv(paths["cur"], index=False)
+    return paths
+
+
+def test_identifier_and_time_columns_are_skipped_by_default_and_said_so(with_ids, capsys):
+    args = ["--reference", str(with_ids["ref"]), "--current", str(with_ids["cur"])]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "0 of 2 columns drifted" in out, out
+    skipped_line = [line for line in out.splitlines() if line.startswith("skipped")]
+    assert len(skipped_line) == 1, out
+    for column in ("transaction_id", "customerId", "session", "timestamp", "when"):
+        assert column in skipped_line[0], out
+    assert main([*args, "--json"]) == 0
+    report = strict_json(capsys.readouterr().out)
+    assert [c["column"] for c in report["columns"]] == ["amount", "channel"]
+    reasons = {s["column"]: s["reason"] for s in report["skipped"]}
+    assert reasons == {"transaction_id": "identifier-like name", "customerId": "identifier-like name",
+                       "session": "unique per row", "timestamp": "timestamp-like name",
+                       "when": "datetime values"}, reasons
+
+
+def test_skipped_columns_can_be_opted_back_in(with_ids, capsys):
+    args = ["--reference", str(with_ids["ref"]), "--current", str(with_ids["cur"]), "--json"]
+    assert main([*args, "--include", "timestamp,transaction_id"]) == 1  # other ids, later times: drifted
+    report = strict_json(capsys.readouterr().out)
+    assert {c["column"] for c in report["columns"]} == {"amount", "channel", "timestamp", "transaction_id"}
+    assert {s["column"] for s in report["skipped"]} == {"customerId", "session", "when"}
+    assert main([*args, "--columns", "transaction_id,amount"]) == 1  # --columns: exactly these, nothing skipped
+    report = strict_json(capsys.readouterr().out)
+    assert [c["column"] for c in report["columns"]] == ["transaction_id", "amount"] and report["skipped"] == []
+
+
+def test_only_identifier_columns_is_bad_input(tmp_path):
+    for name in ("ref", "cur"):
+        pd.DataFrame({"id": range(50), "created_at": pd.date_range("2024-01-01", periods=50, freq="D")}).to_csv(
+            tmp_path / f"{name}.csv", index=False)
+    code, out, err = run("--reference", str(tmp_path / "ref.csv"), "--current", str(tmp_path / "cur.csv"))
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "--include" in err and "id" in err, err
+
+
+def test_include_of_a_missing_column_is_bad_input(csvs):
+    code, _, err = run("--reference", str(csvs["ref"]), "--current", str(csvs["same"]), "--include", "height")
+    assert code == 2 and "height" in err and len(err.strip().splitlines()) == 1, err
