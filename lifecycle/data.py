@@ -10,7 +10,8 @@ would leak the future into the past. Values depend only on the seed; timestamps 
 
 from __future__ import annotations
 
-import argparse
+import os
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlops.cli_args import OneLineParser, positive_int
 from mlops.schema import ENTITY, LABEL, STORE_FEATURES, TIMESTAMP
 
 CUSTOMERS_FILE = "customer_stats.parquet"
@@ -117,29 +119,65 @@ def training_frame(data: Dataset) -> pd.DataFrame:
     return frame.dropna(subset=list(STORE_FEATURES)).reset_index(drop=True)
 
 
+class DataError(ValueError):
+    """A data folder's files cannot be read as this data set (not parquet, or lacking columns)."""
+
+
+REQUIRED_COLUMNS = {CUSTOMERS_FILE: [ENTITY, *STORE_FEATURES, TIMESTAMP],
+                    TRANSACTIONS_FILE: [ENTITY, "transaction_amount", LABEL, TIMESTAMP]}
+
+
 def write(data: Dataset, out_dir: Path) -> dict[str, Path]:
+    """Both files, or neither: each is written beside its target and renamed over it only when both were written,
+    so a failed write (disk full, no permission) leaves the previous data set whole."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"customers": out_dir / CUSTOMERS_FILE, "transactions": out_dir / TRANSACTIONS_FILE}
-    data.customers.to_parquet(paths["customers"], index=False)
-    data.transactions.to_parquet(paths["transactions"], index=False)
+    partial = {kind: path.with_name(f".{path.name}.{os.getpid()}.partial") for kind, path in paths.items()}
+    try:
+        data.customers.to_parquet(partial["customers"], index=False)
+        data.transactions.to_parquet(partial["transactions"], index=False)
+        for kind, path in paths.items():
+            os.replace(partial[kind], path)
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
     return paths
 
 
 def read(data_dir: Path) -> Dataset:
-    return Dataset(
-        customers=pd.read_parquet(data_dir / CUSTOMERS_FILE),
-        transactions=pd.read_parquet(data_dir / TRANSACTIONS_FILE),
-    )
+    """Raises FileNotFoundError for a missing file (generate the data first), :class:`DataError` for one that is
+    not this data set."""
+    frames = {}
+    for name, columns in REQUIRED_COLUMNS.items():
+        path = data_dir / name
+        try:
+            frames[name] = pd.read_parquet(path)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DataError(f"cannot read {path} as parquet: {first[:200]}") from None
+        missing = [c for c in columns if c not in frames[name].columns]
+        if missing:
+            raise DataError(f"cannot read {path} as this data set: it lacks the columns {missing}")
+    return Dataset(customers=frames[CUSTOMERS_FILE], transactions=frames[TRANSACTIONS_FILE])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlops-data", description="Generate the synthetic fraud data set.")
+    parser = OneLineParser(prog="mlops-data", description="Generate the synthetic fraud data set.")
     parser.add_argument("--out", type=Path, default=Path("feature_repo/data"))
-    parser.add_argument("--customers", type=int, default=2_000)
-    parser.add_argument("--transactions", type=int, default=40_000)
+    parser.add_argument("--customers", type=positive_int, default=2_000)
+    parser.add_argument("--transactions", type=positive_int, default=40_000)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
-    paths = write(generate(args.customers, args.transactions, args.seed), args.out)
+    if args.seed < 0:
+        parser.error(f"argument --seed: {args.seed} is below 0")
+    try:
+        paths = write(generate(args.customers, args.transactions, args.seed), args.out)
+    except OSError as exc:
+        where = exc.filename or args.out
+        print(f"mlops-data: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

@@ -37,9 +37,10 @@ ONNX_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 MODEL_ARTIFACT = "model"
 VERSION_TAG = "version"
-VERSION_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[^/]+))?$")
+# Matched with fullmatch: `$` would also match before a final newline and let "v9\n" through.
+VERSION_RE = re.compile(r"[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[^/\s]+))?")
 
 
 class ModelStoreError(RuntimeError):
@@ -69,12 +70,12 @@ def default_backend() -> Backend:
 
 
 def check_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ModelStoreError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-'")
 
 
 def check_version(version: str) -> None:
-    if not VERSION_RE.match(version):
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise ModelStoreError(f"invalid version {version!r}: use lowercase letters, digits, '.', '_' or '-'")
 
 
@@ -327,7 +328,7 @@ def load(name: str, version: str | None = None, backend: Backend | None = None) 
 
 def load_uri(uri: str, backend: Backend | None = None) -> StoredModel:
     """``models:/name@alias`` (``models:/fraud_detector@production``), ``models:/name/<label>`` or ``models:/name``."""
-    match = MODEL_URI_RE.match(uri)
+    match = MODEL_URI_RE.fullmatch(uri)
     if not match:
         raise ModelStoreError(f"not a model URI: {uri!r} (expected models:/name@alias or models:/name/version)")
     from mlflow.exceptions import MlflowException

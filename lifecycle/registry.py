@@ -18,6 +18,7 @@ MLflow deprecated stages (2.9) in favour of aliases, and keeps no history of the
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import socket
@@ -71,6 +72,21 @@ def normalize_stage(stage: str) -> str:
         return STAGE_ALIASES[stage.lower()]
     except KeyError:
         raise RegistryError(f"unknown stage {stage!r}: use one of {', '.join(s.lower() for s in STAGES)}") from None
+
+
+def register_stage(stage: str) -> str:
+    """The stage a new version may enter: None or Staging (Production only through a promotion)."""
+    stage = normalize_stage(stage)
+    if stage not in ("None", "Staging"):
+        raise RegistryError("register into staging or none, then promote to production")
+    return stage
+
+
+def check_metrics(metrics: dict[str, Any] | None) -> None:
+    """Metrics are finite numbers: NaN or a string would be stored, listed and compared as if it were a score."""
+    for key, value in (metrics or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise RegistryError(f"metric {key!r} must be a finite number, not {value!r}")
 
 
 def _now() -> str:
@@ -184,6 +200,10 @@ class Registry:
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """Every stage change of ``name``, oldest first."""
+        try:
+            model_store.check_name(name)  # it goes into a filter string
+        except model_store.ModelStoreError as exc:
+            raise RegistryError(str(exc)) from None
         experiment = self.client.get_experiment_by_name(HISTORY_EXPERIMENT)
         if experiment is None:
             return []
@@ -280,9 +300,8 @@ class Registry:
                  params: dict[str, Any] | None = None, training_data_hash: str | None = None,
                  git_commit: str | None = None, stage: str = "None", reason: str = "registered") -> ModelVersion:
         """Enter a stored version (see :mod:`lifecycle.model_store`) into the lifecycle, in None or Staging."""
-        stage = normalize_stage(stage)
-        if stage not in ("None", "Staging"):
-            raise RegistryError("register into staging or none, then promote to production")
+        stage = register_stage(stage)
+        check_metrics(metrics)
         with self._locked(name):
             try:
                 mv = model_store.find(self.backend, name, version)

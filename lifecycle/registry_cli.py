@@ -9,7 +9,10 @@
 
 Every verb takes ``--json``. ``--mlflow-uri`` (or ``--registry``) names the MLflow backend: a server URL, a
 database URI, or a path taken as an embedded SQLite file; default ``MLOPS_MLFLOW_URI``, else the embedded store.
-Exit codes: 0 done, 1 refused (the message says why), 2 bad usage or input.
+Both options go before or after the verb. Only ``register --model-file`` creates a store; the other verbs refuse
+one that does not exist (the default is relative to the current folder). Exit codes: 0 done, 1 refused (the
+message says why), 2 bad usage or input, including a backend that cannot be used (unreachable, missing, not an
+MLflow store).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
+from pydantic import ValidationError
 
 from lifecycle import model_store
+from lifecycle.cli_backend import BackendUnavailable, fail_fast, open_backend
 from lifecycle.onnx_export import InvalidModelError, check_servable
-from lifecycle.registry import Registry, RegistryError
-from lifecycle.tracking import Backend, TrackingError
-from mlops.cli_args import OneLineParser
+from lifecycle.registry import Registry, RegistryError, check_metrics, normalize_stage, register_stage
+from lifecycle.tracking import TrackingError
+from mlops.cli_args import OneLineParser, settings_error
 from mlops.schema import MODEL_FEATURES
 from mlops.settings import Settings
 
@@ -35,13 +40,19 @@ class UsageError(ValueError):
     pass
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def json_arg(text: str | None, flag: str) -> dict:
     if text is None:
         return {}
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{flag} is not valid JSON: {exc.msg} at character {exc.pos}") from None
+    except ValueError as exc:  # NaN, Infinity: Python's extensions, not JSON
+        raise UsageError(f"{flag} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise UsageError(f"{flag} must be a JSON object")
     return value
@@ -52,28 +63,58 @@ def emit(args: argparse.Namespace, payload: Any, text: str) -> int:
     return 0
 
 
-def register(reg: Registry, args: argparse.Namespace) -> int:
-    metrics, params = json_arg(args.metrics, "--metrics"), json_arg(args.params, "--params")
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument, before the backend is opened: a refused command writes nothing (no label used up)."""
     try:
-        model_store.check_name(args.name)
-        model_store.check_version(args.version)
+        if getattr(args, "name", None) is not None:
+            model_store.check_name(args.name)
+        versions = [getattr(args, "version", None), getattr(args, "to", None), *(getattr(args, "versions", None) or [])]
+        for version in versions:
+            if version is not None:
+                model_store.check_version(version)
     except model_store.ModelStoreError as exc:
         raise UsageError(str(exc)) from None
-    if args.model_file:
-        path = Path(args.model_file)
-        if not path.is_file():
-            raise UsageError(f"--model-file {path} does not exist")
-        content = path.read_bytes()
+    if args.command == "list" and args.stage:
+        normalize_stage(args.stage)
+    if args.command == "promote":
+        normalize_stage(args.stage)
+    if args.command == "compare" and len(args.versions) < 2:
+        raise UsageError("--versions needs at least two versions")
+    if args.command == "register":
+        args.stage = register_stage(args.stage)
+        args.metrics, args.params = json_arg(args.metrics, "--metrics"), json_arg(args.params, "--params")
         try:
-            check_servable(content, len(MODEL_FEATURES))
-        except InvalidModelError as exc:
-            raise UsageError(f"--model-file {path}: {exc}") from None
-        meta = {"metrics": metrics, "params": params, "features": list(MODEL_FEATURES), "source_file": str(path)}
-        model_store.save(args.name, args.version, content, meta, backend=reg.backend)
+            check_metrics(args.metrics)
+        except RegistryError as exc:
+            raise UsageError(f"--metrics: {exc}") from None
+        args.content = model_content(Path(args.model_file)) if args.model_file else None
+
+
+def model_content(path: Path) -> bytes:
+    """The bytes of a servable ONNX model, or a UsageError saying why not."""
+    if not path.is_file():
+        raise UsageError(f"--model-file {path} does not exist")
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--model-file {path}: {exc.strerror}") from None
+    try:
+        check_servable(content, len(MODEL_FEATURES))
+    except InvalidModelError as exc:
+        raise UsageError(f"--model-file {path}: {exc}") from None
+    return content
+
+
+def register(reg: Registry, args: argparse.Namespace) -> int:
+    """Arguments were checked by :func:`check_args` (stage, metrics and the model file before any write)."""
+    if args.content is not None:
+        meta = {"metrics": args.metrics, "params": args.params, "features": list(MODEL_FEATURES),
+                "source_file": str(args.model_file)}
+        model_store.save(args.name, args.version, args.content, meta, backend=reg.backend)
     elif not model_store.exists(args.name, args.version, reg.backend):
         raise UsageError(f"no artifact for {args.name}:{args.version} in MLflow ({reg.uri}): train it first "
                          "(mlops-train / pipeline run) or pass --model-file")
-    version = reg.register(args.name, args.version, metrics or None, params or None, stage=args.stage)
+    version = reg.register(args.name, args.version, args.metrics or None, args.params or None, stage=args.stage)
     return emit(args, version.to_dict(), f"registered {version.name}:{version.version} in {version.stage} "
                 f"(MLflow model version {version.mlflow_version})")
 
@@ -95,8 +136,6 @@ def fmt(value) -> str:
 
 
 def compare(reg: Registry, args: argparse.Namespace) -> int:
-    if len(args.versions) < 2:
-        raise UsageError("--versions needs at least two versions")
     report = reg.compare(args.name, args.versions)
     if args.json:
         return emit(args, report, "")
@@ -133,13 +172,16 @@ def rollback(reg: Registry, args: argparse.Namespace) -> int:
 
 def parser() -> OneLineParser:
     root = OneLineParser(prog="registry", description="Model registry on MLflow: stages as aliases, with history.")
-    root.add_argument("--mlflow-uri", "--registry", dest="mlflow_uri",
-                      help="MLflow server/database URI or SQLite file (default: MLOPS_MLFLOW_URI, else embedded)")
+    uri_help = "MLflow server/database URI or SQLite file (default: MLOPS_MLFLOW_URI, else embedded)"
+    root.add_argument("--mlflow-uri", "--registry", dest="mlflow_uri", help=uri_help)
+    root.add_argument("--json", action="store_true", help="machine-readable output")
     sub = root.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     def verb(name: str, help_text: str) -> OneLineParser:
+        """The common options are taken after the verb too (SUPPRESS: one given before it is kept)."""
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--mlflow-uri", "--registry", dest="mlflow_uri", default=argparse.SUPPRESS, help=uri_help)
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
         return p
 
     r = verb("register", "enter a stored version (or an ONNX file) into the lifecycle")
@@ -175,14 +217,19 @@ COMMANDS = {"register": register, "promote": promote, "list": show_list, "compar
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    settings = Settings.load()
     try:
-        backend = Backend.for_uri(args.mlflow_uri) if args.mlflow_uri else Backend.from_settings(settings)
-        reg = Registry(backend, settings.registry_lock_timeout_s)
+        check_args(args)
+        settings = Settings.load()
+        fail_fast()
+        create = args.command == "register" and args.content is not None
+        reg = Registry(open_backend(args.mlflow_uri, settings, create=create), settings.registry_lock_timeout_s)
         return COMMANDS[args.command](reg, args)
     except (RegistryError, UsageError, model_store.ModelStoreError, TrackingError) as exc:
         print(f"registry: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
+        return 2 if isinstance(exc, UsageError | BackendUnavailable) else 1
+    except ValidationError as exc:
+        print(f"registry: bad setting: {settings_error(exc)}", file=sys.stderr)
+        return 2
     except MlflowException as exc:
         print(f"registry: MLflow: {exc.message.strip().splitlines()[0]}", file=sys.stderr)
         return 1

@@ -58,14 +58,13 @@ class Backend:
     def for_uri(cls, uri: str, experiment: str = "fraud-detector-training") -> Backend:
         """A URI, or a plain path taken as an embedded SQLite file (artifacts beside it, as for a sqlite URI;
         MLflow's own default would be ./mlruns under whatever folder the process runs in)."""
-        if uri.startswith("sqlite:///"):
-            db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+        db = sqlite_file(uri)
+        if uri.startswith("sqlite:///") and db is not None:
             return _cached(uri, (db.parent / "artifacts").as_uri(), experiment)
-        if "://" in uri:
+        if "://" in uri or db is None:
             return _cached(uri, None, experiment)
-        path = Path(uri).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return _cached(f"sqlite:///{path}?timeout={SQLITE_BUSY_TIMEOUT_S}", (path.parent / "artifacts").as_uri(),
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return _cached(f"sqlite:///{db}?timeout={SQLITE_BUSY_TIMEOUT_S}", (db.parent / "artifacts").as_uri(),
                        experiment)
 
     @property
@@ -93,6 +92,17 @@ class Backend:
             if found is not None:
                 self._experiments[name] = found.experiment_id
         return self._experiments[name]
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The SQLite file a backend URI names: ``sqlite:///path`` or a plain path (resolved); None for anything else
+    (a server, another database, an in-memory SQLite)."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+        return Path(path) if path and path != ":memory:" else None
+    if "://" in uri:
+        return None
+    return Path(uri).resolve()
 
 
 _BACKENDS: dict[tuple[str, str | None, str], Backend] = {}

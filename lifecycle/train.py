@@ -8,7 +8,6 @@ drift reference profile. The training set joins each transaction with the custom
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -17,14 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.exceptions import MlflowException
+from pydantic import ValidationError
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from lifecycle import data as datamod
 from lifecycle import model_store
+from lifecycle.cli_backend import BackendUnavailable, fail_fast, open_backend
 from lifecycle.onnx_export import ParityError, check_parity, export, onnx_positive_proba
 from lifecycle.tracking import Backend, TrackingError, TrainingRun, git_commit, training_run
+from mlops.cli_args import OneLineParser, settings_error
 from mlops.schema import LABEL, MODEL_FEATURES
 from mlops.settings import Settings
 from streaming.profile import PROFILE_FILE, ReferenceProfile, build_profile
@@ -135,22 +138,48 @@ def register(trained: TrainedModel, name: str, version: str | None = None, *, ru
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlops-train", description="Train, export to ONNX and store the model.")
+    """Exit 2 for bad input (arguments, data, backend), found before the minute of training; 1 when a step fails."""
+    parser = OneLineParser(prog="mlops-train", description="Train, export to ONNX and store the model.")
     parser.add_argument("--data-dir", type=Path, default=Path("feature_repo/data"))
     parser.add_argument("--name", default=None, help="model name (default: MLOPS_MODEL_NAME)")
     parser.add_argument("--version", default=None, help="version to store (default: next vN)")
     args = parser.parse_args(argv)
-    name = args.name or Settings.load().model_name
+    try:
+        settings = Settings.load()
+    except ValidationError as exc:
+        print(f"mlops-train: bad setting: {settings_error(exc)}", file=sys.stderr)
+        return 2
+    name = args.name or settings.model_name
+    try:
+        model_store.check_name(name)
+        if args.version is not None:
+            model_store.check_version(args.version)
+    except model_store.ModelStoreError as exc:
+        print(f"mlops-train: {exc}", file=sys.stderr)
+        return 2
     try:
         dataset = datamod.read(args.data_dir)
     except FileNotFoundError as exc:
         print(f"mlops-train: no data at {args.data_dir} ({exc.filename}); run mlops-data first", file=sys.stderr)
         return 2
+    except datamod.DataError as exc:
+        print(f"mlops-train: {exc}", file=sys.stderr)
+        return 2
     try:
+        fail_fast()
+        backend = open_backend(None, settings, create=True)
+        if args.version is not None and model_store.exists(name, args.version, backend):
+            raise model_store.ModelStoreError(f"model {name}:{args.version} already exists; versions are immutable")
         trained = train(dataset)
-        stored = register(trained, name, args.version)
+        stored = register(trained, name, args.version, backend=backend)
+    except BackendUnavailable as exc:
+        print(f"mlops-train: {exc}", file=sys.stderr)
+        return 2
     except (ParityError, model_store.ModelStoreError, TrackingError) as exc:
         print(f"mlops-train: {exc}", file=sys.stderr)
+        return 1
+    except MlflowException as exc:
+        print(f"mlops-train: MLflow at {backend.display_uri}: {exc.message.strip().splitlines()[0]}", file=sys.stderr)
         return 1
     m = trained.metrics
     print(f"stored {stored.tag}: auc={m['auc']:.4f} accuracy={m['accuracy']:.4f} "

@@ -2,7 +2,8 @@
 
     pipeline --pipeline pipeline.json --strict [--json]                 validate (`pipeline validate ...` too)
                                                                         exit 0 valid, 1 errors, 2 unreadable
-    pipeline run --pipeline pipeline.yaml [--version V] [--data-dir D]  exit 0 registered, 1 a stage failed
+    pipeline run --pipeline pipeline.yaml [--version V] [--data-dir D]  exit 0 registered, 1 a stage failed,
+                                                                        2 bad arguments or an unusable backend
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import sys
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
+from pydantic import ValidationError
 
+from lifecycle import model_store
+from lifecycle.cli_backend import BackendUnavailable, fail_fast, open_backend
 from lifecycle.pipeline import definition, runner
 from lifecycle.pipeline.stages import StageFailed
 from lifecycle.pipeline.validator import validate
-from lifecycle.registry import Registry
+from lifecycle.registry import Registry, RegistryError
 from lifecycle.tracking import TrackingError
-from mlops.cli_args import OneLineParser
+from mlops.cli_args import OneLineParser, settings_error
 from mlops.settings import Settings
 
 
@@ -61,13 +65,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"pipeline: {args.pipeline} is invalid: {errors[0].code}: {errors[0].message} "
               f"(run `pipeline validate` for all findings)", file=sys.stderr)
         return 1
-    settings = Settings.load()
+    try:
+        settings = Settings.load()
+        for check, value in ((model_store.check_name, args.name), (model_store.check_version, args.version)):
+            if value is not None:
+                check(value)
+    except ValidationError as exc:
+        print(f"pipeline: bad setting: {settings_error(exc)}", file=sys.stderr)
+        return 2
+    except model_store.ModelStoreError as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return 2
     if args.mlflow_uri:
         settings = settings.model_copy(update={"mlflow_uri": args.mlflow_uri})
     try:
-        registry = Registry.from_settings(settings)
+        fail_fast()
+        registry = Registry(open_backend(args.mlflow_uri, settings, create=True), settings.registry_lock_timeout_s)
         summary = runner.run(pipeline, registry, args.version, args.data_dir, args.name, settings)
-    except StageFailed as exc:
+    except BackendUnavailable as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return 2
+    except (StageFailed, RegistryError, model_store.ModelStoreError) as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return 1
     except (TrackingError, MlflowException) as exc:

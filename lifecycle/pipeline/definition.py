@@ -105,9 +105,11 @@ def load(path: Path) -> Pipeline:
         text = Path(path).read_text()
     except OSError as exc:
         raise DefinitionError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise DefinitionError(f"cannot read {path}: not a text file (byte {exc.start} is not UTF-8)") from None
     try:
         raw = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+    except (ValueError, RecursionError, yaml.YAMLError) as exc:  # ValueError: JSON, and YAML's bad dates
         raise DefinitionError(f"{path} is not valid {'JSON' if Path(path).suffix == '.json' else 'YAML'}: "
                               f"{str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list):

@@ -15,7 +15,7 @@ from lifecycle import data as datamod
 from lifecycle import model_store, offline, train
 from lifecycle.onnx_export import ParityError
 from lifecycle.pipeline.validator import DEFAULT_MIN_IMPROVEMENT, THRESHOLD_KEYS
-from lifecycle.registry import Registry
+from lifecycle.registry import Registry, RegistryError, check_metrics, register_stage
 from lifecycle.tracking import TrainingRun
 from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import ENTITY, LABEL, STORE_FEATURES, TIMESTAMP
@@ -57,6 +57,8 @@ def fetch_data(ctx: Context, params: dict[str, Any]) -> str:
             ctx.values["dataset"] = datamod.read(path)
         except FileNotFoundError as exc:
             raise StageFailed("fetch-data", f"no data at {path} ({exc.filename})") from None
+        except datamod.DataError as exc:
+            raise StageFailed("fetch-data", str(exc)) from None
         if source == "feast":
             try:
                 ctx.values["frame"] = offline.training_frame(repo, ctx.values["dataset"].transactions,
@@ -182,12 +184,17 @@ def gate(ctx: Context, params: dict[str, Any]) -> str:
 
 def register(ctx: Context, params: dict[str, Any]) -> str:
     v = ctx.values
+    stage = str(params.get("stage", "staging"))
+    try:  # before the model is stored: a refused stage must not use up the version label
+        register_stage("None" if stage.lower() == "production" else stage)
+        check_metrics(v["metrics"])
+    except RegistryError as exc:
+        raise StageFailed("register", str(exc)) from None
     trained = train.assemble(v["estimator"], v["onnx_bytes"], v["metrics"], v["params"],
                              v["x_train"], v["x_holdout"], v["y_train"], v["y_holdout"])
     ctx.run.set_tags({"training_data_hash": trained.data_hash})
     stored = train.register(trained, ctx.model_name, ctx.version, run=ctx.run)
     meta = stored.metadata
-    stage = str(params.get("stage", "staging"))
     version = ctx.registry.register(ctx.model_name, stored.version, meta["metrics"], meta["params"],
                                     meta["training_data_hash"], meta.get("git_commit"),
                                     stage="None" if stage.lower() == "production" else stage)
