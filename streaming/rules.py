@@ -8,6 +8,7 @@ score hovering at a threshold does not flap. Alerts are sent on state changes on
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -77,6 +78,8 @@ class RuleSet:
                             columns=tuple(raw["columns"]) if raw.get("columns") else None)
                 if rule.metric not in METRICS or rule.severity not in ("warning", "critical") or rule.op not in "<>":
                     raise ValueError(f"invalid rule {raw}")
+                if not math.isfinite(rule.threshold):  # NaN never fires: the rule would be silently off
+                    raise ValueError(f"threshold must be a finite number in {raw}")
                 rules.append(rule)
             ruleset = cls(rules=rules or cls.default().rules, min_samples=int(body.get("min_samples", 500)),
                           resolve_ratio=float(body.get("resolve_ratio", 0.8)))

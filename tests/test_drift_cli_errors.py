@@ -74,3 +74,11 @@ def test_bad_setting_is_one_line_and_exit_2():
 
 def test_bad_report_window_is_one_line_and_exit_2(tmp_path):
     assert_one_line(mlops_drift("report", "--out", str(tmp_path / "r.html"), "--window", "nan"), "--window")
+
+
+@pytest.mark.parametrize("threshold", [".nan", ".inf"])
+def test_rules_file_with_a_non_finite_threshold_is_refused(tmp_path, threshold):
+    """A NaN threshold never fires (every comparison with NaN is false): refused, like in `drift --threshold`."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"rules:\n  - {{metric: psi, threshold: {threshold}, severity: critical}}\n")
+    assert_one_line(mlops_drift("consume", "--rules", str(rules), "--max-seconds", "5"), "finite")
