@@ -151,7 +151,9 @@ class DriftConsumer:
 
     def close(self) -> None:
         """Last checkpoint and commit when they can be made; undelivered alerts are handed back (their state
-        reverted) so the next consumer announces them."""
+        reverted) so the next consumer announces them. Saved even when nothing changed, so a store that lost
+        its data is re-seeded before the next consumer loads it."""
+        self.unsaved.update(p for p, c in self.partitions.items() if c.offset is not None)
         if self.unsaved:
             self.save_backoff.succeeded()
             self._checkpoint(final=True)

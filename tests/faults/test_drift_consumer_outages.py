@@ -221,6 +221,13 @@ def test_checkpoint_store_flushed_under_load(workspace, services, topics, shifte
             wait_metric(consumer, "mlops_drift_checkpoint_store_resets_total", lambda v: v >= 1, 30,
                         "the lost store was not reported")
         assert_exactly_once(workspace, topics, feeder)
+        # Flushed again with no traffic: the next evaluation notices and puts everything back by itself.
+        client.flushall()
+        wait_metric(consumer, "mlops_drift_checkpoint_store_resets_total", lambda v: v >= 2, 30,
+                    "a flush while idle was not noticed")
+        wait_consumed(workspace, topics, len(feeder.delivered), timeout=30)
+        assert_exactly_once(workspace, topics, feeder)
+        assert store(workspace, topics).alert_state("fraud_detector", "v1", SHIFTED) == "critical"
         assert_one_alert(workspace, topics)
         text = metrics_of(consumer)
         health = {name: metric_value(text, name) for name in
