@@ -13,6 +13,8 @@ import os
 import re
 import socket
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,10 +36,17 @@ class BackendUnavailable(TrackingError):
     """The backend cannot be used at all (unreachable, missing, not an MLflow store): bad input, exit 2."""
 
 
-def fail_fast() -> None:
-    """Short HTTP retries for this process (a command line), unless the user chose their own."""
-    for key, value in CLI_HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+@contextmanager
+def fail_fast() -> Iterator[None]:
+    """Short HTTP retries while a command runs, unless the user chose their own; restored afterwards, so a
+    command called in-process (tests) does not shorten the retries of the services started later."""
+    added = [key for key in CLI_HTTP_DEFAULTS if key not in os.environ]
+    os.environ.update({key: CLI_HTTP_DEFAULTS[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def open_backend(uri: str | None, settings: Settings, *, create: bool) -> Backend:

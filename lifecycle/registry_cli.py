@@ -220,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         settings = Settings.load()
-        fail_fast()
         create = args.command == "register" and args.content is not None
-        reg = Registry(open_backend(args.mlflow_uri, settings, create=create), settings.registry_lock_timeout_s)
-        return COMMANDS[args.command](reg, args)
+        with fail_fast():
+            reg = Registry(open_backend(args.mlflow_uri, settings, create=create), settings.registry_lock_timeout_s)
+            return COMMANDS[args.command](reg, args)
     except (RegistryError, UsageError, model_store.ModelStoreError, TrackingError) as exc:
         print(f"registry: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError | BackendUnavailable) else 1

@@ -166,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlops-train: {exc}", file=sys.stderr)
         return 2
     try:
-        fail_fast()
-        backend = open_backend(None, settings, create=True)
-        if args.version is not None and model_store.exists(name, args.version, backend):
-            raise model_store.ModelStoreError(f"model {name}:{args.version} already exists; versions are immutable")
-        trained = train(dataset)
-        stored = register(trained, name, args.version, backend=backend)
+        with fail_fast():
+            backend = open_backend(None, settings, create=True)
+            if args.version is not None and model_store.exists(name, args.version, backend):
+                raise model_store.ModelStoreError(f"model {name}:{args.version} already exists; versions are "
+                                                  "immutable")
+            trained = train(dataset)
+            stored = register(trained, name, args.version, backend=backend)
     except BackendUnavailable as exc:
         print(f"mlops-train: {exc}", file=sys.stderr)
         return 2
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlops-train: {exc}", file=sys.stderr)
         return 1
     except MlflowException as exc:
-        print(f"mlops-train: MLflow at {backend.display_uri}: {exc.message.strip().splitlines()[0]}", file=sys.stderr)
+        print(f"mlops-train: MLflow: {exc.message.strip().splitlines()[0]}", file=sys.stderr)
         return 1
     m = trained.metrics
     print(f"stored {stored.tag}: auc={m['auc']:.4f} accuracy={m['accuracy']:.4f} "

@@ -92,6 +92,43 @@ def test_a_server_that_accepts_but_never_answers_fails_within_seconds(bare_env, 
     assert "cannot reach MLflow" in one_line(capsys.readouterr().err)
 
 
+def test_the_short_retries_end_with_the_command(bare_env, monkeypatch, capsys):
+    """Called in-process (as here), the CLI must not leave its retry settings to services started later."""
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "3")  # a user's own choice is kept
+    assert cli("--registry", f"http://127.0.0.1:{closed_port()}", "list") == 2
+    capsys.readouterr()
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "3"
+
+
+def test_a_server_that_keeps_failing_is_given_up_on_within_seconds(bare_env, tmp_path):
+    """It answers, so it is reachable; MLflow's retries (7, with backoff: minutes) are cut short for the CLI."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self.send_error(503)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        out = run(bare_env, tmp_path, "-m", "lifecycle.registry_cli", "list", "--registry",
+                  f"http://127.0.0.1:{server.server_address[1]}", timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 1 and "registry: MLflow:" in one_line(out.stderr)
+    assert elapsed < 45  # start-up, then 2 retries after about 1 s and 2 s
+
+
 # -- 2. outside the project root: no silent new store ------------------------------------------------------
 
 

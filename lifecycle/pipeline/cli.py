@@ -79,9 +79,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.mlflow_uri:
         settings = settings.model_copy(update={"mlflow_uri": args.mlflow_uri})
     try:
-        fail_fast()
-        registry = Registry(open_backend(args.mlflow_uri, settings, create=True), settings.registry_lock_timeout_s)
-        summary = runner.run(pipeline, registry, args.version, args.data_dir, args.name, settings)
+        with fail_fast():
+            registry = Registry(open_backend(args.mlflow_uri, settings, create=True),
+                                settings.registry_lock_timeout_s)
+            summary = runner.run(pipeline, registry, args.version, args.data_dir, args.name, settings)
     except BackendUnavailable as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return 2
