@@ -69,6 +69,9 @@ def test_promtool_unit_tests_pass():
     ("FeatureDriftPSICritical", lambda r: r.update(expr=r["expr"].replace("> 0.2", "> 0.7"))),
     ("DriftConsumerLagGrowing", lambda r: r.update(expr=r["expr"].split(" and ")[0])),  # any big lag, even steady
     ("PredictionErrorRateHigh", lambda r: r.update(expr=r["expr"].replace('code=~"5.."', 'code!="200"'))),
+    ("DriftPartitionFenced", lambda r: r.pop("for")),  # a fence a rebalance revokes at once would page
+    ("DriftConsumerPaused", lambda r: r.update(expr=r["expr"].replace("max(", "min("))),  # one paused of two
+    ("DriftCheckpointStoreReset", lambda r: r.update(expr="max(mlops_drift_checkpoint_store_resets_total) > 0")),
 ])
 def test_the_unit_tests_catch_a_broken_rule(tmp_path, alert, change):
     rules = yaml.safe_load(RULES.read_text())
@@ -103,7 +106,9 @@ def test_severities_and_thresholds_match_the_reference_rule_set():
     expected = {"PredictionLatencyP99High": ("warning", "> 0.2"), "PredictionLatencyP95High": ("warning", "> 0.1"),
                 "PredictionLatencyP50High": ("warning", "> 0.05"), "PredictionErrorRateHigh": ("critical", "> 0.01"),
                 "FeatureDriftPSICritical": ("critical", "> 0.2"), "FeatureDriftKSWarning": ("warning", "> 0.15"),
-                "ModelOverloaded": ("warning", "> 0"), "PredictionLogDropping": ("critical", "> 0")}
+                "ModelOverloaded": ("warning", "> 0"), "PredictionLogDropping": ("critical", "> 0"),
+                "DriftPartitionFenced": ("warning", "> 0"), "DriftConsumerPaused": ("warning", "== 1"),
+                "DriftCheckpointStoreReset": ("warning", "> 0")}
     for alert, (severity, threshold) in expected.items():
         assert rules[alert]["labels"]["severity"] == severity, alert
         assert threshold in rules[alert]["expr"], alert

@@ -121,6 +121,13 @@ def test_prometheus_scrapes_the_stack_and_every_dashboard_query_has_data(workspa
     assert prom.value('max(mlops_drift_state{feature="transaction_amount"})') == 2  # critical
     lag = prom.query("mlops_drift_consumer_lag")
     assert lag and all(0 <= value < 10_000 for _, value in lag), lag
+    # The series the consumer-health rules read exist from the start, so those rules judge data, not silence.
+    health = {name: prom.value(f"max({name})") for name in (
+        "mlops_drift_paused", "mlops_drift_fenced_partitions", "mlops_drift_checkpoint_store_resets_total",
+        "mlops_drift_checkpoint_store_up", "mlops_drift_broker_connected")}
+    assert health == {"mlops_drift_paused": 0, "mlops_drift_fenced_partitions": 0,
+                      "mlops_drift_checkpoint_store_resets_total": 0, "mlops_drift_checkpoint_store_up": 1,
+                      "mlops_drift_broker_connected": 1}, health
 
     rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
     assert len(rules) >= 18
