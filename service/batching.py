@@ -7,7 +7,11 @@ Redis while another computes. A request whose rows waited longer than ``max_wait
 that finds ``max_queued`` rows already waiting, is shed with :class:`Overloaded` (HTTP 503, retryable)
 instead of joining a queue it cannot get out of in time.
 
-Kept apart from what a batch means: the handler gets a flat list of rows and returns one result per row.
+Kept apart from what a batch means: the handler gets the batch's requests (each a group of rows with the
+caller's tag) and returns one result per request, so whatever is per batch (a lookup, a model call, the
+prediction log's hand-off, the metrics) is done once per batch, and whatever must hold for a request as a
+whole (all its rows answered, or none) is decided per request. A request is never split across batches: one
+larger than ``max_batch_size`` is a batch of its own.
 """
 
 from __future__ import annotations
@@ -20,23 +24,28 @@ from typing import Generic, TypeVar
 
 Row = TypeVar("Row")
 Result = TypeVar("Result")
+Tag = TypeVar("Tag")
 
 
 class Overloaded(RuntimeError):
     """The batch queue is full or too slow: retry later."""
 
 
-class _Pending(Generic[Row, Result]):
-    __slots__ = ("rows", "future", "enqueued")
+class Pending(Generic[Row, Result]):
+    """One request in the queue: its rows, the caller's tag (e.g. when it started), and its future."""
 
-    def __init__(self, rows: Sequence[Row], future: asyncio.Future[list[Result]], enqueued: float) -> None:
+    __slots__ = ("rows", "tag", "future", "enqueued")
+
+    def __init__(self, rows: Sequence[Row], tag: object, future: asyncio.Future[Result], enqueued: float) -> None:
         self.rows = rows
+        self.tag = tag
         self.future = future
         self.enqueued = enqueued
 
 
 class AdaptiveBatcher(Generic[Row, Result]):
-    def __init__(self, handler: Callable[[list[Row]], Awaitable[list[Result]]], *, max_batch_size: int = 64,
+    def __init__(self, handler: Callable[[list[Pending[Row, Result]]], Awaitable[list[Result]]], *,
+                 max_batch_size: int = 64,
                  max_concurrent: int = 2, max_wait_s: float = 1.0, max_queued: int = 4096,
                  on_batch: Callable[[int], None] | None = None) -> None:
         self.handler = handler
@@ -45,7 +54,7 @@ class AdaptiveBatcher(Generic[Row, Result]):
         self.max_wait_s = max_wait_s
         self.max_queued = max_queued
         self.on_batch = on_batch
-        self._queue: collections.deque[_Pending[Row, Result]] = collections.deque()
+        self._queue: collections.deque[Pending[Row, Result]] = collections.deque()
         self._queued_rows = 0
         self._running = 0
 
@@ -53,16 +62,17 @@ class AdaptiveBatcher(Generic[Row, Result]):
     def queued_rows(self) -> int:
         return self._queued_rows
 
-    async def submit(self, rows: Sequence[Row]) -> list[Result]:
-        """Results for ``rows`` (at most ``max_batch_size`` of them), in order."""
+    async def submit(self, rows: Sequence[Row], tag: object = None) -> Result:
+        """The handler's result for this request (``rows``, scored in one batch)."""
         if self._queued_rows + len(rows) > self.max_queued:
             raise Overloaded(f"{self._queued_rows} rows already waiting for the model; retry later")
-        future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, future, time.monotonic()))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        self._queue.append(Pending(rows, tag, future, time.monotonic()))
         self._queued_rows += len(rows)
         if self._running < self.max_concurrent:
             self._running += 1
-            asyncio.get_running_loop().create_task(self._drain())
+            loop.create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
@@ -75,8 +85,8 @@ class AdaptiveBatcher(Generic[Row, Result]):
         finally:
             self._running -= 1
 
-    def _take(self) -> list[_Pending[Row, Result]]:
-        batch: list[_Pending[Row, Result]] = []
+    def _take(self) -> list[Pending[Row, Result]]:
+        batch: list[Pending[Row, Result]] = []
         size = 0
         oldest_allowed = time.monotonic() - self.max_wait_s
         while self._queue and size + len(self._queue[0].rows) <= self.max_batch_size:
@@ -96,20 +106,16 @@ class AdaptiveBatcher(Generic[Row, Result]):
             batch.append(pending)
         return batch
 
-    async def _score(self, batch: list[_Pending[Row, Result]]) -> None:
-        rows = [row for pending in batch for row in pending.rows]
+    async def _score(self, batch: list[Pending[Row, Result]]) -> None:
         if self.on_batch is not None:
-            self.on_batch(len(rows))
+            self.on_batch(sum(len(pending.rows) for pending in batch))
         try:
-            results = await self.handler(rows)
+            results = await self.handler(batch)
         except Exception as exc:  # every request of the batch gets the same error
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
-        start = 0
-        for pending in batch:
-            end = start + len(pending.rows)
+        for pending, result in zip(batch, results, strict=True):
             if not pending.future.done():
-                pending.future.set_result(results[start:end])
-            start = end
+                pending.future.set_result(result)

@@ -165,6 +165,8 @@ def openapi(title: str, version: str, max_rows: int) -> dict[str, Any]:
     request_schema["description"] = (f"Give {ENTITY} (its stats come from the online store), or all store features "
                                       "in `features`, or both (given features override looked-up ones).")
     components["PredictBatchRequest"]["properties"]["requests"].update(minItems=1, maxItems=max_rows)
+    components["PredictBatchRequest"]["description"] = (
+        "Rows to score, each answered in order. A `request_id` names one prediction: no two rows may share one.")
     errors = {code: {"description": text, "content": {"application/json": {"schema": error_ref}}}
               for code, text in ERRORS.items()}
 

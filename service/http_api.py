@@ -210,9 +210,10 @@ class HttpApi:
         self._openapi = _encoder.encode(openapi)
         self._info = info
         self._metrics_text = metrics_text
+        self.endpoints = {"/predict": PredictEndpoint(self, batch=False),
+                          "/predict_batch": PredictEndpoint(self, batch=True)}
         routes = [
-            Route("/predict", PredictEndpoint(self, batch=False), methods=["POST"]),
-            Route("/predict_batch", PredictEndpoint(self, batch=True), methods=["POST"]),
+            *(Route(path, endpoint, methods=["POST"]) for path, endpoint in self.endpoints.items()),
             Route("/info", self.info, methods=["GET"]),
             Route("/info/", self.info, methods=["GET"]),
             Route("/docs.json", self.openapi, methods=["GET"]),

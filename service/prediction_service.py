@@ -9,7 +9,6 @@ is given, so a retried request is never half-served.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from datetime import UTC, datetime
@@ -18,15 +17,16 @@ from mlops import events
 from mlops.schema import MODEL_FEATURES, REQUEST_FEATURES
 from mlops.settings import Settings
 from service import metrics
-from service.batching import AdaptiveBatcher, Overloaded
+from service.batching import AdaptiveBatcher, Overloaded, Pending
 from service.contract import Prediction, PredictRequest, RowError
 from service.model_selector import ModelSelector
 from service.online_store import OnlineStore
 from service.prediction_log import PredictionLog
-from service.scoring import RETRYABLE, STORE_EMPTY, STORE_UNAVAILABLE, Scored, Scorer
+from service.scoring import RETRYABLE, STORE_EMPTY, STORE_UNAVAILABLE, Scorer
 
 OVERLOADED = "overloaded"
 LOG_FULL = "prediction_log_full"
+REQUEST_FEATURE_LIST = list(REQUEST_FEATURES)
 
 
 class Unavailable(RuntimeError):
@@ -38,6 +38,9 @@ class Unavailable(RuntimeError):
         self.detail = detail
 
 
+Answer = list[Prediction | RowError]
+
+
 class PredictionService:
     def __init__(self, settings: Settings, store: OnlineStore, selector: ModelSelector,
                  prediction_log: PredictionLog) -> None:
@@ -47,8 +50,8 @@ class PredictionService:
         self.prediction_log = prediction_log
         self.scorer = Scorer(store, selector)
         batched = settings.adaptive_batching
-        self.batcher: AdaptiveBatcher[PredictRequest, Scored] = AdaptiveBatcher(
-            self.scorer.score,
+        self.batcher: AdaptiveBatcher[PredictRequest, Answer | Unavailable] = AdaptiveBatcher(
+            self._answer_batch,
             max_batch_size=settings.max_batch_size if batched else 1,
             max_concurrent=settings.max_concurrent_batches if batched else settings.max_queued_rows,
             max_wait_s=settings.max_latency_ms / 1000,
@@ -56,54 +59,67 @@ class PredictionService:
             on_batch=metrics.BATCH_SIZE.observe,
         )
 
-    async def predict(self, requests: list[PredictRequest], started: float) -> list[Prediction | RowError]:
-        """One answer per request, in order: a Prediction, or a RowError for an unknown customer."""
-        log_on = self.settings.prediction_log
-        if log_on and not self.prediction_log.accepting:
+    async def predict(self, requests: list[PredictRequest], started: float) -> Answer:
+        """One answer per request row, in order: a Prediction, or a RowError for an unknown customer. All the
+        rows are answered and logged, or none (:class:`Unavailable`, retryable)."""
+        if self.settings.prediction_log and not self.prediction_log.accepting:
             raise Unavailable(LOG_FULL, "the prediction log cannot keep more events (Kafka down, spool full); "
                                         "retry later")
-        step = self.batcher.max_batch_size if self.settings.adaptive_batching else len(requests)
         try:
-            if len(requests) <= step:
-                scored = await self.batcher.submit(requests)
-            else:
-                chunks = [requests[i:i + step] for i in range(0, len(requests), step)]
-                scored = [s for part in await asyncio.gather(*map(self.batcher.submit, chunks)) for s in part]
+            answer = await self.batcher.submit(requests, started)
         except Overloaded as exc:
             raise Unavailable(OVERLOADED, f"server overloaded: {exc}") from None
-        for result in scored:
-            if result.error in RETRYABLE:
-                raise Unavailable(result.error, result.detail or result.error)
-        latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
+        if isinstance(answer, Unavailable):
+            raise answer
+        return answer
+
+    async def _answer_batch(self, batch: list[Pending[PredictRequest, Answer | Unavailable]]
+                            ) -> list[Answer | Unavailable]:
+        """Score the batch's rows at once, then answer and log request by request: a request with a row that
+        cannot be served now (store down or emptied) is refused whole, before any of its rows is logged."""
+        rows = batch[0].rows if len(batch) == 1 else [row for pending in batch for row in pending.rows]
+        scored = await self.scorer.score(list(rows))
+        now = time.perf_counter()
         timestamp = datetime.now(UTC)
-        answers: list[Prediction | RowError] = []
+        log_on = self.settings.prediction_log
+        threshold = self.settings.decision_threshold
+        publish = self.prediction_log.publish
         served: dict[tuple[str, str], int] = {}
-        for request, result in zip(requests, scored, strict=True):
-            if result.error is not None:
-                answers.append(RowError(result.error, result.detail or "", request.customer_id))
+        answers: list[Answer | Unavailable] = []
+        start = 0
+        for pending in batch:
+            part = scored[start:start + len(pending.rows)]
+            start += len(pending.rows)
+            refused = next((s for s in part if s.error in RETRYABLE), None)
+            if refused is not None:
+                answers.append(Unavailable(refused.error, refused.detail or refused.error))  # type: ignore[arg-type]
                 continue
-            prediction = Prediction(
-                request_id=request.request_id or os.urandom(16).hex(),
-                customer_id=request.customer_id,
-                prediction=result.prediction,
-                label=int(result.prediction >= self.settings.decision_threshold),
-                model_name=result.model_name,
-                model_version=result.model_version,
-                latency_ms=latency_ms,
-            )
-            event = events.PredictionEvent(
-                request_id=prediction.request_id, timestamp=timestamp, model_name=prediction.model_name,
-                model_version=prediction.model_version, customer_id=prediction.customer_id,
-                features={name: result.features[name] for name in MODEL_FEATURES},  # type: ignore[index]
-                request_features=list(REQUEST_FEATURES), prediction=prediction.prediction, label=prediction.label,
-                latency_ms=latency_ms,
-            )
-            key = prediction.customer_id.encode() if prediction.customer_id else None
-            if log_on and not self.prediction_log.publish(key, events.encode(event)):
-                raise Unavailable(LOG_FULL, "the prediction log cannot keep more events; retry later")
-            served[(prediction.model_name, prediction.model_version)] = \
-                served.get((prediction.model_name, prediction.model_version), 0) + 1
-            answers.append(prediction)
+            latency_ms = round((now - pending.tag) * 1000.0, 3)  # type: ignore[operator]
+            answer: Answer = []
+            for request, result in zip(pending.rows, part, strict=True):
+                if result.error is not None:
+                    answer.append(RowError(result.error, result.detail or "", request.customer_id))
+                    continue
+                label = int(result.prediction >= threshold)
+                prediction = Prediction(request.request_id or os.urandom(16).hex(), request.customer_id,
+                                        result.prediction, label, result.model_name, result.model_version,
+                                        latency_ms)
+                if log_on:
+                    event = events.PredictionEvent(
+                        request_id=prediction.request_id, timestamp=timestamp, model_name=result.model_name,
+                        model_version=result.model_version, customer_id=request.customer_id,
+                        features={name: result.features[name] for name in MODEL_FEATURES},  # type: ignore[index]
+                        request_features=REQUEST_FEATURE_LIST, prediction=result.prediction, label=label,
+                        latency_ms=latency_ms,
+                    )
+                    key = request.customer_id.encode() if request.customer_id else None
+                    if not publish(key, events.encode(event)):
+                        answer = Unavailable(LOG_FULL, "the prediction log cannot keep more events; retry later")
+                        break
+                version = (result.model_name, result.model_version)
+                served[version] = served.get(version, 0) + 1
+                answer.append(prediction)
+            answers.append(answer)
         for (name, version), n in served.items():
             metrics.PREDICTIONS.labels(name, version).inc(n)
         return answers

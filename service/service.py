@@ -24,7 +24,7 @@ import bentoml
 from bentoml._internal.container import BentoMLContainer
 
 from mlops.settings import Settings
-from service import bentoml_fixes, contract, metrics, port_guard
+from service import bentoml_fixes, contract, fast_path, metrics, port_guard
 from service.grpc_api import GrpcServer, PortInUse, http_host
 from service.http_api import HttpApi
 from service.model_selector import ModelSelector
@@ -257,5 +257,8 @@ class FraudDetector:
     async def __is_ready__(self) -> bool:
         return holder.runtime is not None and holder.runtime.ready()
 
+
+if not (settings.trace_requests or settings.access_log):  # those need BentoML's middlewares on every route
+    fast_path.install(FraudDetector, http.endpoints)
 
 __all__ = ["FraudDetector"]

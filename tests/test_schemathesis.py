@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fuzzing_finds_no_server_error_and_no_schema_violation(server, tmp_path):
@@ -19,6 +21,7 @@ def test_fuzzing_finds_no_server_error_and_no_schema_violation(server, tmp_path)
         [str(st), "run", f"{server.url}/docs.json", "--checks", "all", "--max-examples", "600", "--seed", "20261125",
          "--no-color", "--report", "junit", "--report-dir", str(tmp_path), "--request-timeout", "10"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "PYTHONPATH": str(ROOT)},
     )
     summary = result.stdout[-3000:]
     assert result.returncode == 0, summary

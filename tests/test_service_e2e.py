@@ -174,11 +174,17 @@ def test_unknown_entity_is_404_with_message(server):
     assert error_of(r) == {"error": "unknown_entity", "detail": "unknown customer_id 'nobody-here': no online features"}
 
 
-def test_client_errors_log_one_line_not_a_traceback(server):
-    predict(server, customer_id="C000001", transaction_amount="oops")
+def test_client_errors_log_a_line_per_code_per_period_never_a_traceback(server):
+    """A flood of bad requests writes at most one line per error code per 10 s (with the count it stands for)."""
+    def lines() -> int:
+        return sum("invalid_request" in line for line in server.log_tail(5000).splitlines())
+
+    before = lines()
+    for _ in range(50):
+        assert predict(server, customer_id="C000001", transaction_amount="oops").status_code == 400
     time.sleep(0.3)
-    log = server.log_tail(400)
-    assert "Expected `float`, got `str`" in log
+    log = server.log_tail(5000)
+    assert lines() - before <= 1 and "invalid_request" in log
     assert "Traceback" not in log
 
 
