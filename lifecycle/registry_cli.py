@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,27 @@ def json_arg(text: str | None, flag: str) -> dict:
     return value
 
 
+def non_finite(value: Any) -> float | None:
+    """The first number in a JSON value that is not finite (``1e999`` is valid JSON that parses as infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        found = non_finite(item)
+        if found is not None:
+            return found
+    return None
+
+
+def check_params(params: dict) -> None:
+    """Params may be any JSON, but their numbers are finite, like metrics: an infinity stored as a param would
+    be compared and shown as if it were a setting."""
+    for key, value in params.items():
+        bad = non_finite(value)
+        if bad is not None:
+            wanted = "be a finite number" if isinstance(value, float) else "hold only finite numbers"
+            raise UsageError(f"--params: param {key!r} must {wanted}, not {bad!r}")
+
+
 def emit(args: argparse.Namespace, payload: Any, text: str) -> int:
     print(json.dumps(payload, indent=2, default=str) if args.json else text)
     return 0
@@ -87,6 +109,7 @@ def check_args(args: argparse.Namespace) -> None:
             check_metrics(args.metrics)
         except RegistryError as exc:
             raise UsageError(f"--metrics: {exc}") from None
+        check_params(args.params)
         args.content = model_content(Path(args.model_file)) if args.model_file else None
 
 

@@ -11,14 +11,14 @@ in both files has chi-square statistic 0 and p-value 1.0 (nothing can differ); J
 Infinity (a value that is not a finite number would be null).
 Identifier and timestamp columns (streaming/column_kinds.py: by name, unique-per-row strings, ISO dates) are
 skipped by default, and the output lists them with the reason; --include names some back in, --columns
-compares exactly the columns it names (nothing skipped).
+compares exactly the columns it names (nothing skipped); the two exclude each other.
 --html also writes a self-contained HTML report (streaming/report.py): per column the reference and current
 histograms over the bins the scores use, verdicts critical (PSI over --threshold), warning (only the KS or
 chi-square test says drifted) or ok, sorted by severity; the time range is the current file's
 `timestamp`/`event_timestamp` column when it has one.
-Exit code: 0 nothing drifted, 1 something drifted, 2 bad input (one-line reason on stderr): missing or
-unreadable files, unknown --columns/--include, nothing left to compare, a threshold that is not a finite number
-in range (--threshold > 0, 0 < --ks-threshold < 1, 0 < --alpha < 1).
+Exit code: 0 nothing drifted, 1 something drifted, 2 bad usage or input (one-line reason on stderr): missing or
+unreadable files, --columns with --include, unknown --columns/--include, nothing left to compare, a threshold
+that is not a finite number in range (--threshold > 0, 0 < --ks-threshold < 1, 0 < --alpha < 1).
 """
 
 from __future__ import annotations
@@ -245,10 +245,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="drift", description="Drift between a reference and a current CSV.")
     parser.add_argument("--reference", required=True, type=Path)
     parser.add_argument("--current", required=True, type=Path)
-    parser.add_argument("--columns", help="compare exactly these, comma-separated (default: all shared columns "
-                        "but identifiers and timestamps)")
-    parser.add_argument("--include", default="", help="comma-separated identifier/timestamp columns to compare "
-                        "anyway (skipped by default)")
+    which = parser.add_mutually_exclusive_group()  # --columns names every column, so --include has no say
+    which.add_argument("--columns", help="compare exactly these, comma-separated (default: all shared columns "
+                       "but identifiers and timestamps)")
+    which.add_argument("--include", default="", help="comma-separated identifier/timestamp columns to compare "
+                       "anyway (skipped by default)")
     parser.add_argument("--threshold", type=float, default=0.2, help="PSI above this is drift (default 0.2)")
     parser.add_argument("--ks-threshold", type=float, default=0.15,
                         help="KS statistic threshold, in (0, 1) (default 0.15)")

@@ -72,6 +72,8 @@ def test_promtool_unit_tests_pass():
     ("DriftPartitionFenced", lambda r: r.pop("for")),  # a fence a rebalance revokes at once would page
     ("DriftConsumerPaused", lambda r: r.update(expr=r["expr"].replace("max(", "min("))),  # one paused of two
     ("DriftCheckpointStoreReset", lambda r: r.update(expr="max(mlops_drift_checkpoint_store_resets_total) > 0")),
+    ("OnlineStoreEmpty", lambda r: r.update(expr=r["expr"].replace("max(", "min("))),  # one empty pod of two
+    ("OnlineStoreEmpty", lambda r: r.pop("for")),  # an empty reading restored within the minute would page
 ])
 def test_the_unit_tests_catch_a_broken_rule(tmp_path, alert, change):
     rules = yaml.safe_load(RULES.read_text())
@@ -108,7 +110,7 @@ def test_severities_and_thresholds_match_the_reference_rule_set():
                 "FeatureDriftPSICritical": ("critical", "> 0.2"), "FeatureDriftKSWarning": ("warning", "> 0.15"),
                 "ModelOverloaded": ("warning", "> 0"), "PredictionLogDropping": ("critical", "> 0"),
                 "DriftPartitionFenced": ("warning", "> 0"), "DriftConsumerPaused": ("warning", "== 1"),
-                "DriftCheckpointStoreReset": ("warning", "> 0")}
+                "DriftCheckpointStoreReset": ("warning", "> 0"), "OnlineStoreEmpty": ("critical", "== 1")}
     for alert, (severity, threshold) in expected.items():
         assert rules[alert]["labels"]["severity"] == severity, alert
         assert threshold in rules[alert]["expr"], alert
@@ -147,3 +149,37 @@ def test_cluster_scrape_config_is_valid(tmp_path):
     (tmp_path / "alerts.yaml").write_text(RULES.read_text())
     result = promtool("check", "config", str(tmp_path / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_layout_and_its_drift_consumer_health_row():
+    """Unique panel ids, no two panels on the same grid cell, every panel on the chosen data source; and a
+    "Drift consumer health" row showing every series the consumer-health alerts read (resets as an increase,
+    since the counter restarts with each consumer)."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), ids
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for cell in ((x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                     for y in range(grid["y"], grid["y"] + grid["h"])):
+            assert cell not in cells, (panel["title"], cells[cell])
+            cells[cell] = panel["title"]
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    rows = sorted((p["gridPos"]["y"], p["title"]) for p in panels if p["type"] == "row")
+    assert "Drift consumer health" in [title for _, title in rows], rows
+    start = next(y for y, title in rows if title == "Drift consumer health")
+    end = min([y for y, _ in rows if y > start], default=float("inf"))
+    in_row = [p for p in panels if p["type"] != "row" and start < p["gridPos"]["y"] < end]
+    queries = [t["expr"] for p in in_row for t in p["targets"]]
+    rules = alert_rules()
+    health = set().union(*(metric_names(rules[a]["expr"]) for a in (
+        "DriftConsumerPaused", "DriftPartitionFenced", "DriftCheckpointStoreReset", "DriftCheckpointStoreDown",
+        "DriftConsumerKafkaDisconnected")))
+    assert health == {"mlops_drift_paused", "mlops_drift_fenced_partitions",
+                      "mlops_drift_checkpoint_store_resets_total", "mlops_drift_checkpoint_store_up",
+                      "mlops_drift_broker_connected"}, health
+    assert health <= metric_names(" ".join(queries)), queries
+    assert any("increase(mlops_drift_checkpoint_store_resets_total[" in q for q in queries), queries

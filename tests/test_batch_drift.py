@@ -76,6 +76,8 @@ def test_columns_and_threshold_flags(csvs, capsys):
     (lambda p: ["--reference", str(p["ref"]), "--current", str(p["empty"])], "not a readable CSV"),
     (lambda p: ["--reference", str(p["ref"]), "--current", str(p["same"]), "--alpha", "2"], "--alpha"),
     (lambda p: ["--reference", str(p["ref"])], "required: --current"),
+    (lambda p: ["--reference", str(p["ref"]), "--current", str(p["same"]), "--columns", "amount", "--include", "age"],
+     "argument --include: not allowed with argument --columns"),  # --columns would silently win
 ])
 def test_bad_input_exits_2_with_one_line(csvs, tmp_path, make_args, message):
     pd.DataFrame({"amount": [1.0, "lots", 3.0]}).to_csv(tmp_path / "nonnum.csv", index=False)

@@ -220,6 +220,8 @@ def test_the_cli_refuses_ids_with_a_trailing_newline(tmp_path, model_file, capsy
     (["--metrics", '{"auc": "high"}'], 2, "number"),
     (["--metrics", '{"auc": true}'], 2, "number"),
     (["--params", '{"lr": NaN}'], 2, "--params"),
+    (["--params", '{"lr": 1e999}'], 2, "--params: param 'lr' must be a finite number, not inf"),
+    (["--params", '{"grid": {"lr": [0.1, -1e999]}}'], 2, "param 'grid' must hold only finite numbers, not -inf"),
 ])
 def test_a_refused_register_stores_nothing_and_leaves_the_label_free(tmp_path, model_file, capsys, extra, code,
                                                                       message):
