@@ -76,6 +76,22 @@ class Backend:
         """The URI as `mlflow ui --backend-store-uri` takes it."""
         return self.uri.split("?", 1)[0]
 
+    def change_token(self) -> tuple[int, ...] | None:
+        """Something that changes whenever the embedded SQLite store is written (its files' sizes and mtimes),
+        so a poller can skip a query when nothing changed; None for a server or any other database (ask it)."""
+        db = sqlite_file(self.uri)
+        if db is None:
+            return None
+        token: list[int] = []
+        for path in (db, db.with_name(db.name + "-wal")):
+            try:
+                st = path.stat()
+            except OSError:
+                token += [0, 0]
+                continue
+            token += [st.st_mtime_ns, st.st_size]
+        return tuple(token)
+
     def experiment_id(self, name: str | None = None) -> str:
         """The experiment's id, created on first use (two processes creating it at once is fine)."""
         name = name or self.experiment

@@ -116,8 +116,8 @@ class PredictEndpoint:
         self.api = api
         self.batch = batch
         self.endpoint = "predict_batch" if batch else "predict"
-        self.latency = metrics.REQUEST_LATENCY.labels(self.endpoint)
-        self.ok = metrics.REQUESTS.labels(self.endpoint, "200")
+        self.latency = metrics.BufferedHistogram(metrics.REQUEST_LATENCY.labels(self.endpoint))
+        self.ok = metrics.BufferedCounter(metrics.REQUESTS.labels(self.endpoint, "200"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()

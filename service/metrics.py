@@ -2,10 +2,14 @@
 
 Declared through ``bentoml.metrics`` so they aggregate across the serving workers (Prometheus multiprocess
 mode). Hot-path metrics are observed per batch where they can be (batch size, lookup and inference time,
-predictions), per request only where the request is the unit (latency, status).
+predictions), per request only where the request is the unit (latency, status), and those through
+in-process buffers added to the shared metrics four times a second (:class:`BufferedHistogram`).
 """
 
 from __future__ import annotations
+
+import bisect
+from typing import Any
 
 import bentoml
 
@@ -74,6 +78,12 @@ EVENT_LOOP_LAG = bentoml.metrics.Histogram(
     name="mlops_event_loop_lag_seconds",
     documentation="How late each worker's event loop woke from a 100 ms sleep (stalls: long GC, blocking calls)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+GC_PAUSE = bentoml.metrics.Histogram(
+    name="mlops_gc_pause_seconds",
+    documentation="CPython garbage collections in the serving workers, by generation (each stops the event loop)",
+    labelnames=["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
 )
 MODEL_INFO = bentoml.metrics.Gauge(
     name="mlops_model_info",
@@ -149,3 +159,69 @@ KAFKA_SPOOL_BYTES = bentoml.metrics.Gauge(
     documentation="Bytes of prediction events waiting in the local spool",
     multiprocess_mode="livesum",
 )
+
+
+class BufferedHistogram:
+    """A histogram child observed in process and added to the shared one in bulk by :func:`flush`.
+
+    In multiprocess mode every ``observe`` is two locked writes to a memory-mapped file (~3 µs measured); per
+    request, that was a few percent of a worker's CPU. Here an observation is a bisect and two additions, and
+    :func:`flush` (every quarter second, from the worker's export loop) adds each bucket's count at once.
+    Prometheus reads the same buckets, count and sum either way, at most a flush interval later.
+    """
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds: list[float] = list(getattr(child, "_upper_bounds", []))
+        self.bulk = bool(self.bounds) and hasattr(child, "_buckets") and hasattr(child, "_sum")
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+        self.values: list[float] = []  # only where this prometheus_client offers no bulk update
+        _BUFFERS.append(self)
+
+    def observe(self, value: float) -> None:
+        if self.bulk:
+            self.counts[bisect.bisect_left(self.bounds, value)] += 1
+            self.total += value
+        else:
+            self.values.append(value)
+
+    def flush(self) -> None:
+        if self.bulk:
+            counts, self.counts = self.counts, [0] * len(self.bounds)
+            total, self.total = self.total, 0.0
+            for i, n in enumerate(counts):
+                if n:
+                    self.child._buckets[i].inc(n)
+            if any(counts):
+                self.child._sum.inc(total)
+        else:
+            values, self.values = self.values, []
+            for value in values:
+                self.child.observe(value)
+
+
+class BufferedCounter:
+    """A counter child incremented in process, added to the shared one by :func:`flush`."""
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.n = 0
+        _BUFFERS.append(self)
+
+    def inc(self, n: int = 1) -> None:
+        self.n += n
+
+    def flush(self) -> None:
+        n, self.n = self.n, 0
+        if n:
+            self.child.inc(n)
+
+
+_BUFFERS: list[BufferedHistogram | BufferedCounter] = []
+
+
+def flush() -> None:
+    """Add what the buffered metrics of this worker observed since the last flush to the shared metrics."""
+    for buffer in _BUFFERS:
+        buffer.flush()

@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +130,11 @@ class Runtime:
         # The imported heap (~300,000 objects: BentoML, Feast, pandas, onnxruntime...) is never garbage; frozen,
         # CPython's full collections stop walking it. Measured: without this, P99 ~170 ms at P50 ~4 ms.
         gc.freeze()
+        gc.callbacks.append(_time_collections())
         log.info("worker %d serving %s (canary %s)", self.index, *self.selector.current.versions)
 
     async def stop(self) -> None:
+        metrics.flush()
         if self.grpc is not None:
             await asyncio.to_thread(self.grpc.stop)
         for task in self._tasks:
@@ -151,13 +154,17 @@ class Runtime:
     def ready(self) -> bool:
         return self.service.not_ready_because() is None
 
-    async def _export_forever(self) -> None:
+    async def _export_forever(self, every_s: float = 0.25) -> None:
+        ticks = 0
         while True:
             try:
-                self.export()
+                metrics.flush()
+                if ticks % 4 == 0:
+                    self.export()
             except Exception:  # metrics must never take the worker down
                 log.exception("metrics export failed")
-            await asyncio.sleep(1.0)
+            ticks += 1
+            await asyncio.sleep(every_s)
 
     def export(self) -> None:
         """Gauges and counters from the state of the store and the log (once a second, not per request)."""
@@ -211,6 +218,19 @@ class Runtime:
                       **self.prediction_log.stats().as_dict()},
             "grpc": self.grpc.address if self.grpc is not None else None,
         }
+
+
+def _time_collections() -> Any:
+    """A gc callback timing each collection into ``mlops_gc_pause_seconds`` (buffered: no I/O inside it)."""
+    started = [0.0]
+    pauses = [metrics.BufferedHistogram(metrics.GC_PAUSE.labels(str(generation))) for generation in range(3)]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].observe(time.perf_counter() - started[0])
+    return callback
 
 
 class _Holder:
