@@ -3,8 +3,8 @@
 `feast apply` / `feast materialize` stay the source of truth: keys are Feast's own entity-key serialisation
 plus the project name, hash fields are Feast's murmur3 of ``view:feature``, values are Feast's ``Value``
 protobufs, and the feature view (its features and TTL) comes from the Feast registry. What this adds over
-the SDK's ``get_online_features`` is speed — a pipelined HMGET per batch from an asyncio client, no
-per-row SDK machinery — and a health view: reachable or not, empty or not, and how old the served rows are.
+the SDK's ``get_online_features`` is speed — a pipelined HMGET per batch (``service.hmget``), no per-row
+SDK machinery — and a health view: reachable or not, empty or not, and how old the served rows are.
 
 A request never waits on a Redis that is known to be down: :meth:`fetch` raises
 :class:`OnlineStoreUnavailable` at once, and a background check (every ``online_store_check_s``) notices
@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from mlops.schema import ENTITY, FEATURE_VIEW, STORE_FEATURES
 from mlops.settings import Settings
+from service.hmget import LookupFailed, PipelinedHmget
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class OnlineStore:
             socket_connect_timeout=timeout, max_connections=64, timeout=timeout,
         )
         self._client = aioredis.Redis(connection_pool=pool, retry=None)
+        self._hmget = PipelinedHmget(settings.redis_host, settings.redis_port, self._fields, timeout)
         self.check_interval_s = settings.online_store_check_s
         self.up = False
         self.empty = True
@@ -105,12 +107,10 @@ class OnlineStore:
         if not self.up:
             raise OnlineStoreUnavailable("online store (Redis) is unreachable; retry later")
         unique = list(dict.fromkeys(entity_ids))
+        key = self.key
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for entity in unique:
-                    pipe.hmget(self.key(entity), self._fields)
-                replies = await pipe.execute()
-        except (TimeoutError, RedisError, OSError) as exc:
+            replies = await self._hmget.fetch([key(entity) for entity in unique])
+        except LookupFailed as exc:
             self._mark_down(exc)
             raise OnlineStoreUnavailable(f"online store (Redis) lookup failed: {exc}; retry later") from None
         rows = {entity: _decode(reply) for entity, reply in zip(unique, replies, strict=True)}
@@ -145,6 +145,7 @@ class OnlineStore:
     async def close(self) -> None:
         if self._checker is not None:
             self._checker.cancel()
+        await self._hmget.close()
         await self._client.aclose()
 
     async def check(self) -> None:

@@ -61,25 +61,40 @@ def test_unknown_entity_is_none_not_zeros(lookup):
 
 
 def test_one_round_trip_per_batch(lookup, monkeypatch):
-    """All rows of a batch in one pipelined request; duplicates asked once."""
+    """All rows of a batch in one pipelined exchange (one write, replies read until all arrived); duplicates
+    asked once. Redis' own statistics count the HMGETs."""
+    import redis
+
     sent = []
-    pipeline = lookup.store._client.pipeline
+    fetch = lookup.store._hmget.fetch
 
-    def spy(*args, **kwargs):
-        pipe = pipeline(*args, **kwargs)
-        execute = pipe.execute
+    async def counted(keys):
+        sent.append(len(keys))
+        return await fetch(keys)
 
-        async def counted(*a, **k):
-            sent.append(len(pipe.command_stack))
-            return await execute(*a, **k)
-
-        pipe.execute = counted
-        return pipe
-
-    monkeypatch.setattr(lookup.store._client, "pipeline", spy)
+    monkeypatch.setattr(lookup.store._hmget, "fetch", counted)
+    client = redis.Redis(host=lookup.store._hmget.host, port=lookup.store._hmget.port)
+    before = client.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
     rows = lookup.fetch([f"C{i:06d}" for i in range(40)] + ["C000003"])
     assert sent == [40]
+    assert client.info("commandstats")["cmdstat_hmget"]["calls"] - before == 40
     assert rows[3] == rows[-1]
+
+
+def test_lookups_fail_fast_and_recover_when_redis_does(lookup, workspace):
+    """A connection that dies mid-use is dropped, the lookup fails at once (the request gets a 503), and the
+    next lookup reconnects."""
+    import redis
+
+    from service.online_store import OnlineStoreUnavailable
+
+    assert lookup.fetch(["C000001"])[0] is not None
+    client = redis.Redis(host=lookup.store._hmget.host, port=lookup.store._hmget.port)
+    client.client_kill_filter(_type="normal", skipme=True)  # every connection but this one: the reader's too
+    with pytest.raises(OnlineStoreUnavailable):
+        lookup.fetch(["C000001"])
+    lookup.store.up = True  # what the next background check would find
+    assert lookup.fetch(["C000001"])[0] is not None
 
 
 def test_reachability_and_emptiness_checks(workspace, lookup):
