@@ -5,21 +5,40 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, str | int]:
-    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count() or 0}
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count() or 0,
+            "cpu_model": cpu, "memory_gib": round(memory_gib, 1), "kernel": platform.release()}
 
 
-def write_results(name: str, rows: list[dict]) -> Path:
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether the tree differed from it (a dirty tree's numbers name no commit)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    return {"sha": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def write_results(name: str, rows: list[dict], settings: dict[str, Any] | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "at": datetime.now(UTC).isoformat(), "machine": machine(),
-                                "results": rows}, indent=2))
+    path.write_text(json.dumps({"benchmark": name, "at": datetime.now(UTC).isoformat(), "git": git_state(),
+                                "machine": machine(), "settings": settings or {}, "results": rows}, indent=2) + "\n")
     return path
 
 

