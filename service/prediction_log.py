@@ -37,6 +37,7 @@ FullPolicy = Literal["reject", "drop"]
 PERMANENT = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.INVALID_RECORD,
              KafkaError._MSG_TIMED_OUT}
 PURGED = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
+CONFIRM_TIMEOUT_S = 0.5  # a metadata round trip longer than this, after a connection error, is an outage
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class PredictionLog:
         self._dropped: collections.Counter[str] = collections.Counter()
         self._replay: _Replay | None = None
         self._fatal = False
+        self._suspect: str | None = None  # a connection failed: is the cluster gone? (the thread asks)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
 
@@ -227,8 +229,13 @@ class PredictionLog:
             self._mark_down(f"delivery failed: {err}")
 
     def _on_error(self, err: KafkaError) -> None:
+        """A connection error is a suspicion, not yet an outage: another broker may serve, and librdkafka
+        reports "all brokers down" again and again during an outage, so such reports queued before the
+        broker came back arrive after it did. The background thread asks the cluster for metadata (at most
+        ``CONFIRM_TIMEOUT_S``) before declaring an outage — never here: this may run inside ``stats()`` on
+        the event loop."""
         if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
-            self._mark_down(str(err))
+            self._suspect = str(err)
         elif err.fatal():
             log.error("Kafka producer fatal error, recreating it: %s", err)
             self._fatal = True
@@ -264,6 +271,10 @@ class PredictionLog:
                     self._recreate_producer()
                 self._write_spool()
                 self._check_acks()
+                if self._suspect is not None:
+                    why, self._suspect = self._suspect, None
+                    if self._broker_up and not self._answers(CONFIRM_TIMEOUT_S):
+                        self._mark_down(why)
                 if self._broker_up:
                     self._replay_step()
                 elif time.monotonic() >= self._next_probe:
@@ -304,13 +315,19 @@ class PredictionLog:
         self._producer = Producer({**live_config(self._config), "on_delivery": self._on_delivery})
         self._fatal = False
 
-    def _probe(self) -> None:
+    def _answers(self, timeout_s: float = 1.0) -> bool:
+        """A metadata round trip to the cluster succeeds."""
         try:
-            self._producer.list_topics(self.topic, timeout=1.0)
+            self._producer.list_topics(self.topic, timeout=timeout_s)
         except KafkaException:
+            return False
+        return True
+
+    def _probe(self) -> None:
+        if self._answers():
+            self._mark_up()
+        else:
             self._next_probe = time.monotonic() + self.probe_interval_s
-            return
-        self._mark_up()
 
     def _check_acks(self) -> None:
         """Twice a second: has the broker stopped answering while it still accepts connections? That is
