@@ -47,6 +47,7 @@ SUSTAINED_P99_MS = 50.0
 PEER_APPS = {"batching": "bench.peers.batching:app", "tuned": "bench.peers.tuned:app",
              "textbook": "bench.peers.textbook:app"}
 RATIO_PEER = "batching"  # the ratio column: the project over the strongest peer
+VARIANTS = ("project, batching off", "project, log off", "project, BentoML path")
 # The project as users run it: following the registry's production alias (the workspace pins a version for
 # the peers, which load that one file).
 PROJECT_ENV = {"MLOPS_MODEL_VERSION": ""}
@@ -278,7 +279,8 @@ def run(ws, args) -> list[dict]:
               [System(peer, w, peer=peer) for peer in peers if peer != "textbook" or w == top] for w in workers]
     groups.append([System("project", top, PROJECT_ENV),
                    System("project, batching off", top, {**PROJECT_ENV, "MLOPS_ADAPTIVE_BATCHING": "false"}),
-                   System("project, log off", top, {**PROJECT_ENV, "MLOPS_PREDICTION_LOG": "false"})])
+                   System("project, log off", top, {**PROJECT_ENV, "MLOPS_PREDICTION_LOG": "false"}),
+                   System("project, BentoML path", top, {**PROJECT_ENV, "MLOPS_HTTP_FAST_PATH": "false"})])
     connections = [int(c) for c in args.connections.split(",")]
     rates = [int(r) for r in args.rates.split(",")]
     rows: list[dict] = []
@@ -335,10 +337,11 @@ def run(ws, args) -> list[dict]:
             if args.profile and not variants and group[0].workers == top:
                 for system in group:
                     if system.name in ("project", RATIO_PEER):
+                        shares, ok = profile_under_load(tool["wrk"], running[system.label], args.seconds,
+                                                        n_customers, ws.root)
+                        answered[system.label] += ok
                         rows.append({"system": system.name, "workers": system.workers, "protocol": "http",
-                                     "mode": "profile", "connections": 32, "profile": profile_under_load(
-                                         tool["wrk"], running[system.label], args.seconds, n_customers, ws.root)})
-                        answered[system.label] = -1  # the profile's load is not counted: no Kafka check
+                                     "mode": "profile", "connections": 32, "profile": shares})
         finally:
             for server in running.values():
                 server.stop()
@@ -412,16 +415,19 @@ def settle_topic(bootstrap: str, topic: str, at_least: int, timeout: float = 60.
     return size
 
 
-def profile_under_load(wrk_tool: str, running: Running, seconds: float, customers: int, root: Path) -> dict:
+def profile_under_load(wrk_tool: str, running: Running, seconds: float, customers: int,
+                       root: Path) -> tuple[dict, int]:
+    """py-spy shares by package of one worker under 32 connections, and the 2xx answers of that load."""
     pids = worker_pids(running) or [running.process.pid]
     load = subprocess.Popen([wrk_tool, "-t2", "-c32", f"-d{int(seconds) + 4}s", "-s", str(LUA), running.url],
-                            env={**os.environ, "CUSTOMERS": str(customers)}, stdout=subprocess.DEVNULL)
+                            env={**os.environ, "CUSTOMERS": str(customers)}, stdout=subprocess.PIPE, text=True)
     time.sleep(2)
     shares = profile(pids[-1], seconds, root / f"profile-{running.process.pid}.txt")
-    load.wait()
+    out, _ = load.communicate()
+    r = _wrk_json(out) or {"requests": 0, "errors_status": 0}
     print("  profile (share of samples by package): " + ", ".join(f"{k} {v:.0%}" for k, v in list(shares.items())[:10]),
           flush=True)
-    return {k: round(v, 4) for k, v in list(shares.items())[:15]}
+    return {k: round(v, 4) for k, v in list(shares.items())[:15]}, r["requests"] - r["errors_status"]
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -437,7 +443,7 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         if r["system"] == "project" and peer.get(key(r)):
             r["ratio_vs_peer"] = round(r["rps"] / peer[key(r)], 3)
-        if r["system"] in ("project, batching off", "project, log off") and r["rps"]:
+        if r["system"] in VARIANTS and r["rps"]:
             ours = project.get(key(r))
             r["project_vs_this"] = round(ours / r["rps"], 3) if ours else None
 

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
                     "a timer per request for this long)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    http_fast_path: bool = Field(
+        True, description="serve /predict and /predict_batch inside uvicorn's HTTP protocol, past BentoML's ASGI stack "
+                          "and uvicorn's ASGI adapter (off: every route through BentoML's full stack)")
     access_log: bool = Field(False, description="BentoML's per-request access log (4xx/5xx are logged anyway)")
     trace_requests: bool = Field(False, description="OpenTelemetry spans for prediction requests")
 

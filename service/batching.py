@@ -65,6 +65,11 @@ class AdaptiveBatcher(Generic[Row, Result]):
 
     async def submit(self, rows: Sequence[Row], tag: object = None) -> Result:
         """The handler's result for this request (``rows``, scored in one batch)."""
+        return await self.submit_nowait(rows, tag)
+
+    def submit_nowait(self, rows: Sequence[Row], tag: object = None) -> asyncio.Future[Result]:
+        """Queue the request; its future gets the result (or :class:`Overloaded`). For callers that answer from
+        a callback instead of a task."""
         if self._queued_rows + len(rows) > self.max_queued:
             raise Overloaded(f"{self._queued_rows} rows already waiting for the model; retry later")
         loop = asyncio.get_running_loop()
@@ -74,7 +79,7 @@ class AdaptiveBatcher(Generic[Row, Result]):
         if self._running < self.max_concurrent:
             self._running += 1
             loop.create_task(self._drain())
-        return await future
+        return future
 
     async def _drain(self) -> None:
         """Score batches until the queue is empty; at most ``max_concurrent`` of these run at once.

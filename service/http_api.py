@@ -17,6 +17,7 @@ how many that line stands for, never a traceback (an outage of thousands of 503s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,15 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from service import metrics
-from service.contract import ErrorBody, Prediction, RequestError, RowError, decode_batch, decode_request
+from service.contract import (
+    ErrorBody,
+    Prediction,
+    PredictRequest,
+    RequestError,
+    RowError,
+    decode_batch,
+    decode_request,
+)
 from service.prediction_service import PredictionService, Unavailable
 from service.scoring import UNKNOWN_ENTITY
 
@@ -80,10 +89,11 @@ async def respond(send: Send, status: int, body: bytes, extra: list[tuple[bytes,
     await send({"type": "http.response.body", "body": body})
 
 
-async def read_json_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+def check_headers(headers: list[tuple[bytes, bytes]], limit: int) -> None:
+    """415 unless the body is JSON; 413 when it says it is larger than ``limit``."""
     content_type = b""
     length = None
-    for name, value in scope["headers"]:
+    for name, value in headers:
         if name == b"content-type":
             content_type = value
         elif name == b"content-length":
@@ -94,6 +104,10 @@ async def read_json_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         raise HttpError(415, "unsupported_media_type", f"content type must be application/json, got {shown}")
     if length is not None and length.isdigit() and int(length) > limit:
         raise HttpError(413, "body_too_large", f"request body over {limit} bytes")
+
+
+async def read_json_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    check_headers(scope["headers"], limit)
     chunks = []
     size = 0
     while True:
@@ -109,54 +123,107 @@ async def read_json_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+Reply = Callable[[int, bytes], None]
+
+
 class PredictEndpoint:
-    """POST /predict (one request, one Prediction) or /predict_batch (``{"requests": [...]}``, a list)."""
+    """POST /predict (one request, one Prediction) or /predict_batch (``{"requests": [...]}``, a list).
+
+    Served two ways with the same checks, answers and metrics: as an ASGI app (``__call__``), and from
+    ``service.fast_http``'s protocol, which hands over the parsed request and takes the answer back through
+    a callback (``start``), with no ASGI task, scope or send/receive round trips per request."""
 
     def __init__(self, api: HttpApi, batch: bool) -> None:
         self.api = api
         self.batch = batch
         self.endpoint = "predict_batch" if batch else "predict"
+        self.path = "/" + self.endpoint
         self.latency = metrics.BufferedHistogram(metrics.REQUEST_LATENCY.labels(self.endpoint))
         self.ok = metrics.BufferedCounter(metrics.REQUESTS.labels(self.endpoint, "200"))
+
+    # -- ASGI -----------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         try:
-            status, body = await self._handle(scope, receive, started)
-        except HttpError as exc:
-            status, body = exc.status, _encoder.encode(ErrorBody(exc.code, exc.detail))
-            metrics.ERRORS.labels(exc.code).inc()
-            error_log.record(status, scope["path"], exc.code, exc.detail)
-        except Exception:  # a bug: the client gets a clean 500, the log gets the traceback
-            log.exception("500 %s", scope["path"])
-            metrics.ERRORS.labels("internal").inc()
-            status, body = 500, _encoder.encode(ErrorBody("internal", "unexpected server error; see the server log"))
+            raw = await read_json_body(scope, receive, self.api.max_body_bytes)
+            answers = await self._submit(raw, started)
+            status, body = self._answer(answers)
+        except Exception as exc:  # noqa: BLE001 (every failure becomes the error body)
+            status, body = self._failure(exc)
         extra = [(b"retry-after", b"1")] if status == 503 else None
         await respond(send, status, body, extra)
-        self.latency.observe(time.perf_counter() - started)
-        (self.ok if status == 200 else metrics.REQUESTS.labels(self.endpoint, str(status))).inc()
+        self._count(status, started)
 
-    async def _handle(self, scope: Scope, receive: Receive, started: float) -> tuple[int, bytes]:
+    # -- the fast protocol ------------------------------------------------------------------------------
+
+    def start(self, headers: list[tuple[bytes, bytes]], body: bytes | None, started: float, reply: Reply) -> None:
+        """Answer through ``reply(status, body)``, now or when the batch is done; ``body`` None: it was over
+        the size limit (the protocol stopped buffering it)."""
+        try:
+            check_headers(headers, self.api.max_body_bytes)
+            if body is None:
+                raise HttpError(413, "body_too_large", f"request body over {self.api.max_body_bytes} bytes")
+            future = self._submit_nowait(body, started)
+        except Exception as exc:  # noqa: BLE001
+            self._reply(reply, *self._failure(exc), started)
+            return
+        future.add_done_callback(lambda done: self._finish(done, started, reply))
+
+    def _finish(self, future: asyncio.Future, started: float, reply: Reply) -> None:
+        try:
+            status, body = self._answer(PredictionService.result(future))
+        except Exception as exc:  # noqa: BLE001
+            status, body = self._failure(exc)
+        self._reply(reply, status, body, started)
+
+    def _reply(self, reply: Reply, status: int, body: bytes, started: float) -> None:
+        reply(status, body)
+        self._count(status, started)
+
+    # -- shared ---------------------------------------------------------------------------------------
+
+    def _service(self) -> PredictionService:
         service = self.api.service
         if service is None:
             raise HttpError(503, "starting", "the server is still starting; retry later")
-        raw = await read_json_body(scope, receive, self.api.max_body_bytes)
+        return service
+
+    def _decode(self, raw: bytes) -> list[PredictRequest]:
         try:
-            requests = decode_batch(raw, self.api.max_request_rows) if self.batch else [decode_request(raw)]
+            return decode_batch(raw, self.api.max_request_rows) if self.batch else [decode_request(raw)]
         except RequestError as exc:
             raise HttpError(400, "invalid_request", str(exc)) from None
-        try:
-            answers = await service.predict(requests, started)
-        except Unavailable as exc:
-            raise HttpError(503, exc.code, exc.detail) from None
+
+    async def _submit(self, raw: bytes, started: float) -> list[Prediction | RowError]:
+        return await self._service().predict(self._decode(raw), started)
+
+    def _submit_nowait(self, raw: bytes, started: float) -> asyncio.Future:
+        return self._service().submit(self._decode(raw), started)
+
+    def _answer(self, answers: list[Prediction | RowError]) -> tuple[int, bytes]:
         if self.batch:
             return 200, _encoder.encode(answers)
         answer = answers[0]
         if isinstance(answer, RowError):
             status = 404 if answer.error == UNKNOWN_ENTITY else 503
             raise HttpError(status, answer.error, answer.detail)
-        assert isinstance(answer, Prediction)
         return 200, _encoder.encode(answer)
+
+    def _failure(self, exc: Exception) -> tuple[int, bytes]:
+        if isinstance(exc, Unavailable):
+            exc = HttpError(503, exc.code, exc.detail)
+        if isinstance(exc, HttpError):
+            metrics.ERRORS.labels(exc.code).inc()
+            error_log.record(exc.status, self.path, exc.code, exc.detail)
+            return exc.status, _encoder.encode(ErrorBody(exc.code, exc.detail))
+        log.error("500 %s", self.path, exc_info=exc)  # a bug: the client gets a clean 500, the log the traceback
+        metrics.ERRORS.labels("internal").inc()
+        return 500, _encoder.encode(ErrorBody("internal", "unexpected server error; see the server log"))
+
+    def _count(self, status: int, started: float) -> None:
+        self.latency.observe(time.perf_counter() - started)
+        (self.ok if status == 200 else metrics.REQUESTS.labels(self.endpoint, str(status))).inc()
 
 
 ROUTING_ERRORS = {404: "not_found", 405: "method_not_allowed"}

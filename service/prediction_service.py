@@ -9,6 +9,7 @@ is given, so a retried request is never half-served.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from datetime import UTC, datetime
@@ -62,11 +63,28 @@ class PredictionService:
     async def predict(self, requests: list[PredictRequest], started: float) -> Answer:
         """One answer per request row, in order: a Prediction, or a RowError for an unknown customer. All the
         rows are answered and logged, or none (:class:`Unavailable`, retryable)."""
+        future = self.submit(requests, started)
+        try:
+            await future
+        except Overloaded:
+            pass  # result() says so
+        return self.result(future)
+
+    def submit(self, requests: list[PredictRequest], started: float) -> asyncio.Future[Answer | Unavailable]:
+        """Queue the request for a batch; :meth:`result` of the future is its answer. Raises
+        :class:`Unavailable` at once when it cannot be taken."""
         if self.settings.prediction_log and not self.prediction_log.accepting:
             raise Unavailable(LOG_FULL, "the prediction log cannot keep more events (Kafka down, spool full); "
                                         "retry later")
         try:
-            answer = await self.batcher.submit(requests, started)
+            return self.batcher.submit_nowait(requests, started)
+        except Overloaded as exc:
+            raise Unavailable(OVERLOADED, f"server overloaded: {exc}") from None
+
+    @staticmethod
+    def result(future: asyncio.Future[Answer | Unavailable]) -> Answer:
+        try:
+            answer = future.result()
         except Overloaded as exc:
             raise Unavailable(OVERLOADED, f"server overloaded: {exc}") from None
         if isinstance(answer, Unavailable):

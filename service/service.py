@@ -25,7 +25,7 @@ import bentoml
 from bentoml._internal.container import BentoMLContainer
 
 from mlops.settings import Settings
-from service import bentoml_fixes, contract, fast_path, metrics, port_guard
+from service import bentoml_fixes, contract, fast_http, fast_path, metrics, port_guard
 from service.grpc_api import GrpcServer, PortInUse, http_host
 from service.http_api import HttpApi
 from service.model_selector import ModelSelector
@@ -217,6 +217,7 @@ class Runtime:
                       "spool_full_policy": self.settings.spool_full_policy,
                       **self.prediction_log.stats().as_dict()},
             "grpc": self.grpc.address if self.grpc is not None else None,
+            "http_fast_path": fast_http.in_use(),
         }
 
 
@@ -278,7 +279,8 @@ class FraudDetector:
         return holder.runtime is not None and holder.runtime.ready()
 
 
-if not (settings.trace_requests or settings.access_log):  # those need BentoML's middlewares on every route
+if settings.http_fast_path and not (settings.trace_requests or settings.access_log):  # those need BentoML's stack
     fast_path.install(FraudDetector, http.endpoints)
+    fast_http.install(http.endpoints, settings.max_body_bytes)
 
 __all__ = ["FraudDetector"]

@@ -97,3 +97,26 @@ def test_malformed_protobuf_is_invalid_argument(server):
         with pytest.raises(grpc.RpcError) as err:
             batch(fraud_pb2.PredictBatchRequest(requests=[row, row]), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "repeats" in err.value.details()
+
+
+def test_prediction_routes_are_served_by_the_fast_protocol_and_pipelining_keeps_order(server):
+    """`/info` says the worker's connections go through service.fast_http; two requests sent back to back on
+    one connection (HTTP/1.1 pipelining: the second is parsed while the first waits for its batch) are
+    answered in order, the second through the ASGI path behind the first."""
+    assert httpx.get(f"{server.url}/info").json()["http_fast_path"] is True
+    host, port = server.url.removeprefix("http://").split(":")
+    bodies = [b'{"customer_id":"C000001","transaction_amount":1.0,"request_id":"pipe-a"}',
+              b'{"customer_id":"C000002","transaction_amount":2.0,"request_id":"pipe-b"}',
+              b'{"customer_id":"C000003","transaction_amount":3.0,"request_id":"pipe-c"}']
+    wire = b"".join(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                    b"\r\n%s" % (len(body), body) for body in bodies)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(wire)
+        reply = b""
+        while reply.count(b"pipe-") < 3:
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    positions = [reply.index(f"pipe-{x}".encode()) for x in "abc"]
+    assert positions == sorted(positions)
+    assert reply.count(b"HTTP/1.1 200 OK") == 3

@@ -1,0 +1,186 @@
+"""The README's serving tables, generated from the committed result files (never typed by hand).
+
+    python -m bench.report [--runs serving-run1,serving-run2] [--check README.md]
+
+Prints the Markdown that sits between ``<!-- bench:serving:begin -->`` and ``<!-- bench:serving:end -->`` in the
+README; ``--check`` exits 1 when the README's copy differs (a test runs it), ``--write`` replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from bench.common import RESULTS, ROOT
+
+BEGIN, END = "<!-- bench:serving:begin -->", "<!-- bench:serving:end -->"
+DEFAULT_RUNS = "serving-run1,serving-run2"
+PROFILE = "where-time-goes"
+
+
+def load(names: list[str]) -> list[dict[str, Any]]:
+    return [json.loads((RESULTS / f"{name}.json").read_text()) for name in names]
+
+
+def _rows(run: dict[str, Any], **match: Any) -> list[dict[str, Any]]:
+    return [r for r in run["results"] if all(r.get(k) == v for k, v in match.items())]
+
+
+def _one(run: dict[str, Any], **match: Any) -> dict[str, Any] | None:
+    found = _rows(run, **match)
+    return found[0] if found else None
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _cells(runs: list[dict[str, Any]], field: str, digits: int = 0, **match: Any) -> str:
+    values = [(_one(run, **match) or {}).get(field) for run in runs]
+    return " / ".join(_num(v, digits) for v in values)
+
+
+def closed_loop(runs: list[dict[str, Any]]) -> list[str]:
+    workers = sorted({r["workers"] for run in runs for r in _rows(run, system="project", mode="closed")})
+    connections = sorted({r["connections"] for run in runs for r in _rows(run, system="batching", mode="closed")})
+    head = ["`/predict`, closed loop, 2xx/s"]
+    for w in workers:
+        head += [f"project x{w}", f"batching peer x{w}", "**ratio**"]
+    others = [(name, w) for name in ("tuned", "textbook") for w in workers
+              if any(_rows(run, system=name, workers=w, mode="closed") for run in runs)]
+    head += [f"{name} x{w}" for name, w in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in connections:
+        cells = [f"{c} connection{'s' if c > 1 else ''}"]
+        for w in workers:
+            group = {"workers": w, "mode": "closed", "protocol": "http", "connections": c}
+            cells += [_cells(runs, "rps", system="project", group=_group(runs[0], w), **group),
+                      _cells(runs, "rps", system="batching", **group),
+                      "**" + _cells(runs, "ratio_vs_peer", 2, system="project", group=_group(runs[0], w), **group)
+                      + "**"]
+        cells += [_cells(runs, "rps", system=name, workers=w, mode="closed", protocol="http", connections=c)
+                  for name, w in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _group(run: dict[str, Any], workers: int) -> int | None:
+    """The group where the project was measured beside the peers (not the one beside its own variants)."""
+    groups = {r.get("group") for r in _rows(run, system="batching", workers=workers, mode="closed")}
+    return next(iter(groups)) if len(groups) == 1 else None
+
+
+def latency_and_cpu(runs: list[dict[str, Any]]) -> list[str]:
+    top = max(r["workers"] for run in runs for r in _rows(run, system="project", mode="closed"))
+    connections = sorted({r["connections"] for run in runs for r in _rows(run, system="batching", mode="closed")})
+    head = [f"x{top} workers", "project P50 / P99, ms", "peer P50 / P99, ms",
+            "project CPU per 2xx, ms", "peer CPU per 2xx, ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in connections:
+        match = {"workers": top, "mode": "closed", "protocol": "http", "connections": c}
+        project = {**match, "system": "project", "group": _group(runs[0], top)}
+        lines.append("| " + " | ".join([
+            f"{c} connection{'s' if c > 1 else ''}",
+            _cells(runs, "p50_ms", 1, **project) + " ; " + _cells(runs, "p99_ms", 1, **project),
+            _cells(runs, "p50_ms", 1, system="batching", **match) + " ; "
+            + _cells(runs, "p99_ms", 1, system="batching", **match),
+            _cells(runs, "cpu_ms_per_request", 3, **project),
+            _cells(runs, "cpu_ms_per_request", 3, system="batching", **match),
+        ]) + " |")
+    return lines
+
+
+def other_measures(runs: list[dict[str, Any]]) -> list[str]:
+    top = max(r["workers"] for run in runs for r in _rows(run, system="project", mode="closed"))
+    lines = [f"| other measures, x{top} (run 1 / run 2) | |", "|---|---|"]
+    sustained = []
+    for system in ("project", "batching"):
+        rates = " / ".join(_num((_one(run, system=system, mode="open-sustained") or {}).get("sustained_rate"))
+                           for run in runs)
+        sustained.append(f"{system} {rates}/s")
+    lines.append("| open loop, highest rate with P99 < 50 ms and no error | " + ", ".join(sustained) + " |")
+    for name, label in (("project, batching off", "adaptive batching off"), ("project, log off", "prediction log off"),
+                        ("project, BentoML path", "prediction routes through BentoML's ASGI stack "
+                                                  "(`MLOPS_HTTP_FAST_PATH=false`)")):
+        rps = _cells(runs, "rps", system=name, mode="closed")
+        ratio = _cells(runs, "project_vs_this", 2, system=name, mode="closed")
+        lines.append(f"| {label}, 32 connections | {rps} 2xx/s; the project with it on: ×{ratio} |")
+    grpc = "; ".join(f"{c} connection{'s' if c > 1 else ''}: " + _cells(runs, "rps", system="project", mode="closed",
+                                                                          protocol="grpc", connections=c)
+                     for c in (1, 32))
+    lines.append(f"| gRPC (`ghz`), 2xx/s | {grpc} |")
+    lost = []
+    for run in runs:
+        kafka = _rows(run, mode="kafka")
+        lost.append(f"{sum(r['answered_2xx'] for r in kafka):,} answered, {sum(r['lost'] for r in kafka)} lost")
+    lines.append("| every 200 an event on Kafka (all systems that log) | " + " / ".join(lost) + " |")
+    return lines
+
+
+def where_time_goes() -> list[str]:
+    path = RESULTS / f"{PROFILE}.json"
+    if not path.exists():
+        return []
+    run = json.loads(path.read_text())
+    rows = run["results"]
+    names = sorted({k for r in rows for k in r["gil_us_per_request"]},
+                   key=lambda k: -max(r["gil_us_per_request"].get(k, 0) for r in rows))
+    head = ["µs of a worker's GIL per 2xx (py-spy `--gil`)"] + [
+        f"{'project' if r['system'] == 'project' else 'peer'} c={r['connections']}" for r in rows]
+    lines = [f"Where the time goes (`python -m bench.where_time_goes`, `bench/results/{PROFILE}.json`, commit "
+             f"`{run['git']['sha'][:10]}`):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        lines.append("| " + " | ".join([name, *(_num(r["gil_us_per_request"].get(name), 1) for r in rows)]) + " |")
+    lines.append("| **total under the GIL** | " + " | ".join(f"**{_num(r['gil_us_total'], 1)}**" for r in rows) + " |")
+    lines.append("| CPU per 2xx from /proc, µs (all threads) | "
+                 + " | ".join(_num((r["cpu_ms_per_request"] or 0) * 1000, 1) for r in rows) + " |")
+    lines.append("| 2xx/s while sampled | " + " | ".join(_num(r["rps"]) for r in rows) + " |")
+    return lines
+
+
+def render(names: list[str]) -> str:
+    runs = load(names)
+    shas = ", ".join(f"`{run['git']['sha'][:10]}`{' (dirty)' if run['git'].get('dirty') else ''}" for run in runs)
+    machine = runs[0]["machine"]
+    intro = (f"Generated by `python -m bench.report` from `bench/results/{{{','.join(names)}}}.json` (commits "
+             f"{shas}; {machine['cpus']} CPUs, {machine.get('cpu_model') or machine['machine']}, Python "
+             f"{machine['python']}). Each cell: run 1 / run 2.")
+    profile = where_time_goes()
+    return "\n".join([intro, "", *closed_loop(runs), "", *latency_and_cpu(runs), "", *other_measures(runs),
+                      *(["", *profile] if profile else [])])
+
+
+def readme_section(readme: str) -> str:
+    start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+    return readme[start:end].strip("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help="result files (bench/results/<name>.json), comma-sep.")
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md's tables differ")
+    parser.add_argument("--write", action="store_true", help="replace README.md's tables")
+    args = parser.parse_args(argv)
+    text = render(args.runs.split(","))
+    readme_path = ROOT / "README.md"
+    readme = readme_path.read_text()
+    if args.check:
+        if readme_section(readme) != text:
+            print("bench.report: README.md's serving tables differ from the result files; run "
+                  "`python -m bench.report --write`", file=sys.stderr)
+            return 1
+        return 0
+    if args.write:
+        start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+        readme_path.write_text(readme[:start] + "\n" + text + "\n" + readme[end:])
+        return 0
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
