@@ -10,7 +10,10 @@ one timeout for the whole exchange. Everything else the service asks Redis (PING
 redis-py.
 
 A connection that fails or times out mid-exchange is closed, never reused (its replies could be out of step);
-the next batch opens a new one. At most ``size`` connections (one per batch in flight is enough); a batch
+the next batch opens a new one. One that Redis closed while it sat idle (a restart, ``timeout``, CLIENT KILL)
+is replaced before use, and a reused one found dead on use is retried once on a fresh connection (HMGET only
+reads), so a Redis that is back answers the next request instead of failing it; a Redis that is down fails
+at the connect, at once. At most ``size`` connections (one per batch in flight is enough); a batch
 finding them all busy waits for one, within the same timeout.
 """
 
@@ -49,17 +52,33 @@ class PipelinedHmget:
         payload = b"".join([head + _bulk(key) + tail for key in keys])
         try:
             async with asyncio.timeout(self.timeout_s), self._slots:
-                reader, writer = self._idle.pop() if self._idle else await self._connect()
-                try:
-                    writer.write(payload)
-                    replies = await self._read(reader, len(keys))
-                except BaseException:  # failed or cancelled mid-exchange: its replies would be out of step
-                    writer.close()
-                    raise
-                self._idle.append((reader, writer))
-                return replies
+                while self._idle:
+                    reader, writer = self._idle.pop()
+                    if reader.at_eof() or writer.is_closing():  # Redis closed it while idle: restart, timeout
+                        writer.close()
+                        continue
+                    try:
+                        return await self._exchange(reader, writer, payload, len(keys))
+                    except (OSError, EOFError):
+                        # A reused connection that turns out dead (its close not seen yet): HMGET only reads,
+                        # so asking again on a fresh connection is safe, and a restarted Redis is not an error.
+                        break
+                reader, writer = await self._connect()
+                return await self._exchange(reader, writer, payload, len(keys))
         except (OSError, TimeoutError, EOFError, hiredis.ProtocolError) as exc:
             raise LookupFailed(str(exc) or type(exc).__name__) from None
+
+    async def _exchange(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes, n: int,
+    ) -> list[list[bytes | None]]:
+        try:
+            writer.write(payload)
+            replies = await self._read(reader, n)
+        except BaseException:  # failed or cancelled mid-exchange: its replies would be out of step
+            writer.close()
+            raise
+        self._idle.append((reader, writer))
+        return replies
 
     async def _read(self, reader: asyncio.StreamReader, n: int) -> list[list[bytes | None]]:
         parser = hiredis.Reader()

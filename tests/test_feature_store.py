@@ -81,20 +81,50 @@ def test_one_round_trip_per_batch(lookup, monkeypatch):
     assert rows[3] == rows[-1]
 
 
-def test_lookups_fail_fast_and_recover_when_redis_does(lookup, workspace):
-    """A connection that dies mid-use is dropped, the lookup fails at once (the request gets a 503), and the
-    next lookup reconnects."""
+def test_connections_redis_closed_while_idle_are_replaced_not_failed(lookup):
+    """Redis closing the idle lookup connections (a restart, its ``timeout``, CLIENT KILL) costs the next
+    request nothing: the dead connection is replaced, the lookup answers, the store stays up."""
     import redis
-
-    from service.online_store import OnlineStoreUnavailable
 
     assert lookup.fetch(["C000001"])[0] is not None
     client = redis.Redis(host=lookup.store._hmget.host, port=lookup.store._hmget.port)
-    client.client_kill_filter(_type="normal", skipme=True)  # every connection but this one: the reader's too
-    with pytest.raises(OnlineStoreUnavailable):
-        lookup.fetch(["C000001"])
-    lookup.store.up = True  # what the next background check would find
+    for _ in range(3):
+        client.client_kill_filter(_type="normal", skipme=True)  # every connection but this one: the reader's too
+        assert lookup.fetch(["C000001", "C000002"])[0] is not None
+        assert lookup.store.up
+
+
+def test_a_dead_connection_found_on_use_is_retried_once_on_a_fresh_one(lookup):
+    """The close not yet seen when the connection is taken (no loop turn in between): the exchange fails on
+    the reused connection and is asked again on a new one."""
+    import redis
+
+    hmget = lookup.store._hmget
     assert lookup.fetch(["C000001"])[0] is not None
+    reader, _ = hmget._idle[-1]
+    client = redis.Redis(host=hmget.host, port=hmget.port)
+    client.client_kill_filter(_type="normal", skipme=True)
+    reader.at_eof = lambda: False  # as if the FIN had not been read yet
+    assert lookup.fetch(["C000003"])[0] is not None
+
+
+def test_lookups_fail_fast_when_redis_is_down(workspace, tmp_path):
+    """Nothing listening: the lookup fails at the connect, well within its timeout, as a LookupFailed."""
+    import time
+
+    from service.hmget import LookupFailed, PipelinedHmget
+    from tools.services import free_port
+
+    hmget = PipelinedHmget("127.0.0.1", free_port(), [b"f"], timeout_s=5.0)
+    loop = asyncio.new_event_loop()
+    try:
+        started = time.monotonic()
+        with pytest.raises(LookupFailed, match="cannot connect"):
+            loop.run_until_complete(hmget.fetch([b"k"]))
+        assert time.monotonic() - started < 1.0
+    finally:
+        loop.run_until_complete(hmget.close())
+        loop.close()
 
 
 def test_reachability_and_emptiness_checks(workspace, lookup):
