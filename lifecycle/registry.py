@@ -6,10 +6,15 @@ MLflow deprecated stages (2.9) in favour of aliases, and keeps no history of the
   ``production`` always names the one Production version and ``staging`` the newest Staging one, so
   ``models:/fraud_detector@production`` is what serves. An alias names one version by construction.
 - **One step.** A stage change (promote, archive, rollback) reads and writes several tags and aliases, so it
-  runs under a registry-wide lock that every host shares: a registered model named ``<name>.lock``, created
-  to take it and deleted to release it. Creating a registered model is atomic in MLflow's database (unique
-  name) on SQLite and PostgreSQL alike, so concurrent promoters, on any host, queue. A lock left by a crashed
-  process expires after ``LOCK_TTL_S``.
+  runs under a registry-wide lock that every host shares, a *fenced lease* (see :class:`Lease`). The only
+  compare-and-set MLflow's store offers on SQLite and PostgreSQL alike is creating a registered model (an INSERT
+  on its unique name: a second one fails with RESOURCE_ALREADY_EXISTS; tags, aliases and deletes are plain
+  writes). So the lock is a sequence of registered models ``<name>.lock.<n>``: taking it, fresh or over an
+  expired lease, is creating generation ``n + 1`` of the newest ``n`` once that one is released or expired, and
+  of two promoters that saw the same ``n`` exactly one creates ``n + 1``. ``n`` is the fencing token: before each
+  alias or stage write the holder checks that ``n`` is still the newest generation, that it carries its owner
+  token, and that its lease has not run out; the change's history run and the version tag ``stage_fence``
+  record ``n``. A holder paused past its lease therefore gets a :class:`RegistryError` instead of writing.
 - **History.** Every stage change is an MLflow run in the experiment ``model-registry-history`` (tags:
   model, version, from, to, reason, time): it survives restarts, is shared by every host and is browsable in
   the MLflow UI. Rollback finds "the previous Production" there.
@@ -21,8 +26,10 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion as MlflowVersion
+from mlflow.entities.model_registry import RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from lifecycle import model_store
@@ -41,7 +49,11 @@ STAGE_ALIASES = {s.lower(): s for s in STAGES}
 ALIAS_OF_STAGE = {"Production": "production", "Staging": "staging"}
 STAGE_TAG = "stage"
 LOCK_SUFFIX = ".lock"
-LOCK_TTL_S = 120.0
+LOCK_TTL_S = 120.0  # the default lease (MLOPS_REGISTRY_LOCK_LEASE_S)
+# A holder stops writing this long before its lease ends (at most a quarter of the lease): hosts' clocks differ,
+# and a waiter compares the holder's expiry with its own clock.
+LOCK_MARGIN_S = 5.0
+_LOCK_MODEL = re.compile(r"\.lock(\.\d+)?$")
 
 
 class RegistryError(RuntimeError):
@@ -113,16 +125,109 @@ def _version(mv: MlflowVersion) -> ModelVersion:
     )
 
 
+def lock_name(name: str, generation: int) -> str:
+    """The registered model that is generation ``generation`` of ``name``'s promotion lock."""
+    return f"{name}{LOCK_SUFFIX}.{generation}"
+
+
+def _lock_is_free(tags: dict[str, str], now: float) -> bool:
+    """Released by its holder, or its lease ran out (a crashed or paused holder): the next generation may be taken."""
+    try:
+        expires = float(tags.get("expires", "inf"))
+    except ValueError:
+        expires = math.inf
+    return "released" in tags or expires < now
+
+
+@dataclass
+class Lease:
+    """A holder's handle on the promotion lock: its generation ``n`` (the fencing token: generations only grow),
+    the owner token written into ``<name>.lock.<n>`` when it was created, and the lease's end.
+
+    MLflow cannot make a tag or alias write conditional, so the fence is checked by the writer just before each
+    write (:meth:`check`); a waiter takes over only after the lease has ended, and the holder stops writing
+    ``margin`` seconds before that, so the check-then-write window is covered unless the holder stalls for
+    longer than the margin between the two."""
+
+    registry: Registry
+    name: str
+    generation: int
+    owner: str
+    expires: float
+    lease_s: float
+
+    @property
+    def lock(self) -> str:
+        return lock_name(self.name, self.generation)
+
+    @property
+    def margin_s(self) -> float:
+        return min(LOCK_MARGIN_S, self.lease_s / 4)
+
+    def check(self) -> None:
+        """Before every alias or stage write: the lease is still running and still ours, else RegistryError.
+        Past half its length the lease is renewed first (safe: nobody may take over a lease that has not ended)."""
+        left = self.expires - time.time()
+        if left <= self.margin_s:
+            raise RegistryError(
+                f"lost the registry lock of {self.name}: the lease of generation {self.generation} "
+                f"{'ended' if left <= 0 else 'was about to end'} ({-left:+.1f}s), as this step paused past "
+                f"{self.lease_s:g}s; nothing more is written")
+        if left < self.lease_s / 2:
+            self.renew()
+        else:
+            self._verify()
+
+    def renew(self) -> None:
+        """Only the holder renews: verified, then a new expiry on its own generation, then verified again (a
+        takeover racing the renewal has created a newer generation, which the second check sees)."""
+        self._verify()
+        expires = time.time() + self.lease_s
+        self.registry.client.set_registered_model_tag(self.lock, "expires", repr(expires))
+        self.expires = expires
+        self._verify()
+
+    def release(self) -> None:
+        """Only the holder releases: its own generation is marked released, never deleted (the newest generation
+        is the counter the next one is taken from), then older generations are cleared away. A lock taken over
+        meanwhile is a newer generation, which this never touches."""
+        self._verify()
+        client = self.registry.client
+        client.set_registered_model_tag(self.lock, "released", _now())
+        for generation in self.registry._lock_models(self.name):
+            if generation < self.generation:
+                try:
+                    client.delete_registered_model(lock_name(self.name, generation))
+                except MlflowException:
+                    pass  # another release cleared it first
+
+    def _verify(self) -> None:
+        locks = self.registry._lock_models(self.name)
+        newest = max(locks, default=0)
+        mine = locks.get(self.generation)
+        if newest > self.generation:
+            raise RegistryError(f"lost the registry lock of {self.name}: generation {newest} took it over from "
+                                f"{self.generation} (its lease ended, or that promoter's clock ran ahead); "
+                                "nothing more is written")
+        if mine is None or mine.tags.get("owner") != self.owner:
+            raise RegistryError(f"not the holder of the registry lock of {self.name}: generation {self.generation} "
+                                f"{'is gone' if mine is None else 'has another owner token'} (newest: {newest})")
+        if "released" in mine.tags:
+            raise RegistryError(f"the registry lock of {self.name} (generation {self.generation}) was released")
+
+
 class Registry:
-    def __init__(self, backend: Backend, lock_timeout_s: float = 60.0) -> None:
+    def __init__(self, backend: Backend, lock_timeout_s: float = 60.0, lock_lease_s: float | None = None) -> None:
+        """``lock_lease_s`` unset: MLOPS_REGISTRY_LOCK_LEASE_S (callers that pass only the timeout still honour it)."""
         self.backend = backend
         self.client = backend.client
         self.lock_timeout_s = lock_timeout_s
+        self.lock_lease_s = lock_lease_s if lock_lease_s is not None else Settings.load().registry_lock_lease_s
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Registry:
         settings = settings or Settings.load()
-        return cls(Backend.from_settings(settings), settings.registry_lock_timeout_s)
+        return cls(Backend.from_settings(settings), settings.registry_lock_timeout_s, settings.registry_lock_lease_s)
 
     @property
     def uri(self) -> str:
@@ -149,7 +254,7 @@ class Registry:
         names, token = [], None
         while True:
             page = self.client.search_registered_models(max_results=1000, page_token=token)
-            names.extend(m.name for m in page if not m.name.endswith(LOCK_SUFFIX))
+            names.extend(m.name for m in page if not _LOCK_MODEL.search(m.name))
             token = page.token
             if not token:
                 return sorted(names)
@@ -215,7 +320,8 @@ class Registry:
                 t = run.data.tags
                 rows.append({"name": t["model"], "version": t["version"], "from_stage": t["from_stage"],
                              "to_stage": t["to_stage"], "at": t["at"], "reason": t.get("reason", ""),
-                             "seq": int(t.get("seq_ns", "0")), "run_id": run.info.run_id})
+                             "seq": int(t.get("seq_ns", "0")), "fence": int(t.get("fence", "0")),
+                             "run_id": run.info.run_id})
             token = page.token
             if not token:
                 break
@@ -239,62 +345,114 @@ class Registry:
     # -- the lock ---------------------------------------------------------------------------------
 
     @contextmanager
-    def _locked(self, name: str) -> Iterator[None]:
-        lock = f"{name}{LOCK_SUFFIX}"
-        owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+    def _locked(self, name: str) -> Iterator[Lease]:
+        lease = self._acquire(name)
+        try:
+            yield lease
+        finally:
+            try:
+                lease.release()
+            except (RegistryError, MlflowException):
+                pass  # taken over: every write after the takeover was refused, and the newer generation stands
+
+    def _acquire(self, name: str) -> Lease:
+        try:
+            model_store.check_name(name)  # it goes into a filter string
+        except model_store.ModelStoreError as exc:
+            raise RegistryError(str(exc)) from None
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.01
         while True:
-            try:
-                tags = {"owner": owner, "expires": str(time.time() + LOCK_TTL_S)}
-                self.client.create_registered_model(lock, tags=tags,
-                                                    description="registry lock: a stage change is in progress")
-                break
-            except MlflowException as exc:
-                # Taken; or taken and released between MLflow's insert and its look-up of the holder.
-                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
-                    raise
-            self._break_if_expired(lock)
+            lease = self._try_acquire(name)
+            if lease is not None:
+                return lease
             if time.monotonic() > deadline:
                 raise RegistryError(f"the registry lock of {name} stayed taken for {self.lock_timeout_s:.0f}s "
-                                    f"(another promotion is running, or {lock} is stale)")
+                                    f"(another promotion is running; a crashed one's lease ends after "
+                                    f"{self.lock_lease_s:g}s)")
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.25)
-        try:
-            yield
-        finally:
-            try:
-                held = self.client.get_registered_model(lock)
-                if held.tags.get("owner") == owner:
-                    self.client.delete_registered_model(lock)
-            except MlflowException:
-                pass
 
-    def _break_if_expired(self, lock: str) -> None:
+    def _try_acquire(self, name: str) -> Lease | None:
+        """One attempt: the next generation when the newest is released or expired, else None."""
+        locks = self._lock_models(name)
+        newest = max(locks, default=0)
+        if newest and not _lock_is_free(locks[newest].tags, time.time()):
+            return None
+        return self._claim(name, newest)
+
+    def _claim(self, name: str, seen: int) -> Lease | None:
+        """The compare-and-set: create ``<name>.lock.<seen + 1>``. Of every promoter that saw generation
+        ``seen`` free, only one creates it; the others get RESOURCE_ALREADY_EXISTS. A name that a release
+        cleared away can be created again by a promoter that read an old listing: it then sees a newer
+        generation and withdraws."""
+        generation = seen + 1
+        lease = Lease(self, name, generation, uuid.uuid4().hex, time.time() + self.lock_lease_s, self.lock_lease_s)
+        tags = {"owner": lease.owner, "expires": repr(lease.expires), "lease_s": f"{self.lock_lease_s:g}",
+                "holder": f"{socket.gethostname()}:{os.getpid()}", "taken_at": _now()}
         try:
-            held = self.client.get_registered_model(lock)
-        except MlflowException:
-            return
-        if float(held.tags.get("expires", "inf")) < time.time():
+            self.client.create_registered_model(lease.lock, tags=tags,
+                                                description="registry lock: a stage change is in progress")
+        except MlflowException as exc:
+            # Taken; or taken and cleared away between MLflow's insert and its look-up of the existing one.
+            if exc.error_code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                return None
+            raise
+        if max(self._lock_models(name), default=0) != generation:
             try:
-                self.client.delete_registered_model(lock)
+                self.client.delete_registered_model(lease.lock)
             except MlflowException:
                 pass
+            return None
+        return lease
+
+    def _lock_models(self, name: str) -> dict[int, RegisteredModel]:
+        """Every generation of ``name``'s lock still stored, with its tags (search results carry them)."""
+        prefix = f"{name}{LOCK_SUFFIX}."
+        found: dict[int, RegisteredModel] = {}
+        token = None
+        while True:
+            # LIKE's '_' matches any character, and SQLite's LIKE ignores case: the prefix is checked again here.
+            page = self.client.search_registered_models(f"name LIKE '{prefix}%'", max_results=1000, page_token=token)
+            for model in page:
+                rest = model.name[len(prefix):]
+                if model.name.startswith(prefix) and rest.isdigit():
+                    found[int(rest)] = model
+            token = page.token
+            if not token:
+                return found
 
     # -- writes -----------------------------------------------------------------------------------
 
-    def _record(self, name: str, version: str, from_stage: str, to_stage: str, reason: str, at: str) -> None:
+    # Every write under the lock goes through these: the fence is checked just before it.
+
+    def _tag(self, lease: Lease, mv: MlflowVersion, key: str, value: str) -> None:
+        lease.check()
+        self.client.set_model_version_tag(mv.name, mv.version, key, value)
+
+    def _alias(self, lease: Lease, alias: str, number: str | int) -> None:
+        lease.check()
+        self.client.set_registered_model_alias(lease.name, alias, str(number))
+
+    def _unalias(self, lease: Lease, alias: str) -> None:
+        lease.check()
+        self.client.delete_registered_model_alias(lease.name, alias)
+
+    def _record(self, lease: Lease, version: str, from_stage: str, to_stage: str, reason: str, at: str) -> None:
         experiment = self.backend.experiment_id(HISTORY_EXPERIMENT)
+        name = lease.name
+        lease.check()
         run = self.client.create_run(experiment, run_name=f"{name}:{version} {from_stage} -> {to_stage}", tags={
             "model": name, "version": version, "from_stage": from_stage, "to_stage": to_stage, "reason": reason,
-            "at": at, "seq_ns": str(time.time_ns()), "host": socket.gethostname()})
+            "at": at, "seq_ns": str(time.time_ns()), "host": socket.gethostname(), "fence": str(lease.generation)})
         self.client.set_terminated(run.info.run_id, "FINISHED")
 
-    def _set_stage(self, mv: MlflowVersion, to_stage: str, reason: str, now: str) -> None:
+    def _set_stage(self, lease: Lease, mv: MlflowVersion, to_stage: str, reason: str, now: str) -> None:
         from_stage = mv.tags.get(STAGE_TAG, "None")
-        self.client.set_model_version_tag(mv.name, mv.version, STAGE_TAG, to_stage)
-        self.client.set_model_version_tag(mv.name, mv.version, "stage_changed_at", now)
-        self._record(mv.name, mv.tags[model_store.VERSION_TAG], from_stage, to_stage, reason, now)
+        self._tag(lease, mv, STAGE_TAG, to_stage)
+        self._tag(lease, mv, "stage_changed_at", now)
+        self._tag(lease, mv, "stage_fence", str(lease.generation))
+        self._record(lease, mv.tags[model_store.VERSION_TAG], from_stage, to_stage, reason, now)
 
     def register(self, name: str, version: str, metrics: dict[str, Any] | None = None,
                  params: dict[str, Any] | None = None, training_data_hash: str | None = None,
@@ -302,7 +460,7 @@ class Registry:
         """Enter a stored version (see :mod:`lifecycle.model_store`) into the lifecycle, in None or Staging."""
         stage = register_stage(stage)
         check_metrics(metrics)
-        with self._locked(name):
+        with self._locked(name) as lease:
             try:
                 mv = model_store.find(self.backend, name, version)
             except model_store.ModelStoreError as exc:
@@ -314,71 +472,73 @@ class Registry:
                 raise RegistryError(f"{name}:{version} is already registered; versions are immutable")
             for key, value in (("metrics", metrics), ("params", params)):
                 if value:
-                    self.client.set_model_version_tag(name, mv.version, key, json.dumps(value, sort_keys=True))
+                    self._tag(lease, mv, key, json.dumps(value, sort_keys=True))
             for key, value in (("training_data_hash", training_data_hash), ("git_commit", git_commit)):
                 if value:
-                    self.client.set_model_version_tag(name, mv.version, key, value)
-            self._set_stage(mv, stage, reason, _now())
+                    self._tag(lease, mv, key, value)
+            self._set_stage(lease, mv, stage, reason, _now())
             if stage == "Staging":
-                self.client.set_registered_model_alias(name, ALIAS_OF_STAGE["Staging"], mv.version)
+                self._alias(lease, ALIAS_OF_STAGE["Staging"], mv.version)
         return self.get(name, version)
 
     def promote(self, name: str, version: str, stage: str, reason: str = "promoted") -> ModelVersion:
         """Move a version to ``stage``; promoting to Production moves the alias and archives the previous
         Production version in the same locked step."""
         stage = normalize_stage(stage)
-        with self._locked(name):
+        with self._locked(name) as lease:
             mv = self._mlflow_version(name, version)
             current = mv.tags.get(STAGE_TAG)
             if current is None:
                 raise RegistryError(f"{name}:{version} is not registered")
             if current == stage:
                 raise RegistryError(f"{name}:{version} is already in {stage}")
-            self._move(name, mv, stage, reason)
+            self._move(lease, mv, stage, reason)
         return self.get(name, version)
 
-    def _move(self, name: str, mv: MlflowVersion, stage: str, reason: str,
+    def _move(self, lease: Lease, mv: MlflowVersion, stage: str, reason: str,
               retire_reason: str | None = None) -> None:
-        """The one place a version changes stage (caller holds the lock)."""
+        """The one place a version changes stage (the caller holds ``lease``; every write checks it)."""
+        name = lease.name
         now = _now()
         label = mv.tags[model_store.VERSION_TAG]
         aliases = self._alias_map(name)
         if stage == "Production":
             old_number = aliases.get(ALIAS_OF_STAGE["Production"])
             # The alias first: from this write on, models:/name@production is the new version.
-            self.client.set_registered_model_alias(name, ALIAS_OF_STAGE["Production"], mv.version)
+            self._alias(lease, ALIAS_OF_STAGE["Production"], mv.version)
             for old in self._tagged(name, "Production") | ({old_number} if old_number else set()):
                 if old != str(mv.version):
-                    self._set_stage(self.client.get_model_version(name, old), "Archived",
+                    self._set_stage(lease, self.client.get_model_version(name, old), "Archived",
                                     retire_reason or f"replaced by {label}", now)
         else:
             for alias, number in aliases.items():
                 if number == str(mv.version) and alias in ALIAS_OF_STAGE.values():
-                    self.client.delete_registered_model_alias(name, alias)
+                    self._unalias(lease, alias)
             if stage == "Staging":
-                self.client.set_registered_model_alias(name, ALIAS_OF_STAGE["Staging"], mv.version)
-        self._set_stage(mv, stage, reason, now)
+                self._alias(lease, ALIAS_OF_STAGE["Staging"], mv.version)
+        self._set_stage(lease, mv, stage, reason, now)
         if stage != "Staging" and aliases.get(ALIAS_OF_STAGE["Staging"]) == str(mv.version):
-            self._repoint_staging(name, exclude=str(mv.version))
+            self._repoint_staging(lease, exclude=str(mv.version))
 
     def _tagged(self, name: str, stage: str) -> set[str]:
         return {str(v.version) for v in model_store.all_versions(self.backend, name) if v.tags.get(STAGE_TAG) == stage}
 
-    def _repoint_staging(self, name: str, exclude: str) -> None:
+    def _repoint_staging(self, lease: Lease, exclude: str) -> None:
         """``@staging`` follows the newest remaining Staging version, or goes away."""
+        name = lease.name
         staged = [v for v in model_store.all_versions(self.backend, name)
                   if v.tags.get(STAGE_TAG) == "Staging" and str(v.version) != exclude]
         alias = ALIAS_OF_STAGE["Staging"]
         if staged:
             newest = max(staged, key=lambda v: v.tags.get("stage_changed_at", ""))
-            self.client.set_registered_model_alias(name, alias, newest.version)
+            self._alias(lease, alias, newest.version)
         elif self._alias_map(name).get(alias) == exclude:
-            self.client.delete_registered_model_alias(name, alias)
+            self._unalias(lease, alias)
 
     def rollback(self, name: str, to: str | None = None, reason: str = "rollback") -> tuple[ModelVersion, ModelVersion]:
         """Production goes back to ``to``, or to the version that was Production before the current one;
         returns (restored, retired)."""
-        with self._locked(name):
+        with self._locked(name) as lease:
             current = self.production(name)
             if current is None:
                 raise RegistryError(f"{name} has no Production version to roll back from")
@@ -393,7 +553,7 @@ class Registry:
             target = self._mlflow_version(name, to)
             if STAGE_TAG not in target.tags:
                 raise RegistryError(f"{name}:{to} is not registered")
-            self._move(name, target, "Production", reason, retire_reason=f"rolled back to {to}")
+            self._move(lease, target, "Production", reason, retire_reason=f"rolled back to {to}")
         return self.get(name, to), self.get(name, current.version)
 
 

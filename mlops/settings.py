@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     mlflow_dir: Path = Field(Path(".run/mlflow"), description="embedded MLflow store: mlflow.db and artifacts/")
     mlflow_experiment: str = Field("fraud-detector-training", description="MLflow experiment of the training runs")
     registry_lock_timeout_s: float = Field(60.0, gt=0, description="longest wait for the registry's promotion lock")
+    registry_lock_lease_s: float = Field(
+        120.0, gt=0, description="lease of the registry's promotion lock: a holder that overruns it is refused "
+        "its next write, and another promoter may take the lock over")
     follow_registry: bool = Field(True, description="serve the registry's Production version and follow changes")
     registry_poll_s: float = Field(1.0, gt=0, description="how often the service checks the registry")
     canary_share: float = Field(0.0, ge=0, le=1, description="share of traffic scored by the Staging version")

@@ -13,7 +13,7 @@ import pytest
 
 from lifecycle import data as datamod
 from lifecycle import model_store
-from lifecycle.registry import LOCK_SUFFIX, Registry, RegistryError
+from lifecycle.registry import Registry, RegistryError, lock_name
 from lifecycle.registry_cli import main as registry_main
 from lifecycle.tracking import Backend
 from lifecycle.train import train
@@ -144,15 +144,20 @@ def test_concurrent_promotions_leave_exactly_one_production(reg, onnx_bytes):
         elif h["to_stage"] == "Production":
             current = h["version"]
     assert current == production.version
-    assert not [m for m in reg.client.search_registered_models() if m.name.endswith(LOCK_SUFFIX)]
+    # What the lock leaves is its newest generation (the counter), released; older ones were cleared away.
+    locks = reg._lock_models(name)
+    assert len(locks) == 1 and "released" in next(iter(locks.values())).tags, locks
 
 
 def test_a_stale_lock_expires(reg, onnx_bytes):
     name = unique()
     store(reg.backend, onnx_bytes, name, "v1")
     reg.register(name, "v1")
-    reg.client.create_registered_model(name + LOCK_SUFFIX, tags={"owner": "crashed", "expires": str(time.time() - 1)})
+    crashed = max(reg._lock_models(name)) + 1  # the generation after the registration's
+    reg.client.create_registered_model(lock_name(name, crashed), tags={"owner": "crashed",
+                                                                       "expires": str(time.time() - 1)})
     assert reg.promote(name, "v1", "production").stage == "Production"
+    assert reg.history(name)[-1]["fence"] == crashed + 1
 
 
 def test_compare_lists_metrics_and_differing_params(reg, onnx_bytes):
