@@ -103,12 +103,24 @@ def other_measures(runs: list[dict[str, Any]]) -> list[str]:
                            for run in runs)
         sustained.append(f"{system} {rates}/s")
     lines.append("| open loop, highest rate with P99 < 50 ms and no error | " + ", ".join(sustained) + " |")
+    variants_group = {r.get("group") for run in runs for r in _rows(run, system="project, log off")}
+    beside = {"system": "project", "mode": "closed", "protocol": "http", "connections": 32,
+              "group": next(iter(variants_group)) if len(variants_group) == 1 else None}
+    lines.append(f"| the project as configured by default, beside its variants, 32 connections | "
+                 f"{_cells(runs, 'rps', **beside)} 2xx/s, P50 {_cells(runs, 'p50_ms', 1, **beside)} ms, "
+                 f"P99 {_cells(runs, 'p99_ms', 1, **beside)} ms |")
     for name, label in (("project, batching off", "adaptive batching off"), ("project, log off", "prediction log off"),
                         ("project, BentoML path", "prediction routes through BentoML's ASGI stack "
-                                                  "(`MLOPS_HTTP_FAST_PATH=false`)")):
+                                                  "(`MLOPS_HTTP_FAST_PATH=false`)"),
+                        ("project, log async", "prediction log answered before the broker's acknowledgement "
+                                               "(`MLOPS_LOG_DURABILITY=async`)")):
+        if not any(_rows(run, system=name) for run in runs):
+            continue
         rps = _cells(runs, "rps", system=name, mode="closed")
         ratio = _cells(runs, "project_vs_this", 2, system=name, mode="closed")
-        lines.append(f"| {label}, 32 connections | {rps} 2xx/s; the project with it on: ×{ratio} |")
+        latency = (f"P50 {_cells(runs, 'p50_ms', 1, system=name, mode='closed')} ms, "
+                   f"P99 {_cells(runs, 'p99_ms', 1, system=name, mode='closed')} ms")
+        lines.append(f"| {label}, 32 connections | {rps} 2xx/s, {latency}; the default over it: ×{ratio} |")
     grpc = "; ".join(f"{c} connection{'s' if c > 1 else ''}: " + _cells(runs, "rps", system="project", mode="closed",
                                                                           protocol="grpc", connections=c)
                      for c in (1, 32))

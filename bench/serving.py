@@ -280,7 +280,8 @@ def run(ws, args) -> list[dict]:
     groups.append([System("project", top, PROJECT_ENV),
                    System("project, batching off", top, {**PROJECT_ENV, "MLOPS_ADAPTIVE_BATCHING": "false"}),
                    System("project, log off", top, {**PROJECT_ENV, "MLOPS_PREDICTION_LOG": "false"}),
-                   System("project, BentoML path", top, {**PROJECT_ENV, "MLOPS_HTTP_FAST_PATH": "false"})])
+                   System("project, BentoML path", top, {**PROJECT_ENV, "MLOPS_HTTP_FAST_PATH": "false"}),
+                   System("project, log async", top, {**PROJECT_ENV, "MLOPS_LOG_DURABILITY": "async"})])
     connections = [int(c) for c in args.connections.split(",")]
     rates = [int(r) for r in args.rates.split(",")]
     rows: list[dict] = []

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
         "reject", description="spool full: reject the request with a 503, or serve it and drop (count) the event"
     )
     kafka_retry_interval_s: float = Field(1.0, gt=0, description="how often a down broker is probed")
+    log_durability: Literal["ack", "async"] = Field(
+        "ack", description="answer after the broker acknowledged the request's events (or the spool fsynced "
+                           "them), or as soon as the Kafka client holds them (a worker crash loses those)")
+    log_ack_timeout_ms: int = Field(2000, ge=10, description="ack mode: events not confirmed in this time fail "
+                                                             "the request with a 503 prediction_log_timeout")
 
     # Streaming drift consumer.
     dlq_topic: str = "predictions-dlq"

@@ -44,8 +44,22 @@ class Pending(Generic[Row, Result]):
         self.enqueued = enqueued
 
 
+class Later(Generic[Result]):
+    """What a handler returns when its results stand only once ``ready`` completes (e.g. the prediction log
+    confirmed the batch's events): the batch's slot is freed at once, and each request is answered when
+    ``ready`` is done — with its result, or with ``on_failure(result, error)`` if ``ready`` failed."""
+
+    __slots__ = ("results", "ready", "on_failure")
+
+    def __init__(self, results: list[Result], ready: asyncio.Future[None],
+                 on_failure: Callable[[Result, BaseException], Result]) -> None:
+        self.results = results
+        self.ready = ready
+        self.on_failure = on_failure
+
+
 class AdaptiveBatcher(Generic[Row, Result]):
-    def __init__(self, handler: Callable[[list[Pending[Row, Result]]], Awaitable[list[Result]]], *,
+    def __init__(self, handler: Callable[[list[Pending[Row, Result]]], Awaitable[list[Result] | Later[Result]]], *,
                  max_batch_size: int = 64,
                  max_concurrent: int = 2, max_wait_s: float = 1.0, max_queued: int = 4096,
                  on_batch: Callable[[int], None] | None = None) -> None:
@@ -134,6 +148,22 @@ class AdaptiveBatcher(Generic[Row, Result]):
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
-        for pending, result in zip(batch, results, strict=True):
-            if not pending.future.done():
-                pending.future.set_result(result)
+        if isinstance(results, Later):
+            later = results
+            later.ready.add_done_callback(lambda ready: _answer_later(batch, later, ready))
+            return
+        _answer(batch, results)
+
+
+def _answer(batch: list[Pending[Row, Result]], results: list[Result]) -> None:
+    for pending, result in zip(batch, results, strict=True):
+        if not pending.future.done():
+            pending.future.set_result(result)
+
+
+def _answer_later(batch: list[Pending[Row, Result]], later: Later[Result], ready: asyncio.Future[None]) -> None:
+    error = asyncio.CancelledError() if ready.cancelled() else ready.exception()
+    if error is None:
+        _answer(batch, later.results)
+    else:
+        _answer(batch, [later.on_failure(result, error) for result in later.results])

@@ -130,6 +130,20 @@ KAFKA_OUTAGES = bentoml.metrics.Counter(
     name="mlops_kafka_outages_total",
     documentation="Times the prediction log declared Kafka unreachable and began spooling",
 )
+KAFKA_REQUEUED = bentoml.metrics.Counter(
+    name="mlops_kafka_requeued_total",
+    documentation="Prediction events taken back from the Kafka client into the spool (these may reach the topic "
+                  "twice; consumers de-duplicate on request_id)",
+)
+KAFKA_SPOOL_SKIPPED = bentoml.metrics.Counter(
+    name="mlops_kafka_spool_skipped_total",
+    documentation="Torn or garbled spool lines passed over instead of replayed",
+)
+KAFKA_SPOOL_FAILING = bentoml.metrics.Gauge(
+    name="mlops_kafka_spool_failing",
+    documentation="1 while the disk refuses spool writes (full, I/O error): events wait in memory (highest worker)",
+    multiprocess_mode="livemax",
+)
 KAFKA_REJECTED = bentoml.metrics.Counter(
     name="mlops_kafka_rejected_total",
     documentation="Prediction events refused because the spool was full (policy reject: the request got a 503)",

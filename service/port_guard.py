@@ -25,7 +25,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,21 +146,29 @@ def serving_cli_host(argv: list[str]) -> str | None:
     return os.environ.get("BENTOML_HOST", "0.0.0.0")
 
 
-def preflight(grpc_host: str | None, port: int, argv: list[str] | None = None) -> None:
-    """In the ``bentoml serve`` process, before any worker starts: exit 2 with one line if the port is taken.
+def preflight(grpc_host: str | None, port: int, argv: list[str] | None = None,
+              other_checks: Sequence[Callable[[], str | None]] = ()) -> None:
+    """In the ``bentoml serve`` process, before any worker starts: exit 2 with one line if the gRPC port is
+    taken, or another check (e.g. the spool files another server holds) says why the server cannot run.
 
     Also makes a refusal that only a worker could see (two servers started at the same moment) end the
     server with the same status instead of 0.
     """
     http_host = serving_cli_host(sys.argv if argv is None else argv)
-    if http_host is None or not port:
+    if http_host is None:
         return
-    host = grpc_host or http_host
-    reason = in_use(host, port)
-    if reason is not None:
-        print(f"bentoml serve: {reason}; set MLOPS_GRPC_PORT to a free port, or 0 to turn gRPC off",
-              file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_PORT_IN_USE)
+    for check in other_checks:
+        reason = check()
+        if reason is not None:
+            print(f"bentoml serve: {reason}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_PORT_IN_USE)
+    if port:
+        host = grpc_host or http_host
+        reason = in_use(host, port)
+        if reason is not None:
+            print(f"bentoml serve: {reason}; set MLOPS_GRPC_PORT to a free port, or 0 to turn gRPC off",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_PORT_IN_USE)
     atexit.register(_exit_if_refused, os.getpid())
 
 

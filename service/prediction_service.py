@@ -1,10 +1,12 @@
 """One serving worker's prediction path, shared by HTTP and gRPC: batch, score, answer, log.
 
 Requests are validated before they get here (``service.contract``). Rows go through the adaptive batcher;
-each answered row becomes a prediction event on the Kafka log (``service.prediction_log``), which takes
-it without waiting. Failures the client can retry — overload, online store down or empty, a prediction
-log that can keep no more — raise :class:`Unavailable` (HTTP 503 / gRPC UNAVAILABLE) before any answer
-is given, so a retried request is never half-served.
+each answered row becomes a prediction event on the Kafka log (``service.prediction_log``); a request's
+events are handed over all or none, and in the ``ack`` durability mode the batch's answers are sent once
+the log confirmed its events (the batch's slot is free meanwhile). Failures the client can retry —
+overload, online store down or empty, a prediction log that can keep no more or did not confirm in time —
+raise :class:`Unavailable` (HTTP 503 / gRPC UNAVAILABLE) instead of an answer, so a retried request is
+never half-served.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from mlops import events
 from mlops.schema import MODEL_FEATURES, REQUEST_FEATURES
 from mlops.settings import Settings
 from service import metrics
-from service.batching import AdaptiveBatcher, Overloaded, Pending
+from service.batching import AdaptiveBatcher, Later, Overloaded, Pending
 from service.contract import Prediction, PredictRequest, RowError
 from service.model_selector import ModelSelector
 from service.online_store import OnlineStore
-from service.prediction_log import PredictionLog
+from service.prediction_log import LogRefused, PredictionLog
 from service.scoring import RETRYABLE, STORE_EMPTY, STORE_UNAVAILABLE, Scorer
 
 OVERLOADED = "overloaded"
@@ -92,16 +94,18 @@ class PredictionService:
         return answer
 
     async def _answer_batch(self, batch: list[Pending[PredictRequest, Answer | Unavailable]]
-                            ) -> list[Answer | Unavailable]:
+                            ) -> list[Answer | Unavailable] | Later[Answer | Unavailable]:
         """Score the batch's rows at once, then answer and log request by request: a request with a row that
-        cannot be served now (store down or emptied) is refused whole, before any of its rows is logged."""
+        cannot be served now (store down or emptied) is refused whole, before any of its rows is logged, and
+        one whose events the log cannot all keep is refused with none of them logged."""
         rows = batch[0].rows if len(batch) == 1 else [row for pending in batch for row in pending.rows]
         scored = await self.scorer.score(list(rows))
         now = time.perf_counter()
         timestamp = datetime.now(UTC)
         log_on = self.settings.prediction_log
         threshold = self.settings.decision_threshold
-        publish = self.prediction_log.publish
+        prediction_log = self.prediction_log
+        confirm = prediction_log.confirmation() if log_on else None
         served: dict[tuple[str, str], int] = {}
         answers: list[Answer | Unavailable] = []
         start = 0
@@ -114,6 +118,7 @@ class PredictionService:
                 continue
             latency_ms = round((now - pending.tag) * 1000.0, 3)  # type: ignore[operator]
             answer: Answer = []
+            to_log: list[tuple[bytes | None, bytes]] = []
             for request, result in zip(pending.rows, part, strict=True):
                 if result.error is not None:
                     answer.append(RowError(result.error, result.detail or "", request.customer_id))
@@ -131,16 +136,22 @@ class PredictionService:
                         latency_ms=latency_ms,
                     )
                     key = request.customer_id.encode() if request.customer_id else None
-                    if not publish(key, events.encode(event)):
-                        answer = Unavailable(LOG_FULL, "the prediction log cannot keep more events; retry later")
-                        break
-                version = (result.model_name, result.model_version)
-                served[version] = served.get(version, 0) + 1
+                    to_log.append((key, events.encode(event)))
                 answer.append(prediction)
+            if to_log and not prediction_log.publish_all(to_log, confirm):
+                answers.append(Unavailable(LOG_FULL, "the prediction log cannot keep more events; retry later"))
+                continue
+            for item in answer:
+                if isinstance(item, Prediction):
+                    version = (item.model_name, item.model_version)
+                    served[version] = served.get(version, 0) + 1
             answers.append(answer)
-        for (name, version), n in served.items():
-            metrics.PREDICTIONS.labels(name, version).inc(n)
-        return answers
+        if confirm is None:
+            _count(served)
+            return answers
+        ready = confirm.seal()
+        ready.add_done_callback(lambda f: None if f.cancelled() or f.exception() else _count(served))
+        return Later(answers, ready, _log_refused)
 
     # -- readiness ---------------------------------------------------------------------------------------
 
@@ -153,3 +164,17 @@ class PredictionService:
         if self.settings.prediction_log and not self.prediction_log.accepting:
             return LOG_FULL
         return None
+
+
+def _count(served: dict[tuple[str, str], int]) -> None:
+    for (name, version), n in served.items():
+        metrics.PREDICTIONS.labels(name, version).inc(n)
+
+
+def _log_refused(answer: Answer | Unavailable, error: BaseException) -> Answer | Unavailable:
+    """A request the log did not confirm: refused (retryable) instead of answered."""
+    if isinstance(answer, Unavailable):
+        return answer
+    if isinstance(error, LogRefused):
+        return Unavailable(error.code, str(error))
+    return Unavailable(LOG_FULL, f"the prediction log failed: {error}")

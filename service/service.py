@@ -32,12 +32,24 @@ from service.model_selector import ModelSelector
 from service.online_store import OnlineStore
 from service.prediction_log import LogStats, PredictionLog
 from service.prediction_service import PredictionService
-from service.spool import Spool
+from service.spool import Spool, SpoolInUse
+from service.spool import in_use as spool_in_use
 
 settings = Settings.load()  # read at import: workers and routes are part of the service definition
 bentoml_fixes.apply()
+
+
+def worker_spool_path(s: Settings, index: int) -> Path:
+    return s.spool_path.with_name(f"{s.spool_path.stem}-w{index}{s.spool_path.suffix}")
+
+
+def _spools_free() -> str | None:
+    reasons = (spool_in_use(worker_spool_path(settings, i)) for i in range(1, settings.workers + 1))
+    return next((reason for reason in reasons if reason), None)
+
+
 if bentoml.server_context.worker_index is None:  # `bentoml serve` itself, before it starts any worker
-    port_guard.preflight(settings.grpc_host, settings.grpc_port)
+    port_guard.preflight(settings.grpc_host, settings.grpc_port, other_checks=[_spools_free])
 for _package in ("service", "mlops", "lifecycle"):  # BentoML's logging config leaves the root at WARNING
     logging.getLogger(_package).setLevel(settings.log_level)
 log = logging.getLogger(__name__)
@@ -60,26 +72,28 @@ def worker_index() -> int:
     return int(bentoml.server_context.worker_index or 1)
 
 
-def worker_spool_path(s: Settings, index: int) -> Path:
-    return s.spool_path.with_name(f"{s.spool_path.stem}-w{index}{s.spool_path.suffix}")
-
-
 def adopt_orphan_spools(s: Settings, spool: Spool) -> int:
-    """Worker 1 takes over the spools of workers that no longer exist (the server now runs fewer)."""
+    """Worker 1 takes over the spools of workers that no longer exist (the server now runs fewer); one still
+    held by a live process is left alone."""
     adopted = 0
     for path in sorted(s.spool_path.parent.glob(f"{s.spool_path.stem}-w*{s.spool_path.suffix}")):
         index = path.stem.rsplit("-w", 1)[-1]
         if not index.isdigit() or int(index) <= s.workers:
             continue
-        orphan = Spool(path, s.spool_max_bytes, fsync=False)
+        try:
+            orphan = Spool(path, s.spool_max_bytes, fsync=False)
+        except SpoolInUse as exc:
+            log.warning("not adopting: %s", exc)
+            continue
         while orphan.pending_events:
-            events, end = orphan.read(10_000)
-            spool.append(events)
-            orphan.advance(end, len(events))
-            adopted += len(events)
+            chunk = orphan.read(10_000)
+            spool.append(chunk.events)  # fsynced before the orphan's cursor moves past them
+            orphan.advance(chunk.end, len(chunk.events), chunk.garbled)
+            adopted += len(chunk.events)
         orphan.close()
         path.unlink(missing_ok=True)
         orphan.cursor_path.unlink(missing_ok=True)
+        orphan.lock_path.unlink(missing_ok=True)
     return adopted
 
 
@@ -91,7 +105,15 @@ class Runtime:
         self.index = worker_index()
         self.store = OnlineStore(s)
         self.selector = ModelSelector(s)
-        spool = Spool(worker_spool_path(s, self.index), s.spool_max_bytes)
+        try:
+            spool = Spool(worker_spool_path(s, self.index), s.spool_max_bytes)
+        except SpoolInUse as exc:
+            # Another server runs from this folder: sharing its spool would interleave both servers' events.
+            # Stop the whole `bentoml serve` (exit 2) rather than restart this worker forever.
+            log.error("%s", exc)
+            port_guard.refuse(os.getppid(), str(exc))
+            os.kill(os.getppid(), signal.SIGTERM)
+            raise
         if self.index == 1:
             adopted = adopt_orphan_spools(s, spool)
             if adopted:
@@ -99,16 +121,17 @@ class Runtime:
         self.prediction_log = PredictionLog(
             s.kafka_bootstrap, s.predictions_topic, spool, queue_size=s.publish_queue_size,
             linger_ms=s.kafka_linger_ms, compression=s.kafka_compression, full_policy=s.spool_full_policy,
-            probe_interval_s=s.kafka_retry_interval_s,
+            probe_interval_s=s.kafka_retry_interval_s, durability=s.log_durability,
+            ack_timeout_s=s.log_ack_timeout_ms / 1000,
         )
         self.service = PredictionService(s, self.store, self.selector, self.prediction_log)
         self.grpc: GrpcServer | None = None
-        self._exported = LogStats(False, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {}, 0)
+        self._exported = LogStats(False, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {}, 0, 0, 0, False)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         for kind in ("invalid_request", "unknown_entity", "overloaded", "online_store_unavailable",
-                     "online_store_empty", "prediction_log_full", "internal"):
+                     "online_store_empty", "prediction_log_full", "prediction_log_timeout", "internal"):
             metrics.ERRORS.labels(kind)  # series exist at 0 from the start, so rate() alerts see them
         metrics.KAFKA_DROPPED.labels("spool_full")
         self.prediction_log.start()
@@ -178,10 +201,12 @@ class Runtime:
         metrics.KAFKA_QUEUE_DEPTH.set(now.queue_depth)
         metrics.KAFKA_SPOOL_EVENTS.set(now.spool_events)
         metrics.KAFKA_SPOOL_BYTES.set(now.spool_bytes)
+        metrics.KAFKA_SPOOL_FAILING.set(int(now.spool_failing))
         for counter, field in ((metrics.KAFKA_ACCEPTED, "accepted"), (metrics.KAFKA_DELIVERED, "delivered"),
                                (metrics.KAFKA_REPLAYED, "replayed"), (metrics.KAFKA_SPOOLED, "spooled"),
                                (metrics.KAFKA_PUBLISH_FAILURES, "delivery_failures"),
-                               (metrics.KAFKA_REJECTED, "rejected"), (metrics.KAFKA_OUTAGES, "outages")):
+                               (metrics.KAFKA_REJECTED, "rejected"), (metrics.KAFKA_OUTAGES, "outages"),
+                               (metrics.KAFKA_REQUEUED, "requeued"), (metrics.KAFKA_SPOOL_SKIPPED, "spool_skipped")):
             delta = getattr(now, field) - getattr(before, field)
             if delta:
                 counter.inc(delta)

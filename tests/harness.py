@@ -28,9 +28,10 @@ def prepare_workspace(root: Path, run_dir: Path) -> Workspace:
 
 
 def start_server(ws: Workspace, extra_env: dict[str, str] | None = None,
-                 timeout: float = 180) -> server_process.ServerProcess:
+                 timeout: float = 180, spool_path: Path | None = None) -> server_process.ServerProcess:
     port = svc.free_port()
-    return server_process.start(port, {**ws.env, **(extra_env or {})}, ws.root / f"server-{port}.log", timeout)
+    return server_process.start(port, {**ws.env, **(extra_env or {})}, ws.root / f"server-{port}.log", timeout,
+                                spool_path=spool_path)
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:

@@ -121,7 +121,9 @@ def test_close_during_outage_keeps_events_for_the_next_start(services, tmp_path)
         for i in range(200):
             assert log.publish(*event(tag, i))
         log.close(timeout_s=1.0)
-        assert Spool(spool_path, 1 << 20).pending_events == 200
+        kept = Spool(spool_path, 1 << 20)
+        assert kept.pending_events == 200
+        kept.close()
     finally:
         svc.up(run_dir, only="kafka")
     again = open_log(bootstrap, spool_path)
@@ -159,13 +161,13 @@ def test_spool_cuts_a_torn_line_and_resumes_at_its_cursor(tmp_path):
     path = tmp_path / "spool.jsonl"
     spool = Spool(path, 1 << 20, fsync=False)
     assert spool.append([b'{"a":1}', b'{"a":2}', b'{"a":3}']) == 3
-    events, end = spool.read(2)
-    spool.advance(end, len(events))
+    chunk = spool.read(2)
+    spool.advance(chunk.end, len(chunk.events))
     spool.close()
     with open(path, "ab") as f:
         f.write(b'{"torn"')  # a crash in the middle of a write
     again = Spool(path, 1 << 20)
-    assert again.pending_events == 1 and again.read(10)[0] == [b'{"a":3}']
-    events, end = again.read(10)
-    again.advance(end, len(events))
+    assert again.pending_events == 1 and again.read(10).events == [b'{"a":3}'] and again.skipped == 1
+    chunk = again.read(10)
+    again.advance(chunk.end, len(chunk.events))
     assert again.pending_events == 0 and path.stat().st_size == 0

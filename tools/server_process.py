@@ -61,9 +61,13 @@ def private_home(env: dict[str, str], path: Path) -> Path:
 
 
 def start(port: int, env: dict[str, str], log_path: Path, timeout: float = 180,
-          extra_args: tuple[str, ...] = ()) -> ServerProcess:
+          extra_args: tuple[str, ...] = (), spool_path: Path | None = None) -> ServerProcess:
+    """``bentoml serve`` on ``port``, ready. Each server gets a spool folder of its own beside its log unless
+    ``spool_path`` is given (a spool has one owner: a second server on it is refused)."""
     exe = Path(sys.executable).with_name("bentoml")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    spool_path = spool_path or log_path.parent / f"spool-{port}" / "predictions.jsonl"
+    env = {**env, "MLOPS_SPOOL_PATH": str(spool_path)}
     if "MLOPS_GRPC_PORT" not in env:  # gRPC binds with SO_REUSEPORT: two servers must not share a port
         env = {**env, "MLOPS_GRPC_PORT": str(free_port())}
     home = private_home(env, log_path.parent / f"bentoml-home-{port}")

