@@ -5,6 +5,10 @@ with a reason, their neighbours are unaffected); events are grouped by the model
 per group each column becomes one numpy array, is binned with one ``searchsorted`` (numeric) or one
 lookup (categorical), and counted with one ``bincount`` over (partition, time slot, bin). No Python work
 per event beyond decoding and pulling its values into the arrays.
+
+Each event is counted once per ``request_id`` (:mod:`streaming.dedupe`): an id already counted in its
+partition's window, or earlier in the same poll, is a duplicate (``mlops_drift_duplicate_events_total``), not
+counted in the histograms nor in ``consumed``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 
 from mlops.events import EventView
 from streaming import metrics, stats
+from streaming.dedupe import first_unseen, request_hashes
 from streaming.events import PoisonEvent, decode_batch
 from streaming.profile import LABEL, PREDICTION, CategoricalProfile, ColumnProfile, NumericProfile, ReferenceProfile
 from streaming.state_store import PartitionCheckpoint
@@ -78,17 +83,29 @@ class Absorber:
             values[LABEL] = np.where(labels < 0, values[PREDICTION] >= self.threshold, labels).astype(np.int64)
         slots = np.floor(np.fromiter((e.timestamp.timestamp() for e in events), np.float64, n)
                          / self.window.slot_seconds).astype(np.int64)
+        ids = request_hashes([e.request_id for e in events])
         if not keep.all():
-            parts, slots = parts[keep], slots[keep]
+            parts, slots, ids = parts[keep], slots[keep], ids[keep]
             values = {c: v[keep] for c, v in values.items()}
-        for p, k in zip(*np.unique(parts, return_counts=True), strict=True):
-            states[int(p)].consumed += int(k)
-        metrics.EVENTS_CONSUMED.inc(len(parts))
-        live = slots >= first_slot
-        if not live.all():
-            metrics.LATE_EVENTS.inc(int((~live).sum()))
-            parts, slots = parts[live], slots[live]
-            values = {c: v[live] for c, v in values.items()}
+        late = slots < first_slot  # consumed, not counted (nor remembered: any copy of it is late too)
+        dup = np.zeros(len(parts), dtype=bool)
+        for p in np.unique(parts).tolist():
+            in_p = parts == p
+            mine = np.flatnonzero(in_p & ~late)
+            if len(mine):
+                windows = states[p].windows
+                dup[mine] = ~first_unseen(ids[mine], lambda h, w=windows: w.seen(h, first_slot))
+            states[p].consumed += int(in_p.sum() - dup[in_p].sum())
+        n_dup = int(dup.sum())
+        metrics.EVENTS_CONSUMED.inc(len(parts) - n_dup)
+        if n_dup:
+            metrics.DUPLICATES.inc(n_dup)
+        if late.any():
+            metrics.LATE_EVENTS.inc(int(late.sum()))
+        if n_dup or late.any():
+            counted = ~(late | dup)
+            parts, slots, ids = parts[counted], slots[counted], ids[counted]
+            values = {c: v[counted] for c, v in values.items()}
         if not len(parts):
             return poison
         base = int(slots.min())
@@ -103,6 +120,11 @@ class Absorber:
             for g, cell in enumerate(cells.tolist()):
                 slot = (cell & ((1 << _SLOT_BITS) - 1)) + base
                 states[cell >> _SLOT_BITS].windows.add_counts((name, version, column), slot, counts[g])
+        by_cell = np.argsort(group, kind="stable")
+        ends = np.cumsum(np.bincount(group, minlength=len(cells))).tolist()
+        for g, cell in enumerate(cells.tolist()):
+            slot = (cell & ((1 << _SLOT_BITS) - 1)) + base
+            states[cell >> _SLOT_BITS].windows.add_ids(slot, ids[by_cell[(ends[g - 1] if g else 0):ends[g]]])
         return poison
 
 

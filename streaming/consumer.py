@@ -3,7 +3,9 @@
 Per poll (up to ``batch_size`` messages): the events are decoded and binned in batches
 (:mod:`streaming.absorb`) into their partition's time-slotted histograms; then the touched partitions'
 changed slots and offsets are checkpointed to Redis in one atomic script, and only then are the offsets
-committed to Kafka. Every ``eval_interval_s`` the topic-wide windows (all partitions' checkpoints summed)
+committed to Kafka. Each ``request_id`` is counted once per partition within the window (the log delivers at
+least once): the ids counted per slot are checkpointed with the slot (:mod:`streaming.dedupe`). Every
+``eval_interval_s`` the topic-wide windows (all partitions' checkpoints summed)
 are scored (PSI, KS, chi-square) and judged by the rules; state changes become alerts on the alerts topic.
 Poison events go to the dead-letter topic, acknowledged before any checkpoint moves past them.
 

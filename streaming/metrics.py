@@ -12,6 +12,8 @@ DRIFT_STATE = Gauge("mlops_drift_state", "0 ok, 1 warning, 2 critical", ["model_
 EVENTS_CONSUMED = Counter("mlops_drift_events_consumed_total", "Prediction events reflected in the windows")
 DEAD_LETTERS = Counter("mlops_drift_dead_letters_total", "Poison events sent to the dead-letter topic", ["reason"])
 LATE_EVENTS = Counter("mlops_drift_late_events_total", "Events older than the window (consumed, not counted)")
+DUPLICATES = Counter("mlops_drift_duplicate_events_total",
+                     "Events whose request_id was already counted in the window (the log delivers at least once)")
 ALERTS = Counter("mlops_drift_alerts_emitted_total", "Alerts published", ["severity", "status"])
 LAG = Gauge("mlops_drift_consumer_lag", "Messages behind the end of the partition", ["partition"])
 STATE_CELLS = Gauge("mlops_drift_state_cells", "Histogram cells held by this consumer (bounded by slots x bins)")

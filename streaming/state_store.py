@@ -7,6 +7,10 @@ nothing lost, nothing counted twice. Layout per partition, cheap to write every 
 - hash ``<prefix>:p:<partition>``: field ``meta`` = msgpack ``[offset, consumed, dead_lettered]``, and one
   field ``s:<slot>`` per time slot (see :meth:`SlotHistograms.slot_blob`); a save writes only the slots
   that changed and deletes the ones that expired;
+- hash ``<prefix>:ids:<partition>``: per time slot, field ``s:<slot>`` = the 64-bit hashes of the request ids
+  counted in it (little-endian uint64, see :mod:`streaming.dedupe`), appended to by each save (only the ids
+  added since the last one) and deleted with the slot, so a consumer that resumes the partition counts no
+  event twice either; it is read only when a partition is claimed, never by the evaluations;
 - ``<prefix>:owner:<partition>``: the owner, ``<epoch>:<token>``. Taking a partition over increments the
   epoch and writes the taker's token (one per store object, i.e. per consumer process), and a save from any
   other owner is refused, so a consumer that lost a partition without noticing (a zombie) can never
@@ -40,28 +44,31 @@ redis.call('SET', KEYS[1], ARGV[1])
 return current
 """
 
-# KEYS: owner key, checkpoint hash, legacy checkpoint. ARGV: the claimer's token. Returns {epoch, hash, legacy}.
+# KEYS: owner key, checkpoint hash, legacy checkpoint, ids hash. ARGV: the claimer's token.
+# Returns {epoch, hash, legacy, ids}.
 CLAIM_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
 local epoch = (current and tonumber(string.match(current, '^%d+')) or 0) + 1
 redis.call('SET', KEYS[1], epoch .. ':' .. ARGV[1])
-return {epoch, redis.call('HGETALL', KEYS[2]), redis.call('GET', KEYS[3])}
+return {epoch, redis.call('HGETALL', KEYS[2]), redis.call('GET', KEYS[3]), redis.call('HGETALL', KEYS[4])}
 """
 
-# KEYS: the partitions set, then (checkpoint hash, owner key) per partition.
-# ARGV per partition: partition, owner, reseed (0/1), n fields to set, n fields to delete, field/value pairs,
-# fields. Returns {fenced partitions, lost partitions}; nothing is written for either.
+# KEYS: the partitions set, then (checkpoint hash, owner key, ids hash) per partition.
+# ARGV per partition: partition, owner, reseed (0/1), n fields to set, n fields to delete, rewrite ids (0/1),
+# n id fields to append to, field/value pairs, fields (deleted from both hashes), id field/value pairs.
+# Returns {fenced partitions, lost partitions}; nothing is written for either.
 SAVE_SCRIPT = """
 local fenced, lost = {}, {}
 local a = 1
-for k = 1, (#KEYS - 1) / 2 do
-  local hkey, okey = KEYS[2 * k], KEYS[2 * k + 1]
+for k = 1, (#KEYS - 1) / 3 do
+  local hkey, okey, ikey = KEYS[3 * k - 1], KEYS[3 * k], KEYS[3 * k + 1]
   local part, owner, reseed = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local nset, ndel = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  a = a + 5
+  local rewrite, nids = ARGV[a + 5], tonumber(ARGV[a + 6])
+  a = a + 7
   local current = redis.call('GET', okey)
   if not current and reseed == '1' then
-    redis.call('DEL', hkey)
+    redis.call('DEL', hkey, ikey)
     redis.call('SET', okey, owner)
     current = owner
   end
@@ -71,10 +78,21 @@ for k = 1, (#KEYS - 1) / 2 do
     table.insert(fenced, part)
   else
     if nset > 0 then redis.call('HSET', hkey, unpack(ARGV, a, a + 2 * nset - 1)) end
-    if ndel > 0 then redis.call('HDEL', hkey, unpack(ARGV, a + 2 * nset, a + 2 * nset + ndel - 1)) end
+    if ndel > 0 then
+      redis.call('HDEL', hkey, unpack(ARGV, a + 2 * nset, a + 2 * nset + ndel - 1))
+      redis.call('HDEL', ikey, unpack(ARGV, a + 2 * nset, a + 2 * nset + ndel - 1))
+    end
+    if rewrite == '1' then redis.call('DEL', ikey) end
+    local b = a + 2 * nset + ndel
+    for i = 0, nids - 1 do
+      local f, v = ARGV[b + 2 * i], ARGV[b + 2 * i + 1]
+      local old = redis.call('HGET', ikey, f)
+      if old then v = old .. v end
+      redis.call('HSET', ikey, f, v)
+    end
     redis.call('SADD', KEYS[1], part)
   end
-  a = a + 2 * nset + ndel
+  a = a + 2 * nset + ndel + 2 * nids
 end
 return {fenced, lost}
 """
@@ -87,7 +105,7 @@ _meta_decoder = msgspec.msgpack.Decoder(tuple[int, int, int])
 @dataclass
 class PartitionCheckpoint:
     offset: int | None  # next offset to read (None: not known yet for a brand-new group)
-    consumed: int  # events reflected in the windows (valid ones)
+    consumed: int  # events reflected in the windows (valid ones, duplicates of a request_id not counted)
     dead_lettered: int
     windows: SlotHistograms
     epoch: int = 0  # owner epoch this consumer holds (not stored with the checkpoint)
@@ -111,6 +129,10 @@ class PartitionCheckpoint:
         return cls(offset, consumed, dead, SlotHistograms.from_blobs(blobs))
 
 
+def _slot_fields(fields: dict[bytes, bytes]) -> dict[int, bytes]:
+    return {int(k[2:]): v for k, v in fields.items() if k.startswith(b"s:")}
+
+
 @dataclass
 class SaveResult:
     fenced: list[int] = field(default_factory=list)  # taken over by another consumer: nothing written
@@ -132,6 +154,9 @@ class StateStore:
     def _owner_key(self, partition: int) -> str:
         return f"{self.prefix}:owner:{partition}"
 
+    def _ids_key(self, partition: int) -> str:
+        return f"{self.prefix}:ids:{partition}"
+
     def _legacy_key(self, partition: int) -> str:
         return f"{self.prefix}:ckpt:{partition}"
 
@@ -145,14 +170,16 @@ class StateStore:
 
     def claim(self, partition: int) -> tuple[int, PartitionCheckpoint | None]:
         """Take a partition over: a new owner epoch (fencing out the previous owner) and its checkpoint."""
-        epoch, flat, legacy = self._claim(keys=[self._owner_key(partition), self._hash_key(partition),
-                                                self._legacy_key(partition)], args=[self.token])
+        epoch, flat, legacy, ids = self._claim(keys=[self._owner_key(partition), self._hash_key(partition),
+                                                     self._legacy_key(partition), self._ids_key(partition)],
+                                               args=[self.token])
         ckpt = PartitionCheckpoint.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
         if ckpt is None and legacy:
             ckpt = PartitionCheckpoint.from_json(legacy)
             ckpt.windows.mark_all_dirty()  # the first save writes it in the new layout
         if ckpt is not None:
             ckpt.epoch = int(epoch)
+            ckpt.windows.load_ids(_slot_fields(dict(zip(ids[::2], ids[1::2], strict=True))))
         return int(epoch), ckpt
 
     def save(self, checkpoints: dict[int, PartitionCheckpoint], reseed: set[int] | frozenset[int] = frozenset()
@@ -169,20 +196,24 @@ class StateStore:
                 continue
             windows = ckpt.windows
             dirty, dropped = set(windows.dirty), set(windows.dropped)
+            ids, rewrite = windows.pending_ids(), windows.ids_rewrite
             fields: list[bytes | str] = [META, _meta_encoder.encode((ckpt.offset, ckpt.consumed, ckpt.dead_lettered))]
             for slot in dirty:
                 fields += [f"s:{slot}", windows.slot_blob(slot)]
-            keys += [self._hash_key(partition), self._owner_key(partition)]
+            id_fields: list[bytes | str] = []
+            for slot, raw in ids.items():
+                id_fields += [f"s:{slot}", raw]
+            keys += [self._hash_key(partition), self._owner_key(partition), self._ids_key(partition)]
             args += [partition, self.owner(ckpt.epoch), int(partition in reseed), len(fields) // 2, len(dropped),
-                     *fields, *(f"s:{s}" for s in dropped)]
-            written[partition] = (dirty, dropped)
+                     int(rewrite), len(ids), *fields, *(f"s:{s}" for s in dropped), *id_fields]
+            written[partition] = (dirty, dropped, ids, rewrite)
         if not written:
             return SaveResult()
         fenced_raw, lost_raw = self._save(keys=keys, args=args)
         result = SaveResult(sorted(int(p) for p in fenced_raw), sorted(int(p) for p in lost_raw))
-        for partition, (dirty, dropped) in written.items():
+        for partition, (dirty, dropped, ids, rewrite) in written.items():
             if partition not in result.fenced and partition not in result.lost:
-                checkpoints[partition].windows.mark_saved(dirty, dropped)
+                checkpoints[partition].windows.mark_saved(dirty, dropped, ids, rewrite)
         return result
 
     def ping(self) -> None:
@@ -190,17 +221,21 @@ class StateStore:
         self.client.ping()
 
     def load(self, partition: int) -> PartitionCheckpoint | None:
+        """A partition's whole checkpoint, request ids included (read-only: no claim)."""
         ckpt = PartitionCheckpoint.from_hash(self.client.hgetall(self._hash_key(partition)))
         if ckpt is None:
             legacy = self.client.get(self._legacy_key(partition))
             ckpt = PartitionCheckpoint.from_json(legacy) if legacy else None
+        if ckpt is not None:
+            ckpt.windows.load_ids(_slot_fields(self.client.hgetall(self._ids_key(partition))))
         return ckpt
 
     def partitions(self) -> list[int]:
         return sorted(int(p) for p in self.client.smembers(f"{self.prefix}:partitions"))
 
     def load_all(self, partitions: list[int] | None = None) -> dict[int, PartitionCheckpoint]:
-        """Checkpoints of these partitions (default: every partition ever saved for this group and topic)."""
+        """Checkpoints of these partitions (default: every partition ever saved for this group and topic),
+        without their request ids (the evaluations need only the counts)."""
         partitions = self.partitions() if partitions is None else partitions
         if not partitions:
             return {}
