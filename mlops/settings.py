@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MLOPS_"
@@ -80,10 +80,17 @@ class Settings(BaseSettings):
     online_store_timeout_ms: int = Field(250, ge=10, description="a Redis lookup slower than this fails the request")
     online_store_check_s: float = Field(1.0, gt=0, description="how often reachability and emptiness are checked")
 
+    # Access to the service. A secret: read from the file (mounted from a Kubernetes Secret), or from the
+    # variable; never logged, never shown by /info.
+    api_token: SecretStr | None = Field(None, description="bearer token the prediction routes require (HTTP and gRPC)")
+    api_token_file: Path | None = Field(None, description="file holding the bearer token (wins over MLOPS_API_TOKEN)")
+    info_addresses: bool = Field(False, description="/info shows the Redis and Kafka addresses")
+
     # Prediction log.
     prediction_log: bool = Field(True, description="log every prediction to Kafka (off: benchmarks, shadow tests)")
     publish_queue_size: int = Field(100_000, ge=1, description="events the Kafka client may hold in memory")
-    kafka_linger_ms: float = Field(5.0, ge=0, description="how long the producer waits to fill a batch")
+    kafka_linger_ms: float | None = Field(None, ge=0, description="how long the producer waits to fill a batch; "
+                                                                  "unset: 1 ms in ack mode, 5 ms in async")
     kafka_compression: Literal["none", "lz4", "zstd", "snappy", "gzip"] = "lz4"
     spool_path: Path = Field(Path(".run/spool/predictions.jsonl"),
                              description="on-disk spool while Kafka is down; each worker adds its index")
@@ -131,6 +138,27 @@ class Settings(BaseSettings):
     @property
     def redis_port(self) -> int:
         return int(self.redis_address.rsplit(":", 1)[1])
+
+    @property
+    def linger_ms(self) -> float:
+        """In ``ack`` mode every answer waits for the batch it is sent in: a short linger (batches still form
+        under load, from what arrives while earlier requests are in flight); in ``async`` nothing waits."""
+        if self.kafka_linger_ms is not None:
+            return self.kafka_linger_ms
+        return 1.0 if self.log_durability == "ack" else 5.0
+
+    def api_token_value(self) -> str | None:
+        """The bearer token, or None when the routes are open. An unreadable or empty file is an error, not
+        an open service."""
+        if self.api_token_file is not None:
+            try:
+                token = self.api_token_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"MLOPS_API_TOKEN_FILE {self.api_token_file}: {exc.strerror or exc}") from None
+            if not token:
+                raise ValueError(f"MLOPS_API_TOKEN_FILE {self.api_token_file} is empty")
+            return token
+        return self.api_token.get_secret_value() if self.api_token is not None else None
 
     @classmethod
     def load(cls, env_file: Path | None = None) -> Settings:

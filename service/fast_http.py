@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover
 JSON = b"content-type: application/json\r\n"
 RETRY = b"retry-after: 1\r\n"
 CLOSE = b"connection: close\r\n"
+AUTHENTICATE = b"www-authenticate: Bearer\r\n"
 
 
 class _Pending:
@@ -111,6 +112,8 @@ if HttpToolsProtocol is not None:
             head += [JSON, b"content-length: %d\r\n" % len(body)]
             if status == 503:
                 head.append(RETRY)
+            elif status == 401:
+                head.append(AUTHENTICATE)
             if not pending.keep_alive:
                 head.append(CLOSE)
             head += [b"\r\n", body]

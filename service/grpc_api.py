@@ -13,6 +13,7 @@ message is INVALID_ARGUMENT (gRPC's own deserialisation would answer INTERNAL).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import math
 import os
@@ -89,10 +90,20 @@ def to_message(prediction: Prediction) -> fraud_pb2.Prediction:
 
 
 class FraudDetectorServicer:
-    def __init__(self, service: PredictionService, loop: asyncio.AbstractEventLoop, max_rows: int) -> None:
+    def __init__(self, service: PredictionService, loop: asyncio.AbstractEventLoop, max_rows: int,
+                 authorization: bytes | None = None) -> None:
         self.service = service
         self.loop = loop
         self.max_rows = max_rows
+        self.authorization = authorization  # the `authorization` metadata every call must carry, when set
+
+    def _check_token(self, context) -> None:
+        if self.authorization is None:
+            return
+        given = next((value for key, value in context.invocation_metadata() if key == "authorization"), "")
+        if not hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.authorization):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token "
+                                                           "(metadata authorization: Bearer <token>)")
 
     def _run(self, requests: list[PredictRequest], context) -> list[Prediction | RowError]:
         future = asyncio.run_coroutine_threadsafe(self.service.predict(requests, time.perf_counter()), self.loop)
@@ -106,6 +117,7 @@ class FraudDetectorServicer:
         raise AssertionError("unreachable")
 
     def Predict(self, request, context):  # noqa: N802 (gRPC method name)
+        self._check_token(context)
         if isinstance(request, Malformed):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         try:
@@ -119,6 +131,7 @@ class FraudDetectorServicer:
         return to_message(answer)
 
     def PredictBatch(self, request, context):  # noqa: N802
+        self._check_token(context)
         if isinstance(request, Malformed):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         parsed = []
@@ -168,13 +181,13 @@ def add_servicer(servicer: FraudDetectorServicer, server: grpc.Server) -> None:
 
 class GrpcServer:
     def __init__(self, service: PredictionService, loop: asyncio.AbstractEventLoop, host: str, port: int,
-                 max_rows: int, workers: int = 16) -> None:
+                 max_rows: int, workers: int = 16, authorization: bytes | None = None) -> None:
         owner = os.getppid()  # the BentoML arbiter: the server this worker belongs to
         port_guard.claim(host, port, owner)
         self.health = health.HealthServicer()
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                                   options=[("grpc.so_reuseport", 1)])
-        add_servicer(FraudDetectorServicer(service, loop, max_rows), self.server)
+        add_servicer(FraudDetectorServicer(service, loop, max_rows, authorization), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         try:
             bound = self.server.add_insecure_port(f"{host}:{port}")

@@ -18,6 +18,7 @@ how many that line stands for, never a traceback (an outage of thousands of 503s
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -89,15 +90,21 @@ async def respond(send: Send, status: int, body: bytes, extra: list[tuple[bytes,
     await send({"type": "http.response.body", "body": body})
 
 
-def check_headers(headers: list[tuple[bytes, bytes]], limit: int) -> None:
-    """415 unless the body is JSON; 413 when it says it is larger than ``limit``."""
+def check_headers(headers: list[tuple[bytes, bytes]], limit: int, authorization: bytes | None = None) -> None:
+    """401 unless the ``authorization`` header is the one expected (when one is); 415 unless the body is
+    JSON; 413 when it says it is larger than ``limit``."""
     content_type = b""
     length = None
+    given = b""
     for name, value in headers:
         if name == b"content-type":
             content_type = value
         elif name == b"content-length":
             length = value
+        elif name == b"authorization":
+            given = value
+    if authorization is not None and not hmac.compare_digest(given, authorization):
+        raise HttpError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
     media_type = content_type.split(b";", 1)[0].strip().lower()
     if media_type != b"application/json":
         shown = media_type.decode("latin-1") or "none"
@@ -106,8 +113,8 @@ def check_headers(headers: list[tuple[bytes, bytes]], limit: int) -> None:
         raise HttpError(413, "body_too_large", f"request body over {limit} bytes")
 
 
-async def read_json_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    check_headers(scope["headers"], limit)
+async def read_json_body(scope: Scope, receive: Receive, limit: int, authorization: bytes | None = None) -> bytes:
+    check_headers(scope["headers"], limit, authorization)
     chunks = []
     size = 0
     while True:
@@ -124,6 +131,7 @@ async def read_json_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 
 Reply = Callable[[int, bytes], None]
+EXTRA_HEADERS = {503: [(b"retry-after", b"1")], 401: [(b"www-authenticate", b"Bearer")]}
 
 
 class PredictEndpoint:
@@ -146,13 +154,12 @@ class PredictEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         try:
-            raw = await read_json_body(scope, receive, self.api.max_body_bytes)
+            raw = await read_json_body(scope, receive, self.api.max_body_bytes, self.api.authorization)
             answers = await self._submit(raw, started)
             status, body = self._answer(answers)
         except Exception as exc:  # noqa: BLE001 (every failure becomes the error body)
             status, body = self._failure(exc)
-        extra = [(b"retry-after", b"1")] if status == 503 else None
-        await respond(send, status, body, extra)
+        await respond(send, status, body, EXTRA_HEADERS.get(status))
         self._count(status, started)
 
     # -- the fast protocol ------------------------------------------------------------------------------
@@ -161,7 +168,7 @@ class PredictEndpoint:
         """Answer through ``reply(status, body)``, now or when the batch is done; ``body`` None: it was over
         the size limit (the protocol stopped buffering it)."""
         try:
-            check_headers(headers, self.api.max_body_bytes)
+            check_headers(headers, self.api.max_body_bytes, self.api.authorization)
             if body is None:
                 raise HttpError(413, "body_too_large", f"request body over {self.api.max_body_bytes} bytes")
             future = self._submit_nowait(body, started)
@@ -270,8 +277,10 @@ class HttpApi:
     """The mounted app; ``service`` is set by the BentoML service once this worker has started."""
 
     def __init__(self, max_body_bytes: int, max_request_rows: int, openapi: dict[str, Any],
-                 info: Callable[[], Awaitable[dict[str, Any]]], metrics_text: Callable[[], bytes]) -> None:
+                 info: Callable[[], Awaitable[dict[str, Any]]], metrics_text: Callable[[], bytes],
+                 token: str | None = None) -> None:
         self.service: PredictionService | None = None
+        self.authorization = b"Bearer " + token.encode() if token else None  # what the prediction routes require
         self.max_body_bytes = max_body_bytes
         self.max_request_rows = max_request_rows
         self._openapi = _encoder.encode(openapi)

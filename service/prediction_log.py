@@ -605,18 +605,21 @@ class PredictionLog:
 
 class _Key(msgspec.Struct):
     customer_id: str | None = None
+    request_id: str | None = None
 
 
 _key_decoder = msgspec.json.Decoder(_Key)
 
 
 def _key_of(value: bytes) -> bytes | None:
-    """The partition key a spooled event had (its customer), so replay keeps one customer on one partition."""
+    """The partition key a spooled event had (its customer, else its request id), so replay puts it on the
+    partition it would have had live — one customer on one partition, a repeat beside its original."""
     try:
-        customer = _key_decoder.decode(value).customer_id
+        decoded = _key_decoder.decode(value)
     except msgspec.MsgspecError:
         return None
-    return customer.encode() if customer else None
+    key = decoded.customer_id or decoded.request_id
+    return key.encode() if key else None
 
 
 class _Replay:

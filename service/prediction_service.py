@@ -135,7 +135,9 @@ class PredictionService:
                         request_features=REQUEST_FEATURE_LIST, prediction=result.prediction, label=label,
                         latency_ms=latency_ms,
                     )
-                    key = request.customer_id.encode() if request.customer_id else None
+                    # No customer: keyed by the request id, so a repeat lands on the original's partition (the
+                    # drift consumer de-duplicates per partition).
+                    key = (request.customer_id or prediction.request_id).encode()
                     to_log.append((key, events.encode(event)))
                 answer.append(prediction)
             if to_log and not prediction_log.publish_all(to_log, confirm):

@@ -120,7 +120,7 @@ class Runtime:
                 log.info("took over %d spooled events of workers that no longer run", adopted)
         self.prediction_log = PredictionLog(
             s.kafka_bootstrap, s.predictions_topic, spool, queue_size=s.publish_queue_size,
-            linger_ms=s.kafka_linger_ms, compression=s.kafka_compression, full_policy=s.spool_full_policy,
+            linger_ms=s.linger_ms, compression=s.kafka_compression, full_policy=s.spool_full_policy,
             probe_interval_s=s.kafka_retry_interval_s, durability=s.log_durability,
             ack_timeout_s=s.log_ack_timeout_ms / 1000,
         )
@@ -141,7 +141,7 @@ class Runtime:
             host = self.settings.grpc_host or http_host()
             try:
                 self.grpc = GrpcServer(self.service, asyncio.get_running_loop(), host, self.settings.grpc_port,
-                                       self.settings.max_request_rows)
+                                       self.settings.max_request_rows, authorization=http.authorization)
             except PortInUse as exc:
                 # A server that cannot serve its gRPC port must not run at all: stop the whole `bentoml serve`
                 # (this worker's parent, which then exits with status 2) instead of restarting this worker forever.
@@ -216,6 +216,11 @@ class Runtime:
         self._exported = now
 
     async def info(self) -> dict[str, Any]:
+        """What this worker serves and how it is doing; internal addresses only with MLOPS_INFO_ADDRESSES."""
+
+        def addresses(key: str, value: str) -> dict[str, str]:
+            return {key: value} if self.settings.info_addresses else {}
+
         serving = self.selector.current
         model = serving.production.model
         return {
@@ -236,12 +241,14 @@ class Runtime:
                          "max_concurrent_batches": self.settings.max_concurrent_batches,
                          "max_latency_ms": self.settings.max_latency_ms,
                          "queued_rows": self.service.batcher.queued_rows},
-            "online_store": {"address": self.settings.redis_address, "up": self.store.up, "empty": self.store.empty,
-                             "project": self.store.project, "ttl_s": self.store.ttl_s},
-            "kafka": {"bootstrap": self.settings.kafka_bootstrap, "topic": self.settings.predictions_topic,
-                      "spool_full_policy": self.settings.spool_full_policy,
+            "online_store": {**addresses("address", self.settings.redis_address), "up": self.store.up,
+                             "empty": self.store.empty, "project": self.store.project, "ttl_s": self.store.ttl_s},
+            "kafka": {**addresses("bootstrap", self.settings.kafka_bootstrap), "topic": self.settings.predictions_topic,
+                      "spool_full_policy": self.settings.spool_full_policy, "durability": self.settings.log_durability,
                       **self.prediction_log.stats().as_dict()},
-            "grpc": self.grpc.address if self.grpc is not None else None,
+            "grpc": self.grpc.address if self.grpc is not None and self.settings.info_addresses else None,
+            "grpc_port": self.settings.grpc_port or None,
+            "auth": "bearer" if http.authorization else None,
             "http_fast_path": fast_http.in_use(),
         }
 
@@ -277,7 +284,8 @@ def _metrics_text() -> bytes:
 
 
 http = HttpApi(settings.max_body_bytes, settings.max_request_rows,
-               contract.openapi("fraud_detector", "1", settings.max_request_rows), _info, _metrics_text)
+               contract.openapi("fraud_detector", "1", settings.max_request_rows), _info, _metrics_text,
+               token=settings.api_token_value())
 
 
 @bentoml.service(name="fraud_detector", **bentoml_config(settings))

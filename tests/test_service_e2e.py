@@ -216,6 +216,8 @@ def test_probes_info_and_metrics(server):
     assert info["provider"] == "CPUExecutionProvider" and info["ready"] is True
     assert info["model_version"] == "v1" and info["kafka"]["connected"] is True
     assert info["online_store"]["up"] is True and info["online_store"]["empty"] is False
+    assert "address" not in info["online_store"] and "bootstrap" not in info["kafka"]  # MLOPS_INFO_ADDRESSES off
+    assert info["kafka"]["durability"] == "ack" and info["auth"] is None
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("mlops_request_latency_seconds_bucket", "mlops_feature_lookup_latency_seconds_bucket",
                  "mlops_inference_latency_seconds_bucket", "mlops_batch_size_bucket", "mlops_predictions_total",

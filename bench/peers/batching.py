@@ -71,7 +71,7 @@ class Log:
 
     def __init__(self) -> None:
         self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True,
-                                  "acks": "all", "linger.ms": settings.kafka_linger_ms,
+                                  "acks": "all", "linger.ms": settings.linger_ms,
                                   "compression.type": settings.kafka_compression,
                                   "delivery.report.only.error": True, "queue.buffering.max.messages": 100_000})
         threading.Thread(target=self._serve, daemon=True).start()
