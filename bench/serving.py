@@ -47,10 +47,13 @@ SUSTAINED_P99_MS = 50.0
 PEER_APPS = {"batching": "bench.peers.batching:app", "tuned": "bench.peers.tuned:app",
              "textbook": "bench.peers.textbook:app"}
 RATIO_PEER = "batching"  # the ratio column: the project over the strongest peer
-VARIANTS = ("project, batching off", "project, log off", "project, BentoML path")
+VARIANTS = ("project, batching off", "project, log off", "project, BentoML path", "project, ack")
 # The project as users run it: following the registry's production alias (the workspace pins a version for
 # the peers, which load that one file).
-PROJECT_ENV = {"MLOPS_MODEL_VERSION": ""}
+# The project doing the peers' work: every 200 handed to librdkafka, answered without waiting for the broker
+# (the peers do the same). Its default, MLOPS_LOG_DURABILITY=ack, waits for the acknowledgement: measured
+# beside it as "project, ack" at every connection count.
+PROJECT_ENV = {"MLOPS_MODEL_VERSION": "", "MLOPS_LOG_DURABILITY": "async"}
 
 
 @dataclass
@@ -277,11 +280,13 @@ def run(ws, args) -> list[dict]:
     top = max(workers)
     groups = [[System("project", w, PROJECT_ENV)] +
               [System(peer, w, peer=peer) for peer in peers if peer != "textbook" or w == top] for w in workers]
+    kinds = ["peers"] * len(groups) + ["durability", "variants"]
+    groups.append([System("project", top, PROJECT_ENV),
+                   System("project, ack", top, {**PROJECT_ENV, "MLOPS_LOG_DURABILITY": "ack"})])
     groups.append([System("project", top, PROJECT_ENV),
                    System("project, batching off", top, {**PROJECT_ENV, "MLOPS_ADAPTIVE_BATCHING": "false"}),
                    System("project, log off", top, {**PROJECT_ENV, "MLOPS_PREDICTION_LOG": "false"}),
-                   System("project, BentoML path", top, {**PROJECT_ENV, "MLOPS_HTTP_FAST_PATH": "false"}),
-                   System("project, log async", top, {**PROJECT_ENV, "MLOPS_LOG_DURABILITY": "async"})])
+                   System("project, BentoML path", top, {**PROJECT_ENV, "MLOPS_HTTP_FAST_PATH": "false"})])
     connections = [int(c) for c in args.connections.split(",")]
     rates = [int(r) for r in args.rates.split(",")]
     rows: list[dict] = []
@@ -289,8 +294,8 @@ def run(ws, args) -> list[dict]:
     sample = customers[:20]
     warm_up(ws, tool, n_customers, args.warmup)
     for g, group in enumerate(groups):
-        variants = g == len(groups) - 1  # the project against itself with batching or the log off
-        points = [32] if variants else connections
+        variants = kinds[g] != "peers"  # the project against itself: durability mode, batching, log, path
+        points = [32] if kinds[g] == "variants" else connections
         running: dict[str, Running] = {}
         topics = {system.label: f"bench-{g}-{i}" for i, system in enumerate(group)}
         from tools.services import create_topics, free_port
