@@ -91,6 +91,7 @@ def producer_config(bootstrap: str, queue_size: int, linger_ms: float, compressi
         "acks": "all",
         "message.timeout.ms": 0,  # never expire: a message is delivered, or still held, or purged on close
         "linger.ms": linger_ms,
+        "socket.nagle.disable": True,  # small produce requests go out at once (ack mode waits on them)
         "compression.type": compression,
         "queue.buffering.max.messages": queue_size,
         "reconnect.backoff.ms": 100,

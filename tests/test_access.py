@@ -35,7 +35,7 @@ def test_the_token_comes_from_its_file_and_an_unreadable_or_empty_file_is_an_err
 
 
 def test_the_linger_follows_the_durability_mode():
-    assert Settings(log_durability="ack").linger_ms == 1.0
+    assert Settings(log_durability="ack").linger_ms == 0.0
     assert Settings(log_durability="async").linger_ms == 5.0
     assert Settings(log_durability="ack", kafka_linger_ms=7).linger_ms == 7.0
 
