@@ -110,7 +110,8 @@ def test_severities_and_thresholds_match_the_reference_rule_set():
                 "FeatureDriftPSICritical": ("critical", "> 0.2"), "FeatureDriftKSWarning": ("warning", "> 0.15"),
                 "ModelOverloaded": ("warning", "> 0"), "PredictionLogDropping": ("critical", "> 0"),
                 "DriftPartitionFenced": ("warning", "> 0"), "DriftConsumerPaused": ("warning", "== 1"),
-                "DriftCheckpointStoreReset": ("warning", "> 0"), "OnlineStoreEmpty": ("critical", "== 1")}
+                "DriftCheckpointStoreReset": ("warning", "> 0"), "OnlineStoreEmpty": ("critical", "== 1"),
+                "PredictionLogSpoolFailing": ("critical", "== 1")}
     for alert, (severity, threshold) in expected.items():
         assert rules[alert]["labels"]["severity"] == severity, alert
         assert threshold in rules[alert]["expr"], alert
