@@ -30,8 +30,10 @@ def git_state() -> dict[str, Any]:
     """The commit measured, and whether the tree differed from it (a dirty tree's numbers name no commit)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    # Result files of earlier runs are outputs, not code: a second run after the first wrote its JSON is
+    # still a run of the clean commit.
     return {"sha": git("rev-parse", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"))}
 
 
 def write_results(name: str, rows: list[dict], settings: dict[str, Any] | None = None) -> Path:

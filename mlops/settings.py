@@ -143,7 +143,8 @@ class Settings(BaseSettings):
     def linger_ms(self) -> float:
         """In ``ack`` mode every answer waits for the batch it is sent in: no linger (even 0.5 ms delayed
         the acknowledgement by milliseconds, librdkafka's timer being coarse; batches still form under load,
-        from what arrives while earlier requests are in flight); in ``async`` nothing waits, so a 5 ms linger buys larger batches."""
+        from what arrives while earlier requests are in flight); in ``async`` nothing waits, so a 5 ms linger
+        buys larger batches."""
         if self.kafka_linger_ms is not None:
             return self.kafka_linger_ms
         return 0.0 if self.log_durability == "ack" else 5.0
