@@ -145,10 +145,16 @@ class Confirmation:
         """One event confirmed (the background thread)."""
         self.confirmed += 1
         if self.sealed and self.confirmed == self.handed:
-            self.loop.call_soon_threadsafe(self._finish, None)
+            self._tell(None)
 
     def failed(self, reason: str) -> None:
-        self.loop.call_soon_threadsafe(self._finish, LogRefused("prediction_log_full", reason))
+        self._tell(LogRefused("prediction_log_full", reason))
+
+    def _tell(self, error: LogRefused | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._finish, error)
+        except RuntimeError:  # the loop is closed (a worker shutting down): nobody waits for the answer
+            pass
 
     def __call__(self, err: KafkaError | None, msg: Any) -> None:
         """librdkafka's delivery report for one of the events."""
@@ -301,8 +307,11 @@ class PredictionLog:
 
     def stats(self) -> LogStats:
         # The client's queue length also counts reports and errors waiting to be served: serve them first, so
-        # what is left are events (poll is thread-safe; the callbacks take the lock, so not inside it).
-        self._producer.poll(0)
+        # what is left are events (poll is thread-safe; the callbacks take the lock, so not inside it). Not in
+        # ack mode: there the reports count confirmations, which only the background thread may do (a poll
+        # here, on the event loop, could run a report beside it); ``in_flight`` may then be 50 ms behind.
+        if self.durability != "ack":
+            self._producer.poll(0)
         with self._lock:
             held = len(self._producer)
             return LogStats(

@@ -148,12 +148,13 @@ def test_ack_mode_answers_only_after_the_broker_has_the_events(services, tmp_pat
         ready = confirm.seal()
         assert not ready.done()  # linger 50 ms: nothing can be acknowledged yet
         await ready
+        assert confirm.confirmed == confirm.handed == 20  # every event's acknowledgement arrived first
         return time.monotonic() - started
 
     try:
         waited = run(one_batch())
         assert waited >= 0.03
-        assert log.stats().in_flight == 0 and log.stats().delivered == 20  # acknowledged when answered
+        wait_for(lambda: log.stats().in_flight == 0 and log.stats().delivered == 20, 2, "the counters")
     finally:
         log.close()
     assert len(read_events(bootstrap, "predictions", {f"{tag}-{i}" for i in range(20)}, settle=0.5)) == 20

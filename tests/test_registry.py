@@ -4,7 +4,6 @@ immutability, and its CLI, each on the embedded SQLite store and on the MLflow s
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
 import uuid
 from pathlib import Path
@@ -107,46 +106,6 @@ def test_rollback_restores_the_previous_production_or_a_named_version(reg, onnx_
     fresh = Registry(Backend(reg.backend.uri, reg.backend.artifact_root))
     assert [(h["version"], h["to_stage"]) for h in fresh.history(name)] == [
         (h["version"], h["to_stage"]) for h in history]
-
-
-def _promote_many(uri: str, artifact_root: str | None, name: str, versions: list[str]) -> None:
-    r = Registry(Backend(uri, artifact_root))
-    for v in versions:
-        r.promote(name, v, "production")
-
-
-def test_concurrent_promotions_leave_exactly_one_production(reg, onnx_bytes):
-    name = unique()
-    versions = [f"v{i}" for i in range(12)]
-    store(reg.backend, onnx_bytes, name, *versions)
-    for v in versions:
-        reg.register(name, v)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_promote_many, args=(reg.backend.uri, reg.backend.artifact_root, name, versions[i::4]))
-             for i in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    listed = reg.list(name)
-    stages = [v.stage for v in listed]
-    assert stages.count("Production") == 1 and stages.count("Archived") == 11, stages
-    production = reg.production(name)
-    assert production is not None and [v.version for v in listed if v.stage == "Production"] == [production.version]
-    # Every promotion archived exactly the version that was Production just before it.
-    history = [h for h in reg.history(name) if h["reason"] != "registered"]
-    assert len([h for h in history if h["to_stage"] == "Production"]) == 12
-    current = None
-    for h in history:
-        if h["to_stage"] == "Archived":
-            assert h["version"] == current and h["from_stage"] == "Production"
-        elif h["to_stage"] == "Production":
-            current = h["version"]
-    assert current == production.version
-    # What the lock leaves is its newest generation (the counter), released; older ones were cleared away.
-    locks = reg._lock_models(name)
-    assert len(locks) == 1 and "released" in next(iter(locks.values())).tags, locks
 
 
 def test_a_stale_lock_expires(reg, onnx_bytes):

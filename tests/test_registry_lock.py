@@ -104,6 +104,9 @@ def test_concurrent_promoters_in_processes_serialize(reg, onnx_bytes):
         p.join(180)
     assert [p.exitcode for p in procs] == [0] * 4
     assert_serial(reg, name, 8)
+    # What the lock leaves is its newest generation (the counter), released; older ones were cleared away.
+    locks = reg._lock_models(name)
+    assert len(locks) == 1 and "released" in next(iter(locks.values())).tags, locks
 
 
 def test_a_holder_paused_past_its_lease_is_refused_its_next_write(reg, onnx_bytes):
