@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import threading
@@ -82,6 +83,14 @@ class LogStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "dropped": dict(self.dropped)}
+
+    def increments_since(self, before: LogStats, fields: Sequence[str]) -> tuple[dict[str, int], LogStats]:
+        """What each counter ``field`` grew by since ``before``, and the high-water readings to compare the next
+        one with. `delivered` is derived from the client's queue length, which can run one event behind a
+        delivery report being served, so a reading may dip below the last one: a counter only moves up."""
+        grown = {f: getattr(self, f) - getattr(before, f) for f in fields}
+        high = {f: max(getattr(self, f), getattr(before, f)) for f in fields}
+        return {f: n for f, n in grown.items() if n > 0}, dataclasses.replace(self, **high)
 
 
 def producer_config(bootstrap: str, queue_size: int, linger_ms: float, compression: str) -> dict[str, Any]:

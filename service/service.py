@@ -202,18 +202,17 @@ class Runtime:
         metrics.KAFKA_SPOOL_EVENTS.set(now.spool_events)
         metrics.KAFKA_SPOOL_BYTES.set(now.spool_bytes)
         metrics.KAFKA_SPOOL_FAILING.set(int(now.spool_failing))
-        for counter, field in ((metrics.KAFKA_ACCEPTED, "accepted"), (metrics.KAFKA_DELIVERED, "delivered"),
-                               (metrics.KAFKA_REPLAYED, "replayed"), (metrics.KAFKA_SPOOLED, "spooled"),
-                               (metrics.KAFKA_PUBLISH_FAILURES, "delivery_failures"),
-                               (metrics.KAFKA_REJECTED, "rejected"), (metrics.KAFKA_OUTAGES, "outages"),
-                               (metrics.KAFKA_REQUEUED, "requeued"), (metrics.KAFKA_SPOOL_SKIPPED, "spool_skipped")):
-            delta = getattr(now, field) - getattr(before, field)
-            if delta:
-                counter.inc(delta)
+        counters = {"accepted": metrics.KAFKA_ACCEPTED, "delivered": metrics.KAFKA_DELIVERED,
+                    "replayed": metrics.KAFKA_REPLAYED, "spooled": metrics.KAFKA_SPOOLED,
+                    "delivery_failures": metrics.KAFKA_PUBLISH_FAILURES, "rejected": metrics.KAFKA_REJECTED,
+                    "outages": metrics.KAFKA_OUTAGES, "requeued": metrics.KAFKA_REQUEUED,
+                    "spool_skipped": metrics.KAFKA_SPOOL_SKIPPED}
+        grown, self._exported = now.increments_since(before, list(counters))
+        for field, n in grown.items():
+            counters[field].inc(n)
         for reason, n in now.dropped.items():
-            if n - before.dropped.get(reason, 0):
+            if n - before.dropped.get(reason, 0) > 0:
                 metrics.KAFKA_DROPPED.labels(reason).inc(n - before.dropped.get(reason, 0))
-        self._exported = now
 
     async def info(self) -> dict[str, Any]:
         """What this worker serves and how it is doing; internal addresses only with MLOPS_INFO_ADDRESSES."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -121,6 +122,22 @@ def test_a_write_the_disk_refuses_leaves_the_file_as_it_was(tmp_path):
         again = Spool(disk / "spool.jsonl", 1 << 20)
         assert again.read(10).events == [b'{"a":1}', b'{"a":2}'] and again.skipped == 0
         again.close()
+
+
+def test_exported_counters_never_go_down():
+    """A `delivered` reading one event behind (the client's queue length while a report is served) must not
+    make the metrics export fail (prometheus refuses a negative increment) nor count twice."""
+    from service.prediction_log import LogStats
+
+    zero = LogStats(False, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {})
+    first = dataclasses.replace(zero, accepted=10, delivered=10)
+    dip = dataclasses.replace(zero, accepted=12, delivered=9)
+    grown, seen = first.increments_since(zero, ["accepted", "delivered"])
+    assert grown == {"accepted": 10, "delivered": 10}
+    grown, seen = dip.increments_since(seen, ["accepted", "delivered"])
+    assert grown == {"accepted": 2} and seen.delivered == 10
+    grown, _ = dataclasses.replace(zero, accepted=12, delivered=12).increments_since(seen, ["accepted", "delivered"])
+    assert grown == {"delivered": 2}
 
 
 # -- the log, on the real broker ------------------------------------------------------------------------
