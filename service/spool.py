@@ -61,11 +61,16 @@ def in_use(path: Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        return f"spool {path} is in use (held by pid {holder}): two servers cannot share one MLOPS_SPOOL_PATH"
+        return _held_by(path, fd)
     finally:
         os.close(fd)  # closing drops a lock taken here
     return None
+
+
+def _held_by(path: Path, lock_fd: int) -> str:
+    """Why the spool cannot be taken: the pid its owner wrote into the lock file."""
+    holder = os.pread(lock_fd, 64, 0).decode(errors="replace").strip() or "unknown"
+    return f"spool {path} is in use (held by pid {holder}): two servers cannot share one MLOPS_SPOOL_PATH"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -204,10 +209,9 @@ class Spool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            reason = _held_by(self.path, fd)
             os.close(fd)
-            raise SpoolInUse(f"spool {self.path} is in use (held by pid {holder}): two servers cannot "
-                             f"share one MLOPS_SPOOL_PATH") from None
+            raise SpoolInUse(reason) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
