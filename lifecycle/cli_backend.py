@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lifecycle.tracking import Backend, TrackingError, sqlite_file
+from mlops.connections import apply_mlflow_auth, redact_uri, with_db_password
 from mlops.settings import Settings
 
 # A command line gives up on a server within seconds; a user's own MLFLOW_HTTP_* settings still win.
@@ -52,6 +53,9 @@ def fail_fast() -> Iterator[None]:
 def open_backend(uri: str | None, settings: Settings, *, create: bool) -> Backend:
     """The backend ``uri`` names (else the settings' one), after the checks above; raises BackendUnavailable."""
     target = uri or settings.mlflow_uri
+    if target:
+        apply_mlflow_auth(settings)
+        target = with_db_password(target, settings)
     if target and sqlite_file(target) is None:
         check_reachable(target)
         return Backend.for_uri(target, settings.mlflow_experiment)
@@ -102,7 +106,7 @@ def check_reachable(uri: str) -> None:
         try:
             socket.create_connection((parts.hostname, parts.port or DB_PORTS[scheme]), CONNECT_TIMEOUT_S).close()
         except OSError as exc:
-            raise BackendUnavailable(f"cannot reach MLflow's database at {_safe(uri)}: {_reason(exc)}") from None
+            raise BackendUnavailable(f"cannot reach MLflow's database at {redact_uri(uri)}: {_reason(exc)}") from None
 
 
 def _http_answers(uri: str) -> None:
@@ -113,13 +117,13 @@ def _http_answers(uri: str) -> None:
     except requests.exceptions.SSLError:
         return  # a TLS server answered; MLflow applies its own TLS settings
     except requests.exceptions.ConnectTimeout:
-        raise BackendUnavailable(f"cannot reach MLflow at {_safe(uri)}: no connection within "
+        raise BackendUnavailable(f"cannot reach MLflow at {redact_uri(uri)}: no connection within "
                                  f"{CONNECT_TIMEOUT_S:g} s") from None
     except requests.exceptions.ReadTimeout:
-        raise BackendUnavailable(f"cannot reach MLflow at {_safe(uri)}: connected, but no answer within "
+        raise BackendUnavailable(f"cannot reach MLflow at {redact_uri(uri)}: connected, but no answer within "
                                  f"{ANSWER_TIMEOUT_S:g} s") from None
     except requests.exceptions.RequestException as exc:
-        raise BackendUnavailable(f"cannot reach MLflow at {_safe(uri)}: {_reason(exc)}") from None
+        raise BackendUnavailable(f"cannot reach MLflow at {redact_uri(uri)}: {_reason(exc)}") from None
 
 
 def _reason(exc: Exception) -> str:
@@ -128,11 +132,3 @@ def _reason(exc: Exception) -> str:
         return exc.strerror
     found = re.findall(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
     return found[-1].strip() if found else (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-
-
-def _safe(uri: str) -> str:
-    """The URI without a password (it ends up on a terminal)."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 from mlflow.exceptions import MlflowException
 
+from mlops.connections import apply_mlflow_auth, redact_uri, with_db_password
 from mlops.settings import Settings
 
 # Our command lines own stdout (`--json`): MLflow must not print run links there. And nothing here may phone
@@ -40,7 +41,7 @@ class TrackingError(RuntimeError):
 
 @dataclass(frozen=True)
 class Backend:
-    uri: str
+    uri: str = field(repr=False)  # may hold the database password: see display_uri
     artifact_root: str | None = None  # embedded store only; a server chooses its own
     experiment: str = "fraud-detector-training"
     _experiments: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -48,7 +49,8 @@ class Backend:
     @classmethod
     def from_settings(cls, settings: Settings) -> Backend:
         if settings.mlflow_uri:
-            return _cached(settings.mlflow_uri, None, settings.mlflow_experiment)
+            apply_mlflow_auth(settings)
+            return _cached(with_db_password(settings.mlflow_uri, settings), None, settings.mlflow_experiment)
         home = settings.mlflow_dir.resolve()
         home.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{home / 'mlflow.db'}?timeout={SQLITE_BUSY_TIMEOUT_S}"
@@ -73,8 +75,8 @@ class Backend:
 
     @property
     def display_uri(self) -> str:
-        """The URI as `mlflow ui --backend-store-uri` takes it."""
-        return self.uri.split("?", 1)[0]
+        """The URI as `mlflow ui --backend-store-uri` takes it, without a password."""
+        return redact_uri(self.uri.split("?", 1)[0])
 
     def change_token(self) -> tuple[int, ...] | None:
         """Something that changes whenever the embedded SQLite store is written (its files' sizes and mtimes),

@@ -18,12 +18,42 @@ ENV_PREFIX = "MLOPS_"
 DEFAULT_ENV_FILE = Path(".run/services.env")
 
 
+class SettingsError(ValueError):
+    """A setting cannot be used as given (a secret file unreadable or empty, credentials half given)."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     # Local services (written by `mlops-services up`).
     redis_address: str = Field("127.0.0.1:6379", description="host:port of the Redis online store")
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="comma-separated Kafka bootstrap servers")
+
+    # Credentials and TLS of the backends. A secret comes from its ``*_FILE`` (mounted from a Kubernetes
+    # Secret; wins) or from its variable; never logged. Off by default: the local services are loopback-only.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka listener protocol (SASL_SSL: SCRAM or PLAIN credentials over TLS)")
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_ca_file: Path | None = Field(None, description="CA bundle that signed the brokers' certificates")
+    kafka_ssl_cert_file: Path | None = Field(None, description="client certificate (brokers that require mTLS)")
+    kafka_ssl_key_file: Path | None = None
+    redis_username: str | None = Field(None, description="Redis ACL user (unset: the default user)")
+    redis_password: SecretStr | None = None
+    redis_password_file: Path | None = None
+    redis_tls: bool = Field(False, description="connect to Redis over TLS")
+    redis_ca_file: Path | None = Field(None, description="CA bundle that signed Redis's certificate")
+    redis_cert_file: Path | None = Field(None, description="client certificate (a Redis with tls-auth-clients)")
+    redis_key_file: Path | None = None
+    mlflow_username: str | None = Field(None, description="user of an authenticated `mlflow server`")
+    mlflow_password: SecretStr | None = None
+    mlflow_password_file: Path | None = None
+    mlflow_token: SecretStr | None = Field(None, description="bearer token of an authenticated tracking server")
+    mlflow_token_file: Path | None = None
+    mlflow_db_password: SecretStr | None = Field(None, description="password of the database in MLOPS_MLFLOW_URI")
+    mlflow_db_password_file: Path | None = None
 
     # Topics.
     predictions_topic: str = "predictions"
@@ -114,6 +144,8 @@ class Settings(BaseSettings):
     drift_rules_file: Path | None = Field(None, description="YAML/JSON alert rules; built-in defaults when unset")
     drift_eval_interval_s: float = Field(2.0, gt=0)
     drift_metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port of the consumer; 0: off")
+    drift_metrics_host: str = Field("127.0.0.1", description="address the consumer's metrics bind (loopback unless "
+                                    "set: 0.0.0.0 in a pod)")
     drift_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     drift_batch_size: int = Field(10_000, ge=1, le=1_000_000,
                                   description="most messages per poll: one decode/bin pass and one checkpoint each")
@@ -149,18 +181,25 @@ class Settings(BaseSettings):
             return self.kafka_linger_ms
         return 0.0 if self.log_durability == "ack" else 5.0
 
-    def api_token_value(self) -> str | None:
-        """The bearer token, or None when the routes are open. An unreadable or empty file is an error, not
-        an open service."""
-        if self.api_token_file is not None:
+    def secret(self, name: str) -> str | None:
+        """The secret ``name`` (``api_token``, ``redis_password``…): its file's content (trailing newline
+        dropped), else its variable, else None. An unreadable or empty file is an error, never "no secret"."""
+        path: Path | None = getattr(self, f"{name}_file")
+        if path is not None:
+            variable = f"{ENV_PREFIX}{name.upper()}_FILE"
             try:
-                token = self.api_token_file.read_text().strip()
+                value = path.read_text().strip()
             except OSError as exc:
-                raise ValueError(f"MLOPS_API_TOKEN_FILE {self.api_token_file}: {exc.strerror or exc}") from None
-            if not token:
-                raise ValueError(f"MLOPS_API_TOKEN_FILE {self.api_token_file} is empty")
-            return token
-        return self.api_token.get_secret_value() if self.api_token is not None else None
+                raise SettingsError(f"{variable} {path}: {exc.strerror or exc}") from None
+            if not value:
+                raise SettingsError(f"{variable} {path} is empty")
+            return value
+        held: SecretStr | None = getattr(self, name)
+        return held.get_secret_value() if held is not None else None
+
+    def api_token_value(self) -> str | None:
+        """The bearer token, or None when the routes are open."""
+        return self.secret("api_token")
 
     @classmethod
     def load(cls, env_file: Path | None = None) -> Settings:

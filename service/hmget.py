@@ -20,6 +20,7 @@ finding them all busy waits for one, within the same timeout.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Sequence
 
 import hiredis
@@ -34,9 +35,13 @@ def _bulk(value: bytes) -> bytes:
 
 
 class PipelinedHmget:
-    def __init__(self, host: str, port: int, fields: Sequence[bytes | str], timeout_s: float, size: int = 4) -> None:
+    def __init__(self, host: str, port: int, fields: Sequence[bytes | str], timeout_s: float, size: int = 4, *,
+                 tls: ssl.SSLContext | None = None, auth: Sequence[str] | None = None) -> None:
+        """``tls``: connect over TLS with this context; ``auth``: the AUTH command each new connection sends."""
         self.host = host
         self.port = port
+        self._tls = tls
+        self._auth = b"".join([b"*%d\r\n" % len(auth), *(_bulk(a.encode()) for a in auth)]) if auth else None
         self.timeout_s = timeout_s
         encoded = [f.encode() if isinstance(f, str) else f for f in fields]
         self._head = b"*%d\r\n$5\r\nHMGET\r\n" % (2 + len(encoded))
@@ -100,9 +105,30 @@ class PipelinedHmget:
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
-            return await asyncio.open_connection(self.host, self.port)
+            reader, writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self._tls, server_hostname=self.host if self._tls else None)
+        except ssl.SSLError as exc:
+            raise LookupFailed(f"TLS with Redis at {self.host}:{self.port} failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise LookupFailed(f"cannot connect to Redis at {self.host}:{self.port}: {exc}") from None
+        if self._auth is not None:
+            try:
+                writer.write(self._auth)
+                parser = hiredis.Reader()
+                reply = parser.gets()
+                while reply is False:
+                    data = await reader.read(1 << 12)
+                    if not data:
+                        raise EOFError("Redis closed the connection")
+                    parser.feed(data)
+                    reply = parser.gets()
+            except BaseException:
+                writer.close()
+                raise
+            if isinstance(reply, hiredis.ReplyError):
+                writer.close()
+                raise LookupFailed(f"Redis refused the credentials: {reply}")
+        return reader, writer
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []

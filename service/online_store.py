@@ -32,6 +32,7 @@ from feast.protos.feast.types.Value_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import RedisError
 
+from mlops.connections import feast_connection_string, redis_auth_command, redis_pool_options, redis_ssl_context
 from mlops.schema import ENTITY, FEATURE_VIEW, STORE_FEATURES
 from mlops.settings import Settings
 from service.hmget import LookupFailed, PipelinedHmget
@@ -50,10 +51,15 @@ class Row:
 
 
 def repo_config(settings: Settings) -> RepoConfig:
-    """The repo's ``feature_store.yaml`` with the Redis address taken from settings, not the process env."""
+    """The repo's ``feature_store.yaml`` with the Redis connection (address, credentials, TLS) taken from
+    settings, not the process env."""
     repo = settings.feature_repo.resolve()
     text = (repo / "feature_store.yaml").read_text()
-    raw = yaml.safe_load(string.Template(text).safe_substitute(MLOPS_REDIS_ADDRESS=settings.redis_address))
+    raw = yaml.safe_load(text)
+    if isinstance(raw, dict) and isinstance(raw.get("online_store"), dict):
+        raw["online_store"]["connection_string"] = feast_connection_string(settings)
+    else:
+        raw = yaml.safe_load(string.Template(text).safe_substitute(MLOPS_REDIS_ADDRESS=settings.redis_address))
     config = RepoConfig(**raw)
     config.repo_path = repo
     return config
@@ -80,11 +86,12 @@ class OnlineStore:
         # A blocking pool: with batching off every request looks up on its own, and a plain pool answers the
         # 65th concurrent lookup with "Too many connections" (a 503) instead of a short wait for a connection.
         pool = aioredis.BlockingConnectionPool(
-            host=settings.redis_host, port=settings.redis_port, socket_timeout=timeout,
-            socket_connect_timeout=timeout, max_connections=64, timeout=timeout,
+            **redis_pool_options(settings), socket_timeout=timeout, socket_connect_timeout=timeout,
+            max_connections=64, timeout=timeout,
         )
         self._client = aioredis.Redis(connection_pool=pool, retry=None)
-        self._hmget = PipelinedHmget(settings.redis_host, settings.redis_port, self._fields, timeout)
+        self._hmget = PipelinedHmget(settings.redis_host, settings.redis_port, self._fields, timeout,
+                                     tls=redis_ssl_context(settings), auth=redis_auth_command(settings))
         self.check_interval_s = settings.online_store_check_s
         self.up = False
         self.empty = True

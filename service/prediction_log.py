@@ -39,7 +39,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -93,9 +93,11 @@ class LogStats:
         return {f: n for f, n in grown.items() if n > 0}, dataclasses.replace(self, **high)
 
 
-def producer_config(bootstrap: str, queue_size: int, linger_ms: float, compression: str) -> dict[str, Any]:
+def producer_config(connection: str | Mapping[str, Any], queue_size: int, linger_ms: float,
+                    compression: str) -> dict[str, Any]:
+    """``connection``: the bootstrap servers, or ``mlops.connections.kafka_config`` (credentials and TLS)."""
     return {
-        "bootstrap.servers": bootstrap,
+        **({"bootstrap.servers": connection} if isinstance(connection, str) else connection),
         "enable.idempotence": True,  # implies acks=all, bounded in-flight requests, no reordering
         "acks": "all",
         "message.timeout.ms": 0,  # never expire: a message is delivered, or still held, or purged on close
@@ -189,11 +191,12 @@ class Confirmation:
 
 
 class PredictionLog:
-    def __init__(self, bootstrap: str, topic: str, spool: Spool, *, queue_size: int = 100_000,
+    def __init__(self, connection: str | Mapping[str, Any], topic: str, spool: Spool, *, queue_size: int = 100_000,
                  linger_ms: float = 5.0, compression: str = "lz4", full_policy: FullPolicy = "reject",
                  probe_interval_s: float = 1.0, stall_s: float = 10.0, replay_chunk: int = 5_000,
                  durability: Durability = "async", ack_timeout_s: float = 2.0) -> None:
-        self.bootstrap = bootstrap
+        self._config = producer_config(connection, queue_size, linger_ms, compression)
+        self.bootstrap: str = self._config["bootstrap.servers"]
         self.topic = topic
         self.spool = spool
         self.full_policy = full_policy
@@ -205,7 +208,7 @@ class PredictionLog:
         self.queue_size = queue_size
         self.durability = durability
         self.ack_timeout_s = ack_timeout_s
-        self._config = {**producer_config(bootstrap, queue_size, linger_ms, compression), "error_cb": self._on_error}
+        self._config["error_cb"] = self._on_error
         self._producer = self._live_producer()
         self._retiring: list[tuple[Producer, float]] = []  # replaced producers, purged again until quiet
         self._replayer: Producer | None = None  # a producer of its own, with a report per message, for replay

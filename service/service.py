@@ -13,6 +13,7 @@ service exports its own metrics on ``/metrics``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import bentoml
 from bentoml._internal.container import BentoMLContainer
 
+from mlops import connections
 from mlops.settings import Settings
 from service import bentoml_fixes, contract, fast_http, fast_path, metrics, port_guard
 from service.grpc_api import GrpcServer, PortInUse, http_host
@@ -49,7 +51,8 @@ def _spools_free() -> str | None:
 
 
 if bentoml.server_context.worker_index is None:  # `bentoml serve` itself, before it starts any worker
-    port_guard.preflight(settings.grpc_host, settings.grpc_port, other_checks=[_spools_free])
+    port_guard.preflight(settings.grpc_host, settings.grpc_port,
+                         other_checks=[functools.partial(connections.check, settings), _spools_free])
 for _package in ("service", "mlops", "lifecycle"):  # BentoML's logging config leaves the root at WARNING
     logging.getLogger(_package).setLevel(settings.log_level)
 log = logging.getLogger(__name__)
@@ -119,7 +122,7 @@ class Runtime:
             if adopted:
                 log.info("took over %d spooled events of workers that no longer run", adopted)
         self.prediction_log = PredictionLog(
-            s.kafka_bootstrap, s.predictions_topic, spool, queue_size=s.publish_queue_size,
+            connections.kafka_config(s), s.predictions_topic, spool, queue_size=s.publish_queue_size,
             linger_ms=s.linger_ms, compression=s.kafka_compression, full_policy=s.spool_full_policy,
             probe_interval_s=s.kafka_retry_interval_s, durability=s.log_durability,
             ack_timeout_s=s.log_ack_timeout_ms / 1000,

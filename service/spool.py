@@ -67,6 +67,20 @@ def in_use(path: Path) -> str | None:
     return None
 
 
+def pending_on_disk(path: Path) -> int:
+    """Bytes of the spool at ``path`` not replayed yet, read from its file and cursor without taking it over
+    (its owner may be running: the answer can lag the owner by one cursor write, half a second)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    try:
+        cursor = int(path.with_name(path.name + ".cursor").read_text().strip() or 0)
+    except (OSError, ValueError):
+        cursor = 0
+    return max(0, size - cursor)
+
+
 def _held_by(path: Path, lock_fd: int) -> str:
     """Why the spool cannot be taken: the pid its owner wrote into the lock file."""
     holder = os.pread(lock_fd, 64, 0).decode(errors="replace").strip() or "unknown"

@@ -26,7 +26,8 @@ import redis
 from prometheus_client import start_http_server
 
 from mlops.cli_args import OneLineParser
-from mlops.settings import ENV_PREFIX, Settings
+from mlops.connections import kafka_config, redis_options
+from mlops.settings import ENV_PREFIX, Settings, SettingsError
 from streaming.consumer import ConsumerConfig, DriftConsumer, ProfileCache, load_profile_from_store
 from streaming.rules import RulesError, RuleSet
 from streaming.state_store import StateStore
@@ -68,9 +69,8 @@ def port_number(text: str) -> int:
     return value
 
 
-def serve_metrics(port: int, local: bool, from_flag: bool) -> None:
+def serve_metrics(port: int, addr: str, from_flag: bool) -> None:
     """The Prometheus endpoint, or a StartupError saying which port and how to choose another."""
-    addr = "127.0.0.1" if local else "0.0.0.0"
     try:
         start_http_server(port, addr=addr)
     except OSError as exc:
@@ -94,7 +94,7 @@ def consume(args: argparse.Namespace, settings: Settings) -> int:
         raise StartupError(f"--window-seconds ({window.window_seconds:g}) must be at least --slot-seconds "
                            f"({window.slot_seconds:g})")
     config = ConsumerConfig(
-        bootstrap=settings.kafka_bootstrap, topic=settings.predictions_topic, alerts_topic=settings.alerts_topic,
+        bootstrap=kafka_config(settings), topic=settings.predictions_topic, alerts_topic=settings.alerts_topic,
         dlq_topic=settings.dlq_topic, group_id=args.group or settings.drift_group_id, window=window,
         eval_interval_s=settings.drift_eval_interval_s, auto_offset_reset=settings.drift_auto_offset_reset,
         batch_size=settings.drift_batch_size, backoff_max_s=settings.drift_backoff_max_s,
@@ -102,10 +102,10 @@ def consume(args: argparse.Namespace, settings: Settings) -> int:
     )
     port = settings.drift_metrics_port if args.metrics_port is None else args.metrics_port
     if port:
-        serve_metrics(port, args.metrics_local, from_flag=args.metrics_port is not None)
+        serve_metrics(port, "127.0.0.1" if args.metrics_local else settings.drift_metrics_host,
+                      from_flag=args.metrics_port is not None)
     # Timeouts so that a Redis that stops answering is an error to retry, never a hang.
-    client = redis.Redis(host=settings.redis_host, port=settings.redis_port, socket_timeout=5,
-                         socket_connect_timeout=2)
+    client = redis.Redis(**redis_options(settings), socket_timeout=5, socket_connect_timeout=2)
     consumer = DriftConsumer(config, rules, StateStore(client, config.group_id, config.topic),
                              ProfileCache(load_profile_from_store))
     signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
@@ -118,8 +118,7 @@ def consume(args: argparse.Namespace, settings: Settings) -> int:
 def follow_alerts(args: argparse.Namespace, settings: Settings) -> int:
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "mlops-drift-alerts",
-                         "enable.auto.commit": False})
+    consumer = Consumer({**kafka_config(settings), "group.id": "mlops-drift-alerts", "enable.auto.commit": False})
     deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
     try:
         topic = consumer.list_topics(settings.alerts_topic, timeout=10).topics[settings.alerts_topic]
@@ -148,8 +147,7 @@ def write_report(args: argparse.Namespace, settings: Settings) -> int:
     try:
         rules = RuleSet.load(Path(args.rules or settings.drift_rules_file)) \
             if (args.rules or settings.drift_rules_file) else RuleSet.default()
-        client = redis.Redis(host=settings.redis_host, port=settings.redis_port, socket_timeout=5,
-                             socket_connect_timeout=2)
+        client = redis.Redis(**redis_options(settings), socket_timeout=5, socket_connect_timeout=2)
         store = StateStore(client, args.group or settings.drift_group_id, settings.predictions_topic)
         spec = WindowSpec(slot_seconds=args.slot_seconds or settings.drift_slot_seconds, window_seconds=args.window)
         report = live_report.build(store, spec, ProfileCache(load_profile_from_store).get, rules, args.model)
@@ -179,7 +177,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     c.add_argument("--slot-seconds", type=positive_float)
     c.add_argument("--max-events", type=positive_int)
     c.add_argument("--metrics-port", type=port_number, help="Prometheus port (0: none; default 9108)")
-    c.add_argument("--metrics-local", action="store_true", help="serve metrics on 127.0.0.1 only")
+    c.add_argument("--metrics-local", action="store_true",
+                   help="serve metrics on 127.0.0.1 whatever MLOPS_DRIFT_METRICS_HOST says (the default already)")
     c.add_argument("--max-seconds", type=positive_float, help="stop after this long (default: run until SIGTERM)")
     a = sub.add_parser("alerts", help="print drift alerts as they arrive")
     a.add_argument("--from-beginning", action="store_true")
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"consume": consume, "alerts": follow_alerts, "report": write_report}
     try:
         return commands[args.command](args, load_settings())
-    except StartupError as exc:
+    except (StartupError, SettingsError) as exc:
         print(f"mlops-drift: {exc}", file=sys.stderr)
         return 2
 

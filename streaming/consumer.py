@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -54,7 +55,7 @@ HIGH_QUERY_S = 5.0  # how often the high watermarks of partitions not being fetc
 
 @dataclass
 class ConsumerConfig:
-    bootstrap: str
+    bootstrap: str | Mapping[str, Any] = field(repr=False)  # the servers, or mlops.connections.kafka_config
     topic: str = "predictions"
     alerts_topic: str = "drift-alerts"
     dlq_topic: str = "predictions-dlq"

@@ -11,6 +11,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -42,9 +43,15 @@ librdkafka_log = logging.getLogger("librdkafka")
 librdkafka_log.addFilter(RepeatFilter())
 
 
-def consumer_config(bootstrap: str, group_id: str, auto_offset_reset: str, **callbacks: Any) -> dict[str, Any]:
+def _connection(connection: str | Mapping[str, Any]) -> dict[str, Any]:
+    """The bootstrap servers, or ``mlops.connections.kafka_config`` (credentials and TLS) as it is."""
+    return {"bootstrap.servers": connection} if isinstance(connection, str) else dict(connection)
+
+
+def consumer_config(connection: str | Mapping[str, Any], group_id: str, auto_offset_reset: str,
+                    **callbacks: Any) -> dict[str, Any]:
     return {
-        "bootstrap.servers": bootstrap,
+        **_connection(connection),
         "group.id": group_id,
         "enable.auto.commit": False,  # offsets are committed only after the Redis checkpoint holds them
         "enable.auto.offset.store": False,
@@ -62,11 +69,11 @@ def consumer_config(bootstrap: str, group_id: str, auto_offset_reset: str, **cal
     }
 
 
-def producer_config(bootstrap: str, **callbacks: Any) -> dict[str, Any]:
+def producer_config(connection: str | Mapping[str, Any], **callbacks: Any) -> dict[str, Any]:
     """Alerts and dead letters: acks from all replicas, idempotent (a retry never duplicates), and no delivery
     timeout, so a message waits out a broker outage of any length instead of failing."""
     return {
-        "bootstrap.servers": bootstrap,
+        **_connection(connection),
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": 5,

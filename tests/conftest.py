@@ -24,7 +24,7 @@ tempfile.tempdir = None  # recomputed from TMPDIR
 
 import pytest  # noqa: E402
 
-from tests.harness import Workspace, prepare_workspace, start_server  # noqa: E402
+from tests.harness import MLFLOW_CREDENTIALS, Workspace, prepare_workspace, server_backend, start_server  # noqa: E402
 
 # Helpers Python's multiprocessing starts for this pytest process itself; they end when it does.
 OWN_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
@@ -76,14 +76,25 @@ def services():
 @pytest.fixture(scope="session")
 def mlflow_server() -> str:
     """``mlflow server`` on PostgreSQL (started only by the tests that ask), in a run folder of its own so the
-    default services env keeps the embedded store. Yields its URI."""
+    default services env keeps the embedded store. Yields its URI.
+
+    Secured, as a shared registry is in production: MLflow's basic-auth app in front, PostgreSQL with SCRAM
+    passwords behind it. The stack's credentials (user + password file) are put in this process's
+    environment, so every lifecycle test on this server also checks that they reach MLflow's client; a
+    client without them gets 401 (tests/test_secured_stack.py)."""
     from tools import services as svc
 
     run_dir = WORKSPACE / "run-mlflow"
     try:
-        state = svc.up(run_dir, with_=("mlflow",), only="mlflow")
+        state = svc.up(run_dir, with_=("mlflow",), only="mlflow", secure=True)
+        sec = svc.RunDir(run_dir).security(state)
+        assert sec is not None
+        os.environ.update({"MLOPS_MLFLOW_USERNAME": svc.MLFLOW_ADMIN,
+                           "MLOPS_MLFLOW_PASSWORD_FILE": str(sec.file("mlflow"))})
         yield f"http://127.0.0.1:{state['mlflow']['port']}"
     finally:
+        for key in MLFLOW_CREDENTIALS:
+            os.environ.pop(key, None)
         svc.down(run_dir, purge=True)
 
 
@@ -107,4 +118,5 @@ def mlflow_backend(request, tmp_path):
 
     if request.param == "sqlite":
         return Backend.for_uri(str(tmp_path / "mlflow.db"))
-    return Backend.for_uri(request.getfixturevalue("mlflow_server"))
+    return server_backend(request.getfixturevalue("mlflow_server"))
+

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lifecycle.tracking import Backend
+from mlops.connections import apply_mlflow_auth
+from mlops.settings import Settings
 from streaming import process as consumer_process
 from streaming.process import ConsumerProcess
 from tools import server_process
@@ -16,7 +19,17 @@ N_CUSTOMERS = 400
 N_TRANSACTIONS = 8_000
 
 __all__ = ["ConsumerProcess", "Workspace", "prepare_workspace", "start_server", "start_consumer", "metric_value",
-           "feast_features"]
+           "feast_features", "server_backend", "MLFLOW_CREDENTIALS"]
+
+
+# Credentials of the secured MLflow server, as a deployment hands them to the stack (conftest's mlflow_server).
+MLFLOW_CREDENTIALS = ("MLOPS_MLFLOW_USERNAME", "MLOPS_MLFLOW_PASSWORD_FILE")
+
+
+def server_backend(uri: str) -> Backend:
+    """The backend of the secured MLflow server, its credentials taken from the settings (the service's path)."""
+    apply_mlflow_auth(Settings())
+    return Backend.for_uri(uri)
 
 
 def prepare_workspace(root: Path, run_dir: Path) -> Workspace:

@@ -41,14 +41,18 @@ def busy_port():
 
 
 def test_busy_metrics_port_is_one_line_and_exit_2(busy_port):
+    """Loopback by default; a pod sets MLOPS_DRIFT_METRICS_HOST=0.0.0.0."""
     result = mlops_drift("consume", "--metrics-port", str(busy_port), "--max-seconds", "5")
-    assert_one_line(result, f"cannot serve metrics on 0.0.0.0:{busy_port}")
+    assert_one_line(result, f"cannot serve metrics on 127.0.0.1:{busy_port}")
     assert "--metrics-port" in result.stderr
+    result = mlops_drift("consume", "--metrics-port", str(busy_port), "--max-seconds", "5",
+                         env={"MLOPS_DRIFT_METRICS_HOST": "0.0.0.0"})
+    assert_one_line(result, f"cannot serve metrics on 0.0.0.0:{busy_port}")
 
 
 def test_busy_metrics_port_from_the_environment(busy_port):
     result = mlops_drift("consume", "--metrics-local", "--max-seconds", "5",
-                         env={"MLOPS_DRIFT_METRICS_PORT": str(busy_port)})
+                         env={"MLOPS_DRIFT_METRICS_PORT": str(busy_port), "MLOPS_DRIFT_METRICS_HOST": "0.0.0.0"})
     assert_one_line(result, f"cannot serve metrics on 127.0.0.1:{busy_port}")
 
 

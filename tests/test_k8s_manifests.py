@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
+from pathlib import PurePosixPath
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from tools import manifests
 from tools.services import TOPICS
 
 OVERLAYS = manifests.overlays()
+SECRETS_DIR = "/etc/mlops/secrets"
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,8 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
 
 
 def by_name(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].startswith(name)]
+    found = [o for o in objects if o["kind"] == kind and (o["metadata"]["name"] == name or (
+        kind == "ConfigMap" and o["metadata"]["name"].startswith(name + "-")))]  # a generated name has a hash
     assert len(found) == 1, f"{kind}/{name}: {len(found)} objects"
     return found[0]
 
@@ -44,8 +47,8 @@ def test_overlay_is_valid_kubernetes_and_keeps_the_invariants(rendered, overlay)
     assert manifests.validate_schema(objects) == []
     assert manifests.check_invariants(objects) == []
     kinds = {o["kind"] for o in objects}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap", "CronJob",
-            "NetworkPolicy"} <= kinds
+    assert {"StatefulSet", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
+            "CronJob", "NetworkPolicy"} <= kinds
     assert all(o["metadata"].get("namespace") == "mlops" for o in objects)
 
 
@@ -56,17 +59,17 @@ def test_the_cli_reports_valid_overlays(capsys):
 
 
 def test_schema_validation_rejects_a_misspelt_field_and_a_wrong_type(rendered):
-    deployment = copy.deepcopy(by_name(rendered["production"], "Deployment", "fraud-detector"))
-    container(deployment)["readinesProbe"] = container(deployment).pop("readinessProbe")
+    serving = copy.deepcopy(by_name(rendered["production"], "StatefulSet", "fraud-detector"))
+    container(serving)["readinesProbe"] = container(serving).pop("readinessProbe")
     service = copy.deepcopy(by_name(rendered["production"], "Service", "fraud-detector"))
     service["spec"]["ports"][0]["port"] = "eighty"
-    problems = manifests.validate_schema([deployment, service])
-    assert any("Deployment/fraud-detector" in p and "readinesProbe" in p for p in problems), problems
+    problems = manifests.validate_schema([serving, service])
+    assert any("StatefulSet/fraud-detector" in p and "readinesProbe" in p for p in problems), problems
     assert any("Service/fraud-detector" in p and "ports/0/port" in p for p in problems), problems
 
 
 def test_invariant_checks_catch_unpinned_privileged_and_unprobed_containers(rendered):
-    deployment = copy.deepcopy(by_name(rendered["production"], "Deployment", "fraud-detector"))
+    deployment = copy.deepcopy(by_name(rendered["production"], "StatefulSet", "fraud-detector"))
     c = container(deployment)
     c["image"] = "registry.example.com/mlops/fraud_detector:latest"
     c["securityContext"]["privileged"] = True
@@ -78,27 +81,59 @@ def test_invariant_checks_catch_unpinned_privileged_and_unprobed_containers(rend
     assert not manifests.image_pinned("repo/app") and not manifests.image_pinned("localhost:5000/app")
 
 
-def test_serving_deployment_rolls_without_losing_capacity_and_drains(rendered):
+def test_serving_keeps_its_spool_on_a_claim_of_its_own_and_drains(rendered):
+    """A StatefulSet: each pod's spool on the claim of its ordinal (kept when the pod goes, also on scale-in),
+    so a pod deleted during a Kafka outage leaves its answered predictions to the pod that takes the ordinal
+    next; preStop keeps serving while endpoints drop the pod, then waits for the spool to empty."""
     objects = rendered["production"]
-    deployment = by_name(objects, "Deployment", "fraud-detector")
-    spec = deployment["spec"]
-    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    c = container(deployment)
+    serving = by_name(objects, "StatefulSet", "fraud-detector")
+    spec = serving["spec"]
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    claims = {t["metadata"]["name"]: t["spec"] for t in spec["volumeClaimTemplates"]}
+    assert claims["spool"]["accessModes"] == ["ReadWriteOnce"]
+    c = container(serving)
+    spool_dir = PurePosixPath(by_name(objects, "ConfigMap", "mlops-config")["data"]["MLOPS_SPOOL_PATH"]).parent
+    assert {"name": "spool", "mountPath": str(spool_dir)} in c["volumeMounts"]
+    assert "spool" not in {v["name"] for v in spec["template"]["spec"].get("volumes", [])}  # not an emptyDir
+    headless = by_name(objects, "Service", spec["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
     # readiness through the standard gRPC health service, which follows /readyz (tests/test_grpc.py)
     assert c["readinessProbe"]["grpc"] == {"port": 3001, "service": "mlops.fraud.v1.FraudDetector"}
     assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert c["startupProbe"]["httpGet"]["path"] == "/livez"
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep" and int(pre_stop[1]) + 30 <= spec["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert pre_stop[:3] == ["python", "-m", "service.drain"]
+    waits = float(pre_stop[pre_stop.index("--settle") + 1]) + float(pre_stop[pre_stop.index("--timeout") + 1])
+    assert waits + 15 <= spec["template"]["spec"]["terminationGracePeriodSeconds"]  # time left for the flush
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": 3000, "grpc": 3001}
     service = by_name(objects, "Service", "fraud-detector")
     assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http", "grpc"}
     assert [p["appProtocol"] for p in service["spec"]["ports"] if p["name"] == "grpc"] == ["grpc"]
     hpa = by_name(objects, "HorizontalPodAutoscaler", "fraud-detector")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == "fraud-detector" and hpa["spec"]["minReplicas"] >= 2
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "fraud-detector"}
+    assert hpa["spec"]["minReplicas"] >= 3 and spec["replicas"] >= 3  # a roll takes one pod out of three
     pdb = by_name(objects, "PodDisruptionBudget", "fraud-detector")
     assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]  # a drain can always evict one pod
+
+
+def test_credentials_are_secret_files_and_production_secures_every_connection(rendered):
+    for overlay, objects in rendered.items():
+        for workload in (o for o in objects if manifests.pod_spec(o)):
+            spec = manifests.pod_spec(workload)
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            assert volumes["secrets"]["secret"]["secretName"] == "mlops-secrets", manifests.name_of(workload)
+            for _, c in manifests.containers(workload):
+                assert {"name": "secrets", "mountPath": SECRETS_DIR, "readOnly": True} in c["volumeMounts"]
+                assert not any("secretRef" in source for source in c["envFrom"])  # files, not variables
+        config = by_name(objects, "ConfigMap", "mlops-config")["data"]
+        assert config["MLOPS_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL" and config["MLOPS_REDIS_TLS"] == "true"
+        files = {k: v for k, v in config.items() if k.endswith("_FILE")}
+        assert {"MLOPS_KAFKA_SASL_PASSWORD_FILE", "MLOPS_REDIS_PASSWORD_FILE", "MLOPS_MLFLOW_PASSWORD_FILE",
+                "MLOPS_API_TOKEN_FILE"} <= set(files), overlay
+        assert all(v.startswith(SECRETS_DIR + "/") for v in files.values()), files
+        assert not any(k in config for k in ("MLOPS_KAFKA_SASL_PASSWORD", "MLOPS_REDIS_PASSWORD", "MLOPS_API_TOKEN"))
+        assert config["MLOPS_DRIFT_METRICS_HOST"] == "0.0.0.0"  # in a pod; loopback is the default elsewhere
 
 
 def test_selectors_match_the_pods_they_mean(rendered):
@@ -114,7 +149,7 @@ def test_selectors_match_the_pods_they_mean(rendered):
         return [n for n, (_, o) in pods.items() if selector.items() <= template_labels(o).items()]
 
     for o in objects:
-        if o["kind"] in ("PodDisruptionBudget", "Deployment"):
+        if o["kind"] in ("PodDisruptionBudget", "Deployment", "StatefulSet"):
             assert selects(o["spec"]["selector"]["matchLabels"]) == [o["metadata"]["name"]]
         if o["kind"] == "Service":
             assert selects(o["spec"]["selector"]) == ["fraud-detector"]
@@ -147,8 +182,8 @@ def test_feast_materialisation_cronjob(rendered):
     job = by_name(rendered["production"], "CronJob", "feast-materialize")
     assert job["spec"]["concurrencyPolicy"] == "Forbid"
     c = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert "feast materialize-incremental" in " ".join(c["command"])
-    assert c["workingDir"].endswith("/src/feature_repo")
+    assert "python -m tools.feast_cli --repo feature_repo materialize-incremental" in " ".join(c["command"])
+    assert c["workingDir"].endswith("/src")
 
 
 def test_config_map_holds_only_real_settings(rendered):
@@ -173,12 +208,12 @@ def test_images_are_the_project_version(rendered):
 
 def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_provider(rendered):
     gpu, cpu = rendered["gpu"], rendered["production"]
-    serving = container(by_name(gpu, "Deployment", "fraud-detector"))
+    serving = container(by_name(gpu, "StatefulSet", "fraud-detector"))
     assert serving["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "fraud_detector_gpu" in serving["image"]
     assert by_name(gpu, "ConfigMap", "mlops-config")["data"]["MLOPS_ONNX_PROVIDER"] == "cuda"
     assert "fraud_detector_gpu" not in container(by_name(gpu, "Deployment", "drift-consumer"))["image"]
-    assert "nvidia.com/gpu" not in container(by_name(cpu, "Deployment", "fraud-detector"))["resources"]["limits"]
+    assert "nvidia.com/gpu" not in container(by_name(cpu, "StatefulSet", "fraud-detector"))["resources"]["limits"]
     assert by_name(cpu, "ConfigMap", "mlops-config")["data"]["MLOPS_ONNX_PROVIDER"] == "cpu"
 
 

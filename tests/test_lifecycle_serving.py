@@ -3,6 +3,7 @@ replicas following one registry on the MLflow server (PostgreSQL)."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections import Counter
@@ -15,7 +16,7 @@ from lifecycle.registry import Registry
 from lifecycle.tracking import Backend
 from lifecycle.train import register as store_model
 from lifecycle.train import train
-from tests.harness import metric_value, start_server
+from tests.harness import MLFLOW_CREDENTIALS, metric_value, server_backend, start_server
 from tools.kafka_read import read_events
 from tools.traffic import Traffic
 
@@ -37,8 +38,9 @@ def stored(backend: Backend, trained) -> str:
 
 
 def follower_env(backend: Backend, name: str, **extra: str) -> dict[str, str]:
+    credentials = {k: os.environ[k] for k in MLFLOW_CREDENTIALS if k in os.environ}  # a secured server's
     return {"MLOPS_MODEL_VERSION": "", "MLOPS_MODEL_NAME": name, "MLOPS_MLFLOW_URI": backend.uri,
-            "MLOPS_REGISTRY_POLL_S": "0.5", **extra}
+            "MLOPS_REGISTRY_POLL_S": "0.5", **credentials, **extra}
 
 
 def takeover(traffic: Traffic, since: float, version: str) -> float:
@@ -125,7 +127,7 @@ def test_canary_share_goes_to_staging_with_per_version_metrics(workspace, traine
 
 def test_two_replicas_follow_one_registry_on_the_mlflow_server(workspace, trained, mlflow_server):
     """Many hosts: the registry is `mlflow server` on PostgreSQL; two replicas follow it, with no failed request."""
-    backend = Backend.for_uri(mlflow_server)
+    backend = server_backend(mlflow_server)
     reg = Registry(backend)
     name = stored(backend, trained)
     reg.register(name, "v1")

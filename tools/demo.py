@@ -20,6 +20,7 @@ import httpx
 from lifecycle import data as datamod
 from lifecycle.registry import Registry
 from lifecycle.tracking import Backend
+from mlops.connections import kafka_config
 from mlops.settings import Settings
 from streaming import process as consumer_process
 from tools import server_process, workspace
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"model={answer['model_name']}:{answer['model_version']} latency={answer['latency_ms']:.1f}ms")
 
         step(f"reading the prediction events back from Kafka topic '{settings.predictions_topic}'")
-        events = read_events(settings.kafka_bootstrap, settings.predictions_topic, ids, timeout=60, settle=0.5)
+        events = read_events(kafka_config(settings), settings.predictions_topic, ids, timeout=60, settle=0.5)
         for event in events:
             print(json.dumps(event, sort_keys=True))
         if {e["request_id"] for e in events} != ids:
@@ -172,7 +173,7 @@ def demo_drift(ws: workspace.Workspace, url: str, run_dir: Path) -> list[dict]:
         {**ws.env, "MLOPS_DRIFT_EVAL_INTERVAL_S": "0.5"}, run_dir / "drift-consumer.log", 0,
         "--group", group, "--slot-seconds", "1", "--window-seconds", "60", "--max-events", "600",
     )
-    alerts_reader = Consumer({"bootstrap.servers": ws.settings.kafka_bootstrap, "group.id": f"{group}-reader",
+    alerts_reader = Consumer({**kafka_config(ws.settings), "group.id": f"{group}-reader",
                               "enable.auto.commit": False, "log_level": 2})
     topic = ws.settings.alerts_topic
     partitions = alerts_reader.list_topics(topic, timeout=30).topics[topic].partitions

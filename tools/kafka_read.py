@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 
-def read_events(bootstrap: str, topic: str, wanted: set[str], timeout: float = 60, settle: float = 2.0,
-                key: str = "request_id") -> list[dict[str, Any]]:
+def read_events(bootstrap: str | Mapping[str, Any], topic: str, wanted: set[str], timeout: float = 60,
+                settle: float = 2.0, key: str = "request_id") -> list[dict[str, Any]]:
     """Every event on ``topic`` whose ``key`` is in ``wanted``, from the start of the topic.
 
     Waits until each wanted id was seen, then ``settle`` seconds more so that duplicates would show.
+    ``bootstrap``: the servers, or ``mlops.connections.kafka_config`` (credentials and TLS).
     """
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+    connection = {"bootstrap.servers": bootstrap} if isinstance(bootstrap, str) else bootstrap
+    consumer = Consumer({**connection, "group.id": f"reader-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "log_level": 2})
     try:
         metadata = consumer.list_topics(topic, timeout=30).topics[topic]

@@ -11,16 +11,21 @@ reads. Process ids live in ``<run-dir>/services.json`` so that ``down`` (or the 
 stray process behind. A service restarted with ``up --only kafka`` keeps its port and data, which is what
 the broker-outage tests rely on.
 
-    python -m tools.services up|down|status [--only redis|kafka|postgres|mlflow] [--with mlflow] [--run-dir .run]
+``up --secure`` starts the same services with TLS and passwords everywhere (see :func:`up`).
+
+    python -m tools.services up|down|status [--only redis|kafka|postgres|mlflow] [--with mlflow] [--secure]
+                                            [--run-dir .run]
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +35,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from tools import certs
 
 ROOT = Path(__file__).resolve().parents[1]
 KAFKA_POM = ROOT / "scripts" / "kafka" / "pom.xml"
@@ -42,6 +49,9 @@ OPTIONAL = ("postgres", "mlflow")
 REQUIRES = {"mlflow": ("postgres",)}
 PG_DATABASE = "mlflow"
 PG_USER = "mlflow"
+# The account every part of the stack uses on the secured services (`up --secure`); Kafka's broker has its own.
+SECURE_USER = "mlops"
+MLFLOW_ADMIN = "admin"
 # Topics the stack uses, with their partition counts (more partitions let drift consumers scale out).
 TOPICS = {"predictions": 3, "drift-alerts": 1, "predictions-dlq": 1}
 
@@ -70,16 +80,74 @@ class RunDir:
     def save(self, state: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps(state, indent=2))
+        sec = self.security(state)
         lines = []
         if "redis" in state:
             lines.append(f"MLOPS_REDIS_ADDRESS=127.0.0.1:{state['redis']['port']}")
+            if sec:
+                lines += ["MLOPS_REDIS_TLS=true", f"MLOPS_REDIS_CA_FILE={sec.tls.ca}",
+                          f"MLOPS_REDIS_USERNAME={SECURE_USER}", f"MLOPS_REDIS_PASSWORD_FILE={sec.file('redis')}"]
         if "kafka" in state:
             lines.append(f"MLOPS_KAFKA_BOOTSTRAP=127.0.0.1:{state['kafka']['port']}")
+            if sec:
+                lines += ["MLOPS_KAFKA_SECURITY_PROTOCOL=SASL_SSL", "MLOPS_KAFKA_SASL_MECHANISM=SCRAM-SHA-512",
+                          f"MLOPS_KAFKA_SASL_USERNAME={SECURE_USER}",
+                          f"MLOPS_KAFKA_SASL_PASSWORD_FILE={sec.file('kafka')}",
+                          f"MLOPS_KAFKA_SSL_CA_FILE={sec.tls.ca}"]
         if "postgres" in state:
             lines.append(f"MLOPS_POSTGRES_ADDRESS=127.0.0.1:{state['postgres']['port']}")
+            if sec:
+                lines.append(f"MLOPS_MLFLOW_DB_PASSWORD_FILE={sec.file('postgres')}")
         if "mlflow" in state:
             lines.append(f"MLOPS_MLFLOW_URI=http://127.0.0.1:{state['mlflow']['port']}")
+            if sec:
+                lines += [f"MLOPS_MLFLOW_USERNAME={MLFLOW_ADMIN}", f"MLOPS_MLFLOW_PASSWORD_FILE={sec.file('mlflow')}"]
         self.env_file.write_text("\n".join(lines) + "\n")
+
+    def security(self, state: dict) -> Security | None:
+        """The credentials and TLS files of a run folder started with ``up --secure``."""
+        return Security(self.path / "secrets") if state.get("secure") else None
+
+
+@dataclass(frozen=True)
+class Security:
+    """Passwords (one file each, owner-only) and TLS files of the secured services. Made once per run folder:
+    a restart keeps them, so clients holding the files keep connecting."""
+
+    folder: Path
+    NAMES = ("redis", "kafka", "kafka-broker", "postgres", "mlflow")
+
+    @property
+    def tls(self) -> certs.TlsFiles:
+        return certs.TlsFiles(self.folder.resolve() / "tls")
+
+    def file(self, name: str) -> Path:
+        return (self.folder / f"{name}-password").resolve()
+
+    def password(self, name: str) -> str:
+        return self.file(name).read_text().strip()
+
+    @classmethod
+    def make(cls, folder: Path) -> Security:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        sec = cls(folder)
+        for name in cls.NAMES:
+            path = sec.file(name)
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(secrets.token_urlsafe(24) + "\n")
+        certs.make(folder / "tls")
+        return sec
+
+    def redis_client_options(self) -> dict:
+        return {"ssl": True, "ssl_ca_certs": str(self.tls.ca), "username": SECURE_USER,
+                "password": self.password("redis")}
+
+    def kafka_client_config(self) -> dict:
+        return {"security.protocol": "sasl_ssl", "sasl.mechanisms": "SCRAM-SHA-512", "sasl.username": SECURE_USER,
+                "sasl.password": self.password("kafka"), "ssl.ca.location": str(self.tls.ca)}
 
 
 def ephemeral_ports() -> range:
@@ -168,27 +236,41 @@ def ensure_redis_installed() -> str:
     return exe
 
 
-def start_redis(run: RunDir, port: int) -> int:
+def start_redis(run: RunDir, port: int, sec: Security | None = None) -> int:
     exe = ensure_redis_installed()
     data = run.path / "redis"
     data.mkdir(parents=True, exist_ok=True)
     log = open(run.path / "redis.log", "ab")
+    listen = ["--port", str(port)]
+    config: list[str] = []
+    if sec is not None:
+        # TLS only (no plaintext port); the default user is off and the stack's ACL user has a password, kept in
+        # the config file as its SHA-256 (Redis's own hashed form), so no process list or file shows it.
+        digest = hashlib.sha256(sec.password("redis").encode()).hexdigest()
+        conf = data / "secure.conf"
+        conf.write_text(f"user default off\nuser {SECURE_USER} on #{digest} ~* &* +@all\n")
+        conf.chmod(0o600)
+        config = [str(conf.resolve())]
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(sec.tls.server_cert),
+                  "--tls-key-file", str(sec.tls.server_key), "--tls-ca-cert-file", str(sec.tls.ca),
+                  "--tls-auth-clients", "optional"]
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve()),
+        [exe, *config, *listen, "--bind", "127.0.0.1", "--dir", str(data.resolve()),
          # The online store survives a restart, as a production Redis would: append-only file, fsync each second.
          "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no",
          "--protected-mode", "yes"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    wait_until(lambda: redis_ping(port), 20, f"redis on port {port}", proc)
+    wait_until(lambda: redis_ping(port, sec), 20, f"redis on port {port}", proc)
     return proc.pid
 
 
-def redis_ping(port: int) -> bool:
+def redis_ping(port: int, sec: Security | None = None) -> bool:
     import redis
 
+    options = sec.redis_client_options() if sec else {}
     try:
-        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping())
+        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, **options).ping())
     except redis.RedisError:
         return False
 
@@ -213,7 +295,34 @@ def kafka_lib(cache: Path = DEFAULT_CACHE) -> Path:
     return lib
 
 
-def kafka_properties(run: RunDir, port: int, controller_port: int) -> Path:
+def _pem_value(path: Path) -> str:
+    """A PEM file as one properties value (Java's Properties reads ``\\n`` as a line break)."""
+    return path.read_text().strip().replace("\n", "\\n")
+
+
+def secure_listener(port: int, sec: Security) -> dict[str, str]:
+    """SASL_SSL for clients and between brokers: SCRAM-SHA-512 over TLS with the PEM files made at start-up.
+    The controller listener (KRaft's quorum, no client API) stays on loopback."""
+    jaas = (f'org.apache.kafka.common.security.scram.ScramLoginModule required username="broker" '
+            f'password="{sec.password("kafka-broker")}";')
+    return {
+        "listeners": f"SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{{controller_port}}",
+        "advertised.listeners": f"SASL_SSL://127.0.0.1:{port}",
+        "listener.security.protocol.map": "SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": "SASL_SSL",
+        "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+        "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": jaas,
+        "ssl.keystore.type": "PEM",
+        "ssl.keystore.certificate.chain": _pem_value(sec.tls.server_cert),
+        "ssl.keystore.key": _pem_value(sec.tls.server_key),
+        "ssl.truststore.type": "PEM",
+        "ssl.truststore.certificates": _pem_value(sec.tls.ca),
+        "ssl.client.auth": "none",
+    }
+
+
+def kafka_properties(run: RunDir, port: int, controller_port: int, sec: Security | None = None) -> Path:
     data = (run.path / "kafka" / "data").resolve()
     props = {
         "process.roles": "broker,controller",
@@ -236,9 +345,14 @@ def kafka_properties(run: RunDir, port: int, controller_port: int) -> Path:
         "auto.create.topics.enable": "true",
         "log.retention.hours": "168",
     }
+    if sec is not None:
+        props.update({k: v.replace("{controller_port}", str(controller_port))
+                      for k, v in secure_listener(port, sec).items()})
     path = run.path / "kafka" / "server.properties"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the broker's key and password
+    with os.fdopen(fd, "w") as out:
+        out.write("".join(f"{k}={v}\n" for k, v in props.items()))
     return path
 
 
@@ -251,16 +365,21 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
-def start_kafka(run: RunDir, port: int, controller_port: int) -> int:
+def start_kafka(run: RunDir, port: int, controller_port: int, sec: Security | None = None) -> int:
     lib = kafka_lib()
     java = shutil.which("java")
     assert java
-    props = kafka_properties(run, port, controller_port)
+    props = kafka_properties(run, port, controller_port, sec)
     classpath = f"{lib}/*"
     if not (run.path / "kafka" / "data" / "meta.properties").exists():
         cluster_id = new_cluster_id()
+        # KRaft keeps SCRAM credentials in its metadata log: the broker's and the stack's users are written at
+        # format time, so the first client can authenticate without an admin step.
+        scram = [] if sec is None else [
+            arg for user, name in (("broker", "kafka-broker"), (SECURE_USER, "kafka"))
+            for arg in ("--add-scram", f"SCRAM-SHA-512=[name={user},password={sec.password(name)}]")]
         run_checked([java, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                     "-c", str(props)], "kafka storage format")
+                     "-c", str(props), *scram], "kafka storage format")
     log = open(run.path / "kafka.log", "ab")
     tmp = run.path / "kafka" / "tmp"  # lz4-java unpacks a native library per start: keep it in the run folder
     tmp.mkdir(parents=True, exist_ok=True)
@@ -269,29 +388,31 @@ def start_kafka(run: RunDir, port: int, controller_port: int) -> int:
          "-cp", classpath, "kafka.Kafka", str(props)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    wait_until(lambda: kafka_ready(port), 90, f"kafka on port {port}", proc)
-    create_topics(f"127.0.0.1:{port}")
+    wait_until(lambda: kafka_ready(port, sec), 90, f"kafka on port {port}", proc)
+    create_topics(f"127.0.0.1:{port}", sec=sec)
     return proc.pid
 
 
-def kafka_ready(port: int) -> bool:
+def kafka_ready(port: int, sec: Security | None = None) -> bool:
     if not port_open(port):
         return False
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
+    extra = sec.kafka_client_config() if sec else {}
     try:
-        AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 2}).list_topics(timeout=3)
+        AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 2, **extra}).list_topics(timeout=3)
         return True
     except KafkaException:
         return False
 
 
-def create_topics(bootstrap: str, topics: dict[str, int] = TOPICS) -> None:
+def create_topics(bootstrap: str, topics: dict[str, int] = TOPICS, sec: Security | None = None) -> None:
     from confluent_kafka import KafkaError
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 2})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 2,
+                         **(sec.kafka_client_config() if sec else {})})
     existing = set(admin.list_topics(timeout=30).topics)
     new = [NewTopic(name, parts, 1) for name, parts in topics.items() if name not in existing]
     for name, future in (admin.create_topics(new, request_timeout=30) if new else {}).items():
@@ -347,7 +468,7 @@ def _let_through(path: Path) -> None:
             parent.chmod(mode | 0o001)
 
 
-def start_postgres(run: RunDir, port: int) -> int:
+def start_postgres(run: RunDir, port: int, sec: Security | None = None) -> int:
     user = postgres_user()
     home = (run.path / "postgres").resolve()
     data = home / "data"
@@ -362,39 +483,52 @@ def start_postgres(run: RunDir, port: int) -> int:
         as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
     if not (data / "PG_VERSION").exists():
         shutil.rmtree(data, ignore_errors=True)
-        run_checked([postgres_bin("initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust", "-E", "UTF8",
-                     "--locale=C"], "initdb", cwd=home, **as_user)
+        auth = ["--auth=trust"]
+        pwfile = home / "initdb-password"
+        if sec is not None:  # SCRAM passwords for every connection; initdb reads the superuser's from a file
+            pwfile.write_text(sec.password("postgres") + "\n")
+            pwfile.chmod(0o600)
+            if as_user:
+                os.chown(pwfile, as_user["user"], as_user["group"])
+            auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+        try:
+            run_checked([postgres_bin("initdb"), "-D", str(data), "-U", PG_USER, *auth, "-E", "UTF8",
+                         "--locale=C"], "initdb", cwd=home, **as_user)
+        finally:
+            pwfile.unlink(missing_ok=True)
     log = open(run.path / "postgres.log", "ab")
     proc = subprocess.Popen(
         [postgres_bin("postgres"), "-D", str(data), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
          "-c", "unix_socket_directories=", "-c", "max_connections=100", "-c", "fsync=on"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home, **as_user,
     )
-    wait_until(lambda: postgres_ready(port), 60, f"postgres on port {port}", proc)
-    ensure_database(port)
+    wait_until(lambda: postgres_ready(port, sec), 60, f"postgres on port {port}", proc)
+    ensure_database(port, sec)
     return proc.pid
 
 
-def _pg_connect(port: int, database: str = "postgres"):
+def _pg_connect(port: int, database: str = "postgres", sec: Security | None = None):
     import psycopg2
 
-    return psycopg2.connect(host="127.0.0.1", port=port, user=PG_USER, dbname=database, connect_timeout=2)
+    password = {"password": sec.password("postgres")} if sec else {}
+    return psycopg2.connect(host="127.0.0.1", port=port, user=PG_USER, dbname=database, connect_timeout=2,
+                            **password)
 
 
-def postgres_ready(port: int) -> bool:
+def postgres_ready(port: int, sec: Security | None = None) -> bool:
     if not port_open(port):
         return False
     import psycopg2
 
     try:
-        _pg_connect(port).close()
+        _pg_connect(port, sec=sec).close()
         return True
     except psycopg2.Error:
         return False
 
 
-def ensure_database(port: int) -> None:
-    conn = _pg_connect(port)
+def ensure_database(port: int, sec: Security | None = None) -> None:
+    conn = _pg_connect(port, sec=sec)
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
@@ -412,20 +546,41 @@ def postgres_uri(port: int) -> str:
 # --- MLflow tracking server ----------------------------------------------------------------------------
 
 
-def start_mlflow(run: RunDir, port: int, pg_port: int) -> int:
+def secure_mlflow_env(run: RunDir, pg_port: int, sec: Security) -> tuple[list[str], dict[str, str]]:
+    """MLflow's basic-auth app (users in a SQLite file of the run folder, the admin's password from the
+    secrets) and the database password through a ``pgpass`` file, never on the command line."""
+    home = (run.path / "mlflow-server").resolve()
+    pgpass = sec.folder.resolve() / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{pg_port}:{PG_DATABASE}:{PG_USER}:{sec.password('postgres')}\n")
+    pgpass.chmod(0o600)
+    ini = home / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                   f"database_uri = sqlite:///{home / 'basic_auth.db'}\n"
+                   f"admin_username = {MLFLOW_ADMIN}\nadmin_password = {sec.password('mlflow')}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   # A verified password is remembered for 5 minutes: without it every request pays the PBKDF2
+                   # check (0.4 s here), which made a promotion take seconds.
+                   "auth_cache_ttl_seconds = 300\n")
+    ini.chmod(0o600)
+    return ["--app-name", "basic-auth"], {"PGPASSFILE": str(pgpass), "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+                                          "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+
+
+def start_mlflow(run: RunDir, port: int, pg_port: int, sec: Security | None = None) -> int:
     """``mlflow server`` on the PostgreSQL store; artifacts are proxied by the server into the run folder."""
     exe = Path(sys.executable).with_name("mlflow")
     artifacts = (run.path / "mlflow-server" / "artifacts").resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
     log = open(run.path / "mlflow-server.log", "ab")
+    app, env = secure_mlflow_env(run, pg_port, sec) if sec else ([], {})
     proc = subprocess.Popen(
         [str(exe), "server", "--backend-store-uri", postgres_uri(pg_port), "--artifacts-destination", str(artifacts),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "2", *app],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run.path,
         # No job runner: MLflow's huey job consumers (GenAI jobs, unused here) run in sessions of their own and
         # outlived `down`, leaving seven processes behind per server.
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env},
     )
     wait_until(lambda: mlflow_ready(port), 180, f"mlflow server on port {port}", proc)
     return proc.pid
@@ -476,14 +631,25 @@ def wanted(only: str | None, extra: tuple[str, ...] = ()) -> list[str]:
     return out
 
 
-def up(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None, with_: tuple[str, ...] = ()) -> dict:
+def up(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None, with_: tuple[str, ...] = (),
+       secure: bool = False) -> dict:
     """Start what is not running yet (reusing recorded ports, so restarts keep their address).
 
-    ``with_`` adds optional services (``("mlflow",)``: PostgreSQL and the MLflow server). All or nothing: when
-    one service fails to start, the ones this call started are stopped again.
+    ``with_`` adds optional services (``("mlflow",)``: PostgreSQL and the MLflow server). ``secure``: Redis over
+    TLS with an ACL user, Kafka on SASL_SSL (SCRAM-SHA-512), PostgreSQL with SCRAM passwords and MLflow with
+    basic auth; passwords and certificates made in ``<run-dir>/secrets``, their paths in the env file. A run
+    folder keeps the mode it was first started in (``down --purge`` forgets it). All or nothing: when one
+    service fails to start, the ones this call started are stopped again.
     """
     run = RunDir(run_dir)
     state = run.load()
+    if secure and not state.get("secure") and any(is_running(state, n) for n in (*SERVICES, *OPTIONAL)):
+        raise ServiceError(f"services in {run_dir} run without --secure: `down --purge` them first")
+    if secure or state.get("secure"):
+        state["secure"] = True
+    sec = run.security(state)
+    if sec is not None:
+        Security.make(sec.folder)
     started: list[str] = []
     try:
         for name in wanted(only, with_):
@@ -492,14 +658,14 @@ def up(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None, with_: tuple[st
             entry = state.get(name, {})
             port = entry.get("port") or free_port()
             if name == "redis":
-                state[name] = {"port": port, "pid": start_redis(run, port)}
+                state[name] = {"port": port, "pid": start_redis(run, port, sec)}
             elif name == "kafka":
                 cport = entry.get("controller_port") or free_port()
-                state[name] = {"port": port, "controller_port": cport, "pid": start_kafka(run, port, cport)}
+                state[name] = {"port": port, "controller_port": cport, "pid": start_kafka(run, port, cport, sec)}
             elif name == "postgres":
-                state[name] = {"port": port, "pid": start_postgres(run, port)}
+                state[name] = {"port": port, "pid": start_postgres(run, port, sec)}
             elif name == "mlflow":
-                state[name] = {"port": port, "pid": start_mlflow(run, port, state["postgres"]["port"])}
+                state[name] = {"port": port, "pid": start_mlflow(run, port, state["postgres"]["port"], sec)}
             started.append(name)
             run.save(state)
     except BaseException:
@@ -528,6 +694,9 @@ def down(run_dir: Path = DEFAULT_RUN_DIR, only: str | None = None, purge: bool =
             shutil.rmtree(run.path / name, ignore_errors=True)
             if name == "mlflow":
                 shutil.rmtree(run.path / "mlflow-server", ignore_errors=True)
+        if not any(n in state for n in (*SERVICES, *OPTIONAL)):  # nothing left: forget the mode and its secrets
+            state.pop("secure", None)
+            shutil.rmtree(run.path / "secrets", ignore_errors=True)
     run.save(state)
 
 
@@ -546,13 +715,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=(*SERVICES, *OPTIONAL))
     parser.add_argument("--with", dest="with_", action="append", choices=OPTIONAL, default=[],
                         help="with up: also start an optional service (mlflow: PostgreSQL + MLflow tracking server)")
+    parser.add_argument("--secure", action="store_true",
+                        help="with up: TLS and passwords on every service (made in <run-dir>/secrets)")
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument("--purge", action="store_true", help="with down: delete data and forget ports")
     parser.add_argument("--kill", action="store_true", help="with down: SIGKILL, as a crash would")
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
-            up(args.run_dir, args.only, tuple(args.with_))
+            up(args.run_dir, args.only, tuple(args.with_), args.secure)
             print(f"services up; addresses in {RunDir(args.run_dir).env_file}")
             print(RunDir(args.run_dir).env_file.read_text().strip())
         elif args.action == "down":
