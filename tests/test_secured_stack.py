@@ -23,6 +23,8 @@ import pytest
 import redis
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from mlops.connections import kafka_config, redis_auth_command, redis_options, redis_ssl_context
 from mlops.settings import Settings
@@ -34,6 +36,7 @@ from tools.kafka_read import read_events
 from tools.workspace import Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+NO_RETRY = Retry(NoBackoff(), 0)  # a refusal at once (redis-py retries a connection error 3 times by default)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,19 +79,19 @@ def test_clients_without_credentials_or_tls_get_nothing(secure_ws: Workspace):
     s = secure_ws.settings
     assert redis.Redis(**redis_options(s), socket_timeout=5).ping()
     with pytest.raises(redis.ConnectionError):  # plaintext on the TLS port
-        redis.Redis(host=s.redis_host, port=s.redis_port, socket_timeout=5).ping()
+        redis.Redis(host=s.redis_host, port=s.redis_port, socket_timeout=1, retry=NO_RETRY).ping()
     with pytest.raises(redis.AuthenticationError):
-        redis.Redis(**{**redis_options(s), "password": "wrong"}, socket_timeout=5).ping()
+        redis.Redis(**{**redis_options(s), "password": "wrong"}, socket_timeout=1, retry=NO_RETRY).ping()
     with pytest.raises(redis.AuthenticationError):  # the default user is off
         redis.Redis(**{k: v for k, v in redis_options(s).items() if k not in ("username", "password")},
-                    socket_timeout=5).ping()
+                    socket_timeout=1, retry=NO_RETRY).ping()
 
     assert s.predictions_topic in AdminClient(kafka_config(s)).list_topics(timeout=20).topics
     for config in ({"bootstrap.servers": s.kafka_bootstrap},  # plaintext
                    {**kafka_config(s), "sasl.password": "wrong"},
                    {k: v for k, v in kafka_config(s).items() if k != "ssl.ca.location"}):  # an unknown CA
         with pytest.raises(KafkaException):
-            AdminClient({**config, "log_level": 0}).list_topics(timeout=3)
+            AdminClient({**config, "log_level": 0}).list_topics(timeout=2)
 
     async def lookups() -> None:
         good = PipelinedHmget(s.redis_host, s.redis_port, ["x"], 5, tls=redis_ssl_context(s),

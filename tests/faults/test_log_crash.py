@@ -1,6 +1,8 @@
 """Process crashes against the prediction log's promise, on the real broker, counted by request id: a worker
-SIGKILLed under load in ``ack`` mode loses no answered prediction; a server restarted on the same spool
-folder replays what the last one left; a server on a spool in use is refused."""
+SIGKILLed under load in ``ack`` mode loses no answered prediction; a server started on the spool another
+left (a pod's kept volume) replays it, and a worker killed in the middle of that replay repeats part of it on
+the topic while the drift consumer still counts each request once; a server on a spool in use is refused.
+(A prediction log closed during an outage and opened again on its spool: tests/test_prediction_log.py.)"""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.spool import Spool
-from tests.harness import start_server
+from mlops.events import PredictionEvent, encode
+from mlops.schema import STORE_FEATURES
+from service.spool import Spool, pending_on_disk
+from tests.harness import metric_value, start_consumer, start_server
 from tools import services as svc
 from tools.kafka_read import read_events
 from tools.server_process import ROOT, SERVICE
@@ -77,33 +81,69 @@ def test_a_worker_killed_under_load_loses_no_answered_prediction(workspace):
         server.stop()
 
 
-def test_a_restarted_server_replays_the_spool_the_last_one_left(workspace, tmp_path):
-    """The broker down, events spooled, the server stopped (a pod deleted) and started again on the same spool
-    folder (the volume kept): the new server replays them once the broker is back."""
-    run_dir = workspace.env_file.parent
-    spool = tmp_path / "kept-volume" / "predictions.jsonl"
-    env = {"MLOPS_KAFKA_RETRY_INTERVAL_S": "0.5", "MLOPS_WORKERS": "1"}
-    server = start_server(workspace, env, spool_path=spool)
-    ids = [f"kept-{i}-{os.urandom(3).hex()}" for i in range(30)]
+def test_a_worker_killed_during_replay_repeats_events_that_consumers_count_once(workspace, tmp_path):
+    """A spool of 60,000 answered predictions (what an outage left on a kept volume); the server replays it
+    once the broker is up, and its worker is SIGKILLed after the replay's first cursor advance. The restarted
+    worker replays from the cursor: nothing is lost, the events acknowledged after the last advance reach the
+    topic twice, and the drift consumer counts each request once (its duplicates metric = the repeats)."""
+    from datetime import UTC, datetime
+
+    n = 60_000
+    topic = f"replay-{os.urandom(4).hex()}"
+    svc.create_topics(workspace.settings.kafka_bootstrap, {topic: 3})
+    folder = tmp_path / "kept-volume"
+    spooled = Spool(folder / "predictions-w1.jsonl", 1 << 30, fsync=False)
+    now = datetime.now(UTC)
+    features = workspace.dataset.latest_customers().iloc[0]
+    ids = [f"replayed-{i}-{os.urandom(3).hex()}" for i in range(n)]
+    spooled.append([encode(PredictionEvent(
+        request_id=rid, timestamp=now, model_name=workspace.settings.model_name,
+        model_version=workspace.model.version, customer_id=f"C{i % 500:06d}", prediction=0.1, label=0,
+        features={"transaction_amount": float(i % 300), **{k: float(features[k]) for k in STORE_FEATURES}},
+        request_features=["transaction_amount"])) for i, rid in enumerate(ids)])
+    full = spooled.pending_bytes
+    spooled.close()
+    env = {"MLOPS_WORKERS": "1", "MLOPS_PREDICTIONS_TOPIC": topic, "MLOPS_LOG_DURABILITY": "ack"}
+    server = start_server(workspace, env, spool_path=folder / "predictions.jsonl")
     try:
-        svc.down(run_dir, only="kafka", kill=True)
-        deadline = time.monotonic() + 15
-        while httpx.get(f"{server.url}/info", timeout=5).json()["kafka"]["connected"]:
-            assert time.monotonic() < deadline, "the outage was not noticed"
+        deadline = time.monotonic() + 120
+        while pending_on_disk(folder / "predictions-w1.jsonl") in (full,) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.3)  # between two cursor advances: what is acknowledged now is behind the cursor
+        (worker,) = worker_pids(server)
+        os.kill(worker, signal.SIGKILL)
+        left = pending_on_disk(folder / "predictions-w1.jsonl")
+        assert 0 < left < full, f"no kill in the middle of the replay ({left} of {full} bytes left)"
+        deadline = time.monotonic() + 120
+        while pending_on_disk(folder / "predictions-w1.jsonl") and time.monotonic() < deadline:
             time.sleep(0.2)
-        for rid in ids:
-            r = httpx.post(f"{server.url}/predict", json={"customer_id": "C000001", "transaction_amount": 5.0,
-                                                         "request_id": rid}, timeout=10)
-            assert r.status_code == 200, r.text
+        assert pending_on_disk(folder / "predictions-w1.jsonl") == 0, "the restarted worker did not replay"
+    finally:
         server.stop()
-    finally:
-        svc.up(run_dir, only="kafka")
-    again = start_server(workspace, env, spool_path=spool)
+    counts = Counter(e["request_id"] for e in read_events(workspace.settings.kafka_bootstrap, topic, set(ids),
+                                                          timeout=120, settle=2.0))
+    assert set(counts) == set(ids), f"{n - len(counts)} spooled predictions lost"
+    repeats = sum(counts.values()) - n
+    consumer = start_consumer(workspace, {"MLOPS_PREDICTIONS_TOPIC": topic, "MLOPS_DRIFT_AUTO_OFFSET_RESET":
+                                          "earliest", "MLOPS_DRIFT_GROUP_ID": f"replay-{os.urandom(3).hex()}"})
     try:
-        counts = logged(workspace, set(ids))
-        assert set(counts) == set(ids)
+        deadline = time.monotonic() + 120
+        consumed = duplicates = 0.0
+        while time.monotonic() < deadline and consumed + duplicates < n + repeats:
+            assert consumer.process.poll() is None, consumer.log()[-2000:]
+            try:
+                text = httpx.get(f"http://127.0.0.1:{consumer.metrics_port}/metrics", timeout=2).text
+                consumed = metric_value(text, "mlops_drift_events_consumed_total")
+                duplicates = metric_value(text, "mlops_drift_duplicate_events_total")
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
     finally:
-        again.stop()
+        consumer.stop()
+    print(f"\nreplay killed with {left} of {full} bytes left: {repeats} events repeated on the topic, "
+          f"consumer counted {consumed:.0f} and skipped {duplicates:.0f}")
+    assert repeats > 0, "the kill repeated nothing: the test did not exercise the duplicate path"
+    assert (consumed, duplicates) == (n, repeats)
 
 
 def test_a_second_server_on_a_spool_in_use_is_refused_with_one_line(workspace, tmp_path):
