@@ -168,3 +168,28 @@ def test_a_missing_secret_file_stops_each_process_with_one_line(secure_ws: Works
     why = str(err.value)
     assert "exited with 2" in why and "Traceback" not in why, why
     assert f"bentoml serve: MLOPS_KAFKA_SASL_PASSWORD_FILE {tmp_path / 'empty'} is empty" in why, why
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Addresses with a listening socket on ``port`` (hex, as /proc/net/tcp{,6} write them)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            address, state = line.split()[1], line.split()[3]
+            if state == "0A" and address.endswith(f":{port:04X}"):
+                found.add(address.rsplit(":", 1)[0])
+    return found
+
+
+def test_every_service_listens_on_loopback_only(secured: Path, mlflow_server: str):
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, as IPv4 or IPv4-mapped IPv6
+    from tests.conftest import WORKSPACE
+
+    assert mlflow_server  # started: PostgreSQL and MLflow are in its run folder
+    states = [svc.RunDir(secured).load(), svc.RunDir(WORKSPACE / "run-mlflow").load()]
+    ports = {f"{name}:{key}": entry[key] for state in states for name, entry in state.items()
+             if isinstance(entry, dict) for key in ("port", "controller_port") if entry.get(key)}
+    assert {"redis:port", "kafka:port", "kafka:controller_port", "postgres:port", "mlflow:port"} <= set(ports)
+    for name, port in ports.items():
+        addresses = listening_addresses(port)
+        assert addresses and addresses <= loopback, (name, addresses)
