@@ -29,6 +29,10 @@ import hiredis
 class LookupFailed(RuntimeError):
     """Redis could not be reached, answered an error, or did not answer in time."""
 
+    def __init__(self, message: str, reply: str | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply  # Redis's error reply, when it answered one
+
 
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
@@ -97,7 +101,7 @@ class PipelinedHmget:
                 parser.feed(data)
                 continue
             if isinstance(reply, hiredis.ReplyError):
-                raise LookupFailed(f"Redis answered an error: {reply}")
+                raise LookupFailed(f"Redis answered an error: {reply}", str(reply))
             replies.append(reply)
         if parser.gets() is not False:
             raise hiredis.ProtocolError("more replies than commands")
@@ -114,20 +118,13 @@ class PipelinedHmget:
         if self._auth is not None:
             try:
                 writer.write(self._auth)
-                parser = hiredis.Reader()
-                reply = parser.gets()
-                while reply is False:
-                    data = await reader.read(1 << 12)
-                    if not data:
-                        raise EOFError("Redis closed the connection")
-                    parser.feed(data)
-                    reply = parser.gets()
+                await self._read(reader, 1)
+            except LookupFailed as exc:  # an error reply: the credentials
+                writer.close()
+                raise LookupFailed(f"Redis refused the credentials: {exc.reply}") from None
             except BaseException:
                 writer.close()
                 raise
-            if isinstance(reply, hiredis.ReplyError):
-                writer.close()
-                raise LookupFailed(f"Redis refused the credentials: {reply}")
         return reader, writer
 
     async def close(self) -> None:
