@@ -23,6 +23,8 @@ from typing import Any
 from bentoml._internal.server.http import traffic
 from starlette.responses import JSONResponse
 
+from service import upstream
+
 _original_call = traffic.TimeoutMiddleware.__call__
 
 
@@ -53,6 +55,14 @@ async def _timeout_middleware_call(self: Any, scope: dict[str, Any], receive: An
         timer.cancel()  # the fix: the timer (and the future it holds) goes away with the request
 
 
+def _originals_400() -> dict[str, object]:
+    from uvicorn.protocols.http import h11_impl, httptools_impl
+
+    return {"httptools": httptools_impl.HttpToolsProtocol.send_400_response,
+            "h11": h11_impl.H11Protocol.send_400_response}
+
+
+_original_400 = _originals_400()
 BAD_REQUEST_BODY = b'{"error":"invalid_request","detail":"malformed HTTP request"}'
 
 
@@ -69,8 +79,15 @@ def _send_json_400(self: Any, msg: str) -> None:
 
 
 def apply() -> None:
-    """Idempotent: install the fixed middleware call and the JSON 400 of uvicorn's protocols."""
+    """Idempotent: install the fixed middleware call and the JSON 400 of uvicorn's protocols (upstream's
+    originals kept in ``upstream.ORIGINALS``, where the version check reads them)."""
     from uvicorn.protocols.http import h11_impl, httptools_impl
+
+    for target, original in ((f"{traffic.__name__}:TimeoutMiddleware.__call__", _original_call),
+                             (f"{httptools_impl.__name__}:HttpToolsProtocol.send_400_response",
+                              _original_400["httptools"]),
+                             (f"{h11_impl.__name__}:H11Protocol.send_400_response", _original_400["h11"])):
+        upstream.ORIGINALS.setdefault(target, original)
 
     traffic.TimeoutMiddleware.__call__ = _timeout_middleware_call  # type: ignore[method-assign]
     httptools_impl.HttpToolsProtocol.send_400_response = _send_json_400  # type: ignore[method-assign]

@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from bentoml._internal.container import BentoMLContainer
 
 from mlops import connections
 from mlops.settings import Settings
-from service import bentoml_fixes, contract, fast_http, fast_path, metrics, port_guard
+from service import bentoml_fixes, contract, fast_http, fast_path, metrics, port_guard, upstream
 from service.grpc_api import GrpcServer, PortInUse, http_host
 from service.http_api import HttpApi
 from service.model_selector import ModelSelector
@@ -38,6 +39,11 @@ from service.spool import Spool, SpoolInUse
 from service.spool import in_use as spool_in_use
 
 settings = Settings.load()  # read at import: workers and routes are part of the service definition
+try:  # the code under the patches is the code they were written for, or one line and no service
+    upstream.check()
+except upstream.UpstreamChanged as _changed:
+    print(f"bentoml serve: {_changed}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 bentoml_fixes.apply()
 
 
