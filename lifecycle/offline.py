@@ -8,13 +8,12 @@ by the feature store the service reads online, so training and serving share one
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from mlops import feast_config
 from mlops.schema import ENTITY, FEATURE_VIEW, LABEL, STORE_FEATURES, TIMESTAMP
 
 ROW = "_row"
@@ -26,17 +25,14 @@ class OfflineStoreError(RuntimeError):
 
 def open_store(repo: Path, redis_address: str):
     """The repo's store; the online address is filled in but never contacted by offline reads."""
-    from feast import FeatureStore, RepoConfig
+    from feast import FeatureStore
 
     repo = Path(repo).resolve()
     try:
-        text = (repo / "feature_store.yaml").read_text()
+        config = feast_config.repo_config(repo, redis_address)
     except OSError as exc:
         raise OfflineStoreError(f"no Feast repo at {repo}: {exc.strerror}") from None
-    raw = yaml.safe_load(string.Template(text).safe_substitute(MLOPS_REDIS_ADDRESS=redis_address))
-    config = RepoConfig(**raw)
-    config.repo_path = repo
-    registry = raw.get("registry")
+    registry = getattr(config.registry, "path", config.registry)
     if isinstance(registry, str) and not (repo / registry).exists():
         raise OfflineStoreError(f"the Feast repo {repo} has no registry ({registry}): run `feast apply` there first")
     return FeatureStore(repo_path=str(repo), config=config)

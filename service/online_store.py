@@ -16,14 +16,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import string
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
-import yaml
 from feast import FeatureStore, RepoConfig
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3
@@ -32,6 +30,7 @@ from feast.protos.feast.types.Value_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import RedisError
 
+from mlops import feast_config
 from mlops.connections import feast_connection_string, redis_auth_command, redis_pool_options, redis_ssl_context
 from mlops.schema import ENTITY, FEATURE_VIEW, STORE_FEATURES
 from mlops.settings import Settings
@@ -51,18 +50,8 @@ class Row:
 
 
 def repo_config(settings: Settings) -> RepoConfig:
-    """The repo's ``feature_store.yaml`` with the Redis connection (address, credentials, TLS) taken from
-    settings, not the process env."""
-    repo = settings.feature_repo.resolve()
-    text = (repo / "feature_store.yaml").read_text()
-    raw = yaml.safe_load(text)
-    if isinstance(raw, dict) and isinstance(raw.get("online_store"), dict):
-        raw["online_store"]["connection_string"] = feast_connection_string(settings)
-    else:
-        raw = yaml.safe_load(string.Template(text).safe_substitute(MLOPS_REDIS_ADDRESS=settings.redis_address))
-    config = RepoConfig(**raw)
-    config.repo_path = repo
-    return config
+    """The repo's ``feature_store.yaml`` with the Redis connection (address, credentials, TLS) from settings."""
+    return feast_config.repo_config(settings.feature_repo, feast_connection_string(settings))
 
 
 def open_feature_store(settings: Settings) -> FeatureStore:
