@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -38,6 +39,15 @@ def kafka_config(settings: Settings) -> dict[str, Any]:
             if path is not None:
                 config[key] = str(path)
     return config
+
+
+def durable_producer_config(connection: str | Mapping[str, Any]) -> dict[str, Any]:
+    """What every producer of the stack shares (the prediction log, alerts, dead letters): idempotent (a retry
+    never duplicates, implies acks=all and no reordering), acknowledged by all in-sync replicas, and never
+    expiring, so a message is delivered, or still held through an outage of any length, or purged on close.
+    ``connection``: the bootstrap servers, or :func:`kafka_config`'s result (credentials and TLS)."""
+    return {**({"bootstrap.servers": connection} if isinstance(connection, str) else connection),
+            "enable.idempotence": True, "acks": "all", "message.timeout.ms": 0, "reconnect.backoff.ms": 100}
 
 
 def redis_options(settings: Settings) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from typing import Any, Literal
 import msgspec
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from mlops.connections import durable_producer_config
 from service.spool import Spool, SpoolChunk, SpoolWriteFailed
 
 log = logging.getLogger(__name__)
@@ -97,15 +98,11 @@ def producer_config(connection: str | Mapping[str, Any], queue_size: int, linger
                     compression: str) -> dict[str, Any]:
     """``connection``: the bootstrap servers, or ``mlops.connections.kafka_config`` (credentials and TLS)."""
     return {
-        **({"bootstrap.servers": connection} if isinstance(connection, str) else connection),
-        "enable.idempotence": True,  # implies acks=all, bounded in-flight requests, no reordering
-        "acks": "all",
-        "message.timeout.ms": 0,  # never expire: a message is delivered, or still held, or purged on close
+        **durable_producer_config(connection),
         "linger.ms": linger_ms,
         "socket.nagle.disable": True,  # small produce requests go out at once (ack mode waits on them)
         "compression.type": compression,
         "queue.buffering.max.messages": queue_size,
-        "reconnect.backoff.ms": 100,
         "reconnect.backoff.max.ms": 1000,
         "socket.connection.setup.timeout.ms": 5000,
         "log_level": 2,  # librdkafka logs every failed reconnect as an error; this module reports outages once

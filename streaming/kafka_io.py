@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from mlops.connections import durable_producer_config
+
 log = logging.getLogger(__name__)
 
 
@@ -70,15 +72,11 @@ def consumer_config(connection: str | Mapping[str, Any], group_id: str, auto_off
 
 
 def producer_config(connection: str | Mapping[str, Any], **callbacks: Any) -> dict[str, Any]:
-    """Alerts and dead letters: acks from all replicas, idempotent (a retry never duplicates), and no delivery
-    timeout, so a message waits out a broker outage of any length instead of failing."""
+    """Alerts and dead letters: the stack's durable producer (``durable_producer_config``: a message waits out
+    a broker outage of any length instead of failing)."""
     return {
-        **_connection(connection),
-        "acks": "all",
-        "enable.idempotence": True,
+        **durable_producer_config(connection),
         "linger.ms": 5,
-        "message.timeout.ms": 0,
-        "reconnect.backoff.ms": 100,
         "reconnect.backoff.max.ms": 2_000,
         "logger": librdkafka_log,
         **callbacks,

@@ -105,3 +105,15 @@ def test_no_secret_in_a_repr_or_a_log_line(tmp_path, caplog):
         logging.getLogger("test").info("settings %s %r config %r", s, s, config)
     for text in (repr(s), str(s), repr(config), caplog.text, s.model_dump_json()):
         assert SECRET not in text
+
+
+def test_every_producer_of_the_stack_is_durable_and_carries_the_credentials(tmp_path):
+    from service.prediction_log import producer_config as log_producer
+    from streaming.kafka_io import producer_config as alert_producer
+
+    s = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_username="u", kafka_sasl_password=SECRET)
+    durable = {"enable.idempotence": True, "acks": "all", "message.timeout.ms": 0}
+    for config in (log_producer(connections.kafka_config(s), 10, 0, "lz4"),
+                   alert_producer(connections.kafka_config(s))):
+        assert durable.items() <= config.items()
+        assert config["sasl.password"] == SECRET and config["security.protocol"] == "sasl_ssl"
