@@ -85,8 +85,9 @@ def test_database_password_goes_into_the_uri_and_never_into_messages(tmp_path):
 
 
 def test_mlflow_credentials_reach_mlflows_own_variables_without_overriding_the_users(tmp_path, monkeypatch):
-    for key in connections.MLFLOW_AUTH_VARIABLES:
-        monkeypatch.delenv(key, raising=False)
+    for key in connections.MLFLOW_AUTH_VARIABLES:  # set then removed, so monkeypatch restores what was there
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "users-own")
     connections.apply_mlflow_auth(Settings(mlflow_username="admin", mlflow_password_file=secret_file(tmp_path, "m"),
                                            mlflow_token="ours"))
