@@ -118,3 +118,21 @@ def test_every_producer_of_the_stack_is_durable_and_carries_the_credentials(tmp_
                    alert_producer(connections.kafka_config(s))):
         assert durable.items() <= config.items()
         assert config["sasl.password"] == SECRET and config["security.protocol"] == "sasl_ssl"
+
+
+def test_the_feast_wrapper_runs_feast_and_stops_on_a_missing_secret_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MLOPS_ENV_FILE": str(tmp_path / "none.env")}
+    ok = subprocess.run([sys.executable, "-m", "tools.feast_cli", "--repo", "feature_repo", "version"], cwd=root,
+                        env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "Feast SDK Version" in ok.stdout, ok.stderr
+    missing = tmp_path / "missing"
+    bad = subprocess.run([sys.executable, "-m", "tools.feast_cli", "--repo", "feature_repo", "version"], cwd=root,
+                         env={**env, "MLOPS_REDIS_PASSWORD_FILE": str(missing)}, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"feast_cli: MLOPS_REDIS_PASSWORD_FILE {missing}: No such file or directory"
