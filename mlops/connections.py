@@ -41,13 +41,19 @@ def kafka_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def bootstrap_config(connection: str | Mapping[str, Any]) -> dict[str, Any]:
+    """A client's connection properties from the bootstrap servers alone, or from :func:`kafka_config`'s result
+    (credentials and TLS) as it is: what every Kafka client of the stack is built on."""
+    return {"bootstrap.servers": connection} if isinstance(connection, str) else dict(connection)
+
+
 def durable_producer_config(connection: str | Mapping[str, Any]) -> dict[str, Any]:
     """What every producer of the stack shares (the prediction log, alerts, dead letters): idempotent (a retry
     never duplicates, implies acks=all and no reordering), acknowledged by all in-sync replicas, and never
     expiring, so a message is delivered, or still held through an outage of any length, or purged on close.
     ``connection``: the bootstrap servers, or :func:`kafka_config`'s result (credentials and TLS)."""
-    return {**({"bootstrap.servers": connection} if isinstance(connection, str) else connection),
-            "enable.idempotence": True, "acks": "all", "message.timeout.ms": 0, "reconnect.backoff.ms": 100}
+    return {**bootstrap_config(connection), "enable.idempotence": True, "acks": "all", "message.timeout.ms": 0,
+            "reconnect.backoff.ms": 100}
 
 
 def redis_options(settings: Settings) -> dict[str, Any]:

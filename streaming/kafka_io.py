@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from mlops.connections import durable_producer_config
+from mlops.connections import bootstrap_config, durable_producer_config
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,10 @@ librdkafka_log = logging.getLogger("librdkafka")
 librdkafka_log.addFilter(RepeatFilter())
 
 
-def _connection(connection: str | Mapping[str, Any]) -> dict[str, Any]:
-    """The bootstrap servers, or ``mlops.connections.kafka_config`` (credentials and TLS) as it is."""
-    return {"bootstrap.servers": connection} if isinstance(connection, str) else dict(connection)
-
-
 def consumer_config(connection: str | Mapping[str, Any], group_id: str, auto_offset_reset: str,
                     **callbacks: Any) -> dict[str, Any]:
     return {
-        **_connection(connection),
+        **bootstrap_config(connection),
         "group.id": group_id,
         "enable.auto.commit": False,  # offsets are committed only after the Redis checkpoint holds them
         "enable.auto.offset.store": False,

@@ -10,6 +10,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from mlops.connections import bootstrap_config
+
 
 def read_events(bootstrap: str | Mapping[str, Any], topic: str, wanted: set[str], timeout: float = 60,
                 settle: float = 2.0, key: str = "request_id") -> list[dict[str, Any]]:
@@ -18,8 +20,7 @@ def read_events(bootstrap: str | Mapping[str, Any], topic: str, wanted: set[str]
     Waits until each wanted id was seen, then ``settle`` seconds more so that duplicates would show.
     ``bootstrap``: the servers, or ``mlops.connections.kafka_config`` (credentials and TLS).
     """
-    connection = {"bootstrap.servers": bootstrap} if isinstance(bootstrap, str) else bootstrap
-    consumer = Consumer({**connection, "group.id": f"reader-{uuid.uuid4().hex}",
+    consumer = Consumer({**bootstrap_config(bootstrap), "group.id": f"reader-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "log_level": 2})
     try:
         metadata = consumer.list_topics(topic, timeout=30).topics[topic]
