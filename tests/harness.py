@@ -19,7 +19,7 @@ N_CUSTOMERS = 400
 N_TRANSACTIONS = 8_000
 
 __all__ = ["ConsumerProcess", "Workspace", "prepare_workspace", "start_server", "start_consumer", "metric_value",
-           "feast_features", "server_backend", "MLFLOW_CREDENTIALS"]
+           "feast_features", "server_backend", "MLFLOW_CREDENTIALS", "LOOPBACK", "listening_addresses"]
 
 
 # Credentials of the secured MLflow server, as a deployment hands them to the stack (conftest's mlflow_server).
@@ -30,6 +30,21 @@ def server_backend(uri: str) -> Backend:
     """The backend of the secured MLflow server, its credentials taken from the settings (the service's path)."""
     apply_mlflow_auth(Settings())
     return Backend.for_uri(uri)
+
+
+# 127.0.0.1 as /proc/net/tcp{,6} write it: IPv4, or IPv4-mapped IPv6.
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Addresses with a listening socket on ``port`` (hex, as /proc/net/tcp{,6} write them)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            address, state = line.split()[1], line.split()[3]
+            if state == "0A" and address.endswith(f":{port:04X}"):  # LISTEN
+                found.add(address.rsplit(":", 1)[0])
+    return found
 
 
 def prepare_workspace(root: Path, run_dir: Path) -> Workspace:

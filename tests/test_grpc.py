@@ -14,6 +14,7 @@ import pytest
 
 from service.proto import fraud_pb2 as pb
 from service.proto import fraud_pb2_grpc
+from tests.harness import LOOPBACK, listening_addresses
 from tools.kafka_read import read_events
 
 pytestmark = pytest.mark.integration
@@ -113,12 +114,5 @@ def test_grpc_binds_the_http_host_only(server):
     """`bentoml serve --host 127.0.0.1` (the harness does so): gRPC must not listen on other interfaces."""
     info = httpx.get(f"{server.url}/info").json()
     assert info["grpc"] is None and info["grpc_port"] == server.grpc_port  # addresses only when asked
-    port_hex = f"{server.grpc_port:04X}"
-    listening = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            address, state = line.split()[1], line.split()[3]
-            if state == "0A" and address.endswith(f":{port_hex}"):  # LISTEN on the gRPC port
-                listening.add(address.rsplit(":", 1)[0])
-    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, as IPv4 or IPv4-mapped IPv6
-    assert listening and listening <= loopback, listening
+    listening = listening_addresses(server.grpc_port)
+    assert listening and listening <= LOOPBACK, listening

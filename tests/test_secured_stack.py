@@ -29,7 +29,7 @@ from redis.retry import Retry
 from mlops.connections import kafka_config, redis_auth_command, redis_options, redis_ssl_context
 from mlops.settings import Settings
 from service.hmget import LookupFailed, PipelinedHmget
-from tests.harness import metric_value, start_consumer, start_server
+from tests.harness import LOOPBACK, listening_addresses, metric_value, start_consumer, start_server
 from tools import services as svc
 from tools.feast_cli import apply_and_materialize, feast_env
 from tools.kafka_read import read_events
@@ -170,19 +170,7 @@ def test_a_missing_secret_file_stops_each_process_with_one_line(secure_ws: Works
     assert f"bentoml serve: MLOPS_KAFKA_SASL_PASSWORD_FILE {tmp_path / 'empty'} is empty" in why, why
 
 
-def listening_addresses(port: int) -> set[str]:
-    """Addresses with a listening socket on ``port`` (hex, as /proc/net/tcp{,6} write them)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            address, state = line.split()[1], line.split()[3]
-            if state == "0A" and address.endswith(f":{port:04X}"):
-                found.add(address.rsplit(":", 1)[0])
-    return found
-
-
 def test_every_service_listens_on_loopback_only(secured: Path, mlflow_server: str):
-    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, as IPv4 or IPv4-mapped IPv6
     from tests.conftest import WORKSPACE
 
     assert mlflow_server  # started: PostgreSQL and MLflow are in its run folder
@@ -192,4 +180,4 @@ def test_every_service_listens_on_loopback_only(secured: Path, mlflow_server: st
     assert {"redis:port", "kafka:port", "kafka:controller_port", "postgres:port", "mlflow:port"} <= set(ports)
     for name, port in ports.items():
         addresses = listening_addresses(port)
-        assert addresses and addresses <= loopback, (name, addresses)
+        assert addresses and addresses <= LOOPBACK, (name, addresses)
