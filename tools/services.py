@@ -36,6 +36,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlops.connections import kafka_config, redis_options
+from mlops.settings import ENV_PREFIX, Settings
 from tools import certs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,15 +87,11 @@ class RunDir:
         if "redis" in state:
             lines.append(f"MLOPS_REDIS_ADDRESS=127.0.0.1:{state['redis']['port']}")
             if sec:
-                lines += ["MLOPS_REDIS_TLS=true", f"MLOPS_REDIS_CA_FILE={sec.tls.ca}",
-                          f"MLOPS_REDIS_USERNAME={SECURE_USER}", f"MLOPS_REDIS_PASSWORD_FILE={sec.file('redis')}"]
+                lines += [f"{key}={value}" for key, value in sec.redis_env().items()]
         if "kafka" in state:
             lines.append(f"MLOPS_KAFKA_BOOTSTRAP=127.0.0.1:{state['kafka']['port']}")
             if sec:
-                lines += ["MLOPS_KAFKA_SECURITY_PROTOCOL=SASL_SSL", "MLOPS_KAFKA_SASL_MECHANISM=SCRAM-SHA-512",
-                          f"MLOPS_KAFKA_SASL_USERNAME={SECURE_USER}",
-                          f"MLOPS_KAFKA_SASL_PASSWORD_FILE={sec.file('kafka')}",
-                          f"MLOPS_KAFKA_SSL_CA_FILE={sec.tls.ca}"]
+                lines += [f"{key}={value}" for key, value in sec.kafka_env().items()]
         if "postgres" in state:
             lines.append(f"MLOPS_POSTGRES_ADDRESS=127.0.0.1:{state['postgres']['port']}")
             if sec:
@@ -141,13 +139,22 @@ class Security:
         certs.make(folder / "tls")
         return sec
 
-    def redis_client_options(self) -> dict:
-        return {"ssl": True, "ssl_ca_certs": str(self.tls.ca), "username": SECURE_USER,
-                "password": self.password("redis")}
+    def redis_env(self) -> dict[str, str]:
+        """The settings (as the env file writes them) by which the stack reaches the secured Redis."""
+        return {"MLOPS_REDIS_TLS": "true", "MLOPS_REDIS_CA_FILE": str(self.tls.ca),
+                "MLOPS_REDIS_USERNAME": SECURE_USER, "MLOPS_REDIS_PASSWORD_FILE": str(self.file("redis"))}
 
-    def kafka_client_config(self) -> dict:
-        return {"security.protocol": "sasl_ssl", "sasl.mechanisms": "SCRAM-SHA-512", "sasl.username": SECURE_USER,
-                "sasl.password": self.password("kafka"), "ssl.ca.location": str(self.tls.ca)}
+    def kafka_env(self) -> dict[str, str]:
+        """The same for the secured Kafka broker."""
+        return {"MLOPS_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "MLOPS_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                "MLOPS_KAFKA_SASL_USERNAME": SECURE_USER, "MLOPS_KAFKA_SASL_PASSWORD_FILE": str(self.file("kafka")),
+                "MLOPS_KAFKA_SSL_CA_FILE": str(self.tls.ca)}
+
+    def client_settings(self, **addresses: str) -> Settings:
+        """Settings as a client of the secured services holds them (``redis_address=…``, ``kafka_bootstrap=…``):
+        the start-up checks connect through ``mlops.connections``, the same code as the stack."""
+        env = {**self.redis_env(), **self.kafka_env()}
+        return Settings(**{key.removeprefix(ENV_PREFIX).lower(): value for key, value in env.items()}, **addresses)
 
 
 def ephemeral_ports() -> range:
@@ -268,9 +275,11 @@ def start_redis(run: RunDir, port: int, sec: Security | None = None) -> int:
 def redis_ping(port: int, sec: Security | None = None) -> bool:
     import redis
 
-    options = sec.redis_client_options() if sec else {}
+    address = f"127.0.0.1:{port}"
+    options = redis_options(sec.client_settings(redis_address=address)) if sec else {"host": "127.0.0.1",
+                                                                                     "port": port}
     try:
-        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, **options).ping())
+        return bool(redis.Redis(**options, socket_timeout=1).ping())
     except redis.RedisError:
         return False
 
@@ -393,15 +402,19 @@ def start_kafka(run: RunDir, port: int, controller_port: int, sec: Security | No
     return proc.pid
 
 
+def kafka_client(bootstrap: str, sec: Security | None) -> dict:
+    """A Kafka client's connection properties: plain, or the stack's own for the secured broker."""
+    return kafka_config(sec.client_settings(kafka_bootstrap=bootstrap)) if sec else {"bootstrap.servers": bootstrap}
+
+
 def kafka_ready(port: int, sec: Security | None = None) -> bool:
     if not port_open(port):
         return False
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    extra = sec.kafka_client_config() if sec else {}
     try:
-        AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 2, **extra}).list_topics(timeout=3)
+        AdminClient({**kafka_client(f"127.0.0.1:{port}", sec), "log_level": 2}).list_topics(timeout=3)
         return True
     except KafkaException:
         return False
@@ -411,8 +424,7 @@ def create_topics(bootstrap: str, topics: dict[str, int] = TOPICS, sec: Security
     from confluent_kafka import KafkaError
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 2,
-                         **(sec.kafka_client_config() if sec else {})})
+    admin = AdminClient({**kafka_client(bootstrap, sec), "log_level": 2})
     existing = set(admin.list_topics(timeout=30).topics)
     new = [NewTopic(name, parts, 1) for name, parts in topics.items() if name not in existing]
     for name, future in (admin.create_topics(new, request_timeout=30) if new else {}).items():
