@@ -203,12 +203,12 @@ def drift_consumer(bootstrap: str, redis_address: str, topic: str, group: str, g
                     ProfileCache(lambda name, version: profile if (name, version) == MODEL else None))
     while not go.is_set():
         consumer.step()
-        report.put(("assigned", os.getpid(), sorted(consumer.partitions)))
+        report.put(("assigned", os.getpid(), sorted(p for _, p in consumer.partitions)))
         time.sleep(0.2)
     consumer.hold = False
-    owned = sorted(consumer.partitions)
-    ends = {p: consumer.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in owned}
-    consumer.consumer.resume([TopicPartition(topic, p) for p in owned])
+    owned = sorted(consumer.partitions)  # (topic, partition)
+    ends = {p: consumer.consumer.get_watermark_offsets(TopicPartition(*p), timeout=10)[1] for p in owned}
+    consumer.consumer.resume([TopicPartition(*p) for p in owned])
     cpu, wall, threads = time.process_time(), time.perf_counter(), thread_cpu_s()
     before = sum(consumer.partitions[p].consumed for p in owned)
     while any(consumer.partitions[p].offset is None or consumer.partitions[p].offset < ends[p] for p in owned):
@@ -216,7 +216,7 @@ def drift_consumer(bootstrap: str, redis_address: str, topic: str, group: str, g
     n = sum(consumer.partitions[p].consumed for p in owned) - before
     main, other = (after - start for after, start in zip(thread_cpu_s(), threads, strict=True))
     report.put(("done", os.getpid(), {"events": n, "cpu_s": time.process_time() - cpu,
-                                      "wall_s": time.perf_counter() - wall, "partitions": owned,
+                                      "wall_s": time.perf_counter() - wall, "partitions": [p for _, p in owned],
                                       "other_threads_cpu_s": other, "main_thread_cpu_s": main}))
     consumer.close()
 

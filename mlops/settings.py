@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     # Topics.
     predictions_topic: str = "predictions"
     alerts_topic: str = "drift-alerts"
+    outcomes_topic: str = Field("prediction-outcomes", description="true labels of past predictions (POST /outcomes)")
 
     # Model and features.
     model_name: str = "fraud_detector"
@@ -151,6 +152,15 @@ class Settings(BaseSettings):
                                   description="most messages per poll: one decode/bin pass and one checkpoint each")
     drift_backoff_max_s: float = Field(5.0, gt=0, description="longest wait between retries through an outage")
 
+    # Outcome join and realised quality (`mlops-drift join`).
+    quality_group_id: str = "outcome-join"
+    outcomes_dlq_topic: str = "prediction-outcomes-dlq"
+    quality_horizon_s: float = Field(7 * 86400.0, gt=0, description="how long a prediction waits for its outcome")
+    quality_slot_seconds: int = Field(300, ge=1, description="time slot of the quality windows (prediction time)")
+    quality_window_seconds: int = Field(86400, ge=1, description="the live quality window")
+    quality_eval_interval_s: float = Field(5.0, gt=0, description="how often the join exports its metrics")
+    quality_metrics_port: int = Field(9109, ge=0, le=65535, description="Prometheus port of the join; 0: off")
+
     @field_validator("model_version", mode="before")
     @classmethod
     def _empty_version_is_unset(cls, value: object) -> object:
@@ -170,6 +180,11 @@ class Settings(BaseSettings):
     @property
     def redis_port(self) -> int:
         return int(self.redis_address.rsplit(":", 1)[1])
+
+    @property
+    def outcome_spool_path(self) -> Path:
+        """The outcomes' spool, beside the predictions' (each worker adds its index to both)."""
+        return self.spool_path.with_name(f"outcomes{self.spool_path.suffix}")
 
     @property
     def linger_ms(self) -> float:

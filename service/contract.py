@@ -8,11 +8,13 @@ store features) is checked here and stated in the OpenAPI document too.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
+from mlops.outcomes import OutcomeEvent
 from mlops.schema import ENTITY, STORE_FEATURES
 
 FLOAT32_MAX = 3.4028234663852886e38  # the model computes in float32: larger values would become infinity
@@ -125,6 +127,92 @@ def decode_batch(body: bytes, max_rows: int) -> list[PredictRequest]:
         raise RequestError(_message(exc)) from None
     check_batch(requests, max_rows)
     return requests
+
+
+# --- outcomes ------------------------------------------------------------------------------------------------
+
+FUTURE_SLACK = timedelta(minutes=5)  # clocks disagree a little; an outcome known later than that is a mistake
+OutcomeValue = Annotated[float, Meta(ge=-1e15, le=1e15, description="optional, e.g. the amount at stake")]
+
+
+class OutcomeIn(msgspec.Struct, forbid_unknown_fields=True):
+    """The true label of one past prediction, named by the ``request_id`` its answer carried."""
+
+    request_id: RequestId
+    label: Annotated[Literal[0, 1], Meta(description="the true class: 1 fraud, 0 not")]
+    timestamp: Annotated[datetime | None, Meta(
+        description="when the outcome became known, ISO 8601 with a time zone; default: when received")] = None
+    outcome_value: OutcomeValue | None = None
+
+
+class OutcomesRequest(msgspec.Struct, forbid_unknown_fields=True):
+    outcomes: list[msgspec.Raw]
+
+
+class OutcomesAccepted(msgspec.Struct):
+    accepted: int
+
+
+class RowRefusal(msgspec.Struct):
+    index: int
+    detail: str
+
+
+class OutcomesRefused(msgspec.Struct):
+    """A 400 of /outcomes: nothing was accepted, and ``rows`` says what is wrong with each refused row."""
+
+    error: str
+    detail: str
+    rows: list[RowRefusal]
+
+
+class OutcomesInvalid(RequestError):
+    def __init__(self, detail: str, rows: list[RowRefusal]) -> None:
+        super().__init__(detail)
+        self.rows = rows
+
+
+_outcomes_decoder = msgspec.json.Decoder(OutcomesRequest)
+_outcome_decoder = msgspec.json.Decoder(OutcomeIn)
+
+
+def decode_outcomes(body: bytes, max_rows: int, now: datetime | None = None) -> list[OutcomeEvent]:
+    """All rows or none: any bad row refuses the request, naming every bad row (``OutcomesInvalid``), so a
+    client fixes and resends the whole request instead of guessing which rows were kept."""
+    try:
+        raws = _outcomes_decoder.decode(body).outcomes
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(_message(exc)) from None
+    if not 1 <= len(raws) <= max_rows:
+        raise RequestError(f"outcomes: give 1 to {max_rows} rows, got {len(raws)}")
+    now = now or datetime.now(UTC)
+    latest = now + FUTURE_SLACK
+    events: list[OutcomeEvent] = []
+    refused: list[RowRefusal] = []
+    first: dict[str, int] = {}
+    for i, raw in enumerate(raws):
+        try:
+            row = _outcome_decoder.decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            refused.append(RowRefusal(i, _message(exc)))
+            continue
+        timestamp = row.timestamp or now
+        if timestamp.tzinfo is None:
+            refused.append(RowRefusal(i, "timestamp needs a time zone (e.g. 2026-12-03T10:15:00Z)"))
+            continue
+        if timestamp > latest:
+            refused.append(RowRefusal(i, f"timestamp {timestamp.isoformat()} is in the future"))
+            continue
+        j = first.setdefault(row.request_id, i)
+        if j != i:
+            refused.append(RowRefusal(i, f"request_id {row.request_id!r} repeats outcomes[{j}]'s"))
+            continue
+        events.append(OutcomeEvent(request_id=row.request_id, label=row.label, timestamp=timestamp.astimezone(UTC),
+                                   outcome_value=row.outcome_value))
+    if refused:
+        raise OutcomesInvalid(f"{len(refused)} of {len(raws)} outcomes refused, none accepted: "
+                              f"outcomes[{refused[0].index}]: {refused[0].detail}", refused)
+    return events
 
 
 def _message(exc: msgspec.DecodeError | UnicodeDecodeError) -> str:

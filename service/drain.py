@@ -26,17 +26,17 @@ def spool_files(spool_path: Path) -> list[Path]:
     return [*found, spool_path] if spool_path.exists() else found
 
 
-def pending(spool_path: Path) -> int:
-    return sum(pending_on_disk(path) for path in spool_files(spool_path))
+def pending(spool_paths: list[Path]) -> int:
+    return sum(pending_on_disk(path) for base in spool_paths for path in spool_files(base))
 
 
-def wait_empty(spool_path: Path, timeout_s: float, poll_s: float = 0.5) -> int:
-    """Bytes still spooled when the spools emptied (0) or the time ran out."""
+def wait_empty(spool_paths: list[Path], timeout_s: float, poll_s: float = 0.5) -> int:
+    """Bytes still spooled (predictions and outcomes) when the spools emptied (0) or the time ran out."""
     deadline = time.monotonic() + timeout_s
-    left = pending(spool_path)
+    left = pending(spool_paths)
     while left and time.monotonic() < deadline:
         time.sleep(poll_s)
-        left = pending(spool_path)
+        left = pending(spool_paths)
     return left
 
 
@@ -47,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.settle < 0 or args.timeout < 0:
         parser.error("--settle and --timeout must be 0 or more")
-    spool_path = Settings.load().spool_path
+    settings = Settings.load()
+    spool_path = settings.spool_path
     time.sleep(args.settle)
-    left = wait_empty(spool_path, args.timeout)
+    left = wait_empty([spool_path, settings.outcome_spool_path], args.timeout)
     if left:
-        print(f"drain: {left} bytes of prediction events still spooled in {spool_path.parent} after "
+        print(f"drain: {left} bytes of prediction and outcome events still spooled in {spool_path.parent} after "
               f"{args.timeout:g} s (Kafka unreachable?): the pod that takes this volume next replays them",
               file=sys.stderr)
         return 1

@@ -130,6 +130,11 @@ async def read_json_body(scope: Scope, receive: Receive, limit: int, authorizati
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def bearer(token: str | None) -> bytes | None:
+    """The Authorization header a route requires, None when it requires none."""
+    return b"Bearer " + token.encode() if token else None
+
+
 Reply = Callable[[int, bytes], None]
 EXTRA_HEADERS = {503: [(b"retry-after", b"1")], 401: [(b"www-authenticate", b"Bearer")]}
 
@@ -278,9 +283,10 @@ class HttpApi:
 
     def __init__(self, max_body_bytes: int, max_request_rows: int, openapi: dict[str, Any],
                  info: Callable[[], Awaitable[dict[str, Any]]], metrics_text: Callable[[], bytes],
-                 token: str | None = None) -> None:
+                 token: str | None = None, more: dict[str, Callable[..., Awaitable[None]]] | None = None) -> None:
+        """``more``: further POST routes, raw ASGI apps (e.g. /outcomes)."""
         self.service: PredictionService | None = None
-        self.authorization = b"Bearer " + token.encode() if token else None  # what the prediction routes require
+        self.authorization = bearer(token)  # what the prediction routes require
         self.max_body_bytes = max_body_bytes
         self.max_request_rows = max_request_rows
         self._openapi = _encoder.encode(openapi)
@@ -289,7 +295,7 @@ class HttpApi:
         self.endpoints = {"/predict": PredictEndpoint(self, batch=False),
                           "/predict_batch": PredictEndpoint(self, batch=True)}
         routes = [
-            *(Route(path, endpoint, methods=["POST"]) for path, endpoint in self.endpoints.items()),
+            *(Route(path, endpoint, methods=["POST"]) for path, endpoint in {**self.endpoints, **(more or {})}.items()),
             Route("/info", self.info, methods=["GET"]),
             Route("/info/", self.info, methods=["GET"]),
             Route("/docs.json", self.openapi, methods=["GET"]),

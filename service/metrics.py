@@ -68,6 +68,20 @@ PREDICTIONS = bentoml.metrics.Counter(
     documentation="Predictions served, by model version",
     labelnames=["model_name", "model_version"],
 )
+OUTCOMES = bentoml.metrics.Counter(
+    name="mlops_outcomes_accepted_total",
+    documentation="Outcomes (true labels of past predictions) accepted by POST /outcomes and gRPC Outcomes",
+)
+OUTCOME_LOG_SPOOL_EVENTS = bentoml.metrics.Gauge(
+    name="mlops_outcome_log_spool_events",
+    documentation="Outcomes waiting in the local spool for the broker",
+    multiprocess_mode="livesum",
+)
+OUTCOME_LOG_CONNECTED = bentoml.metrics.Gauge(
+    name="mlops_outcome_log_connected",
+    documentation="1 while the outcome log reaches the broker (lowest worker)",
+    multiprocess_mode="livemin",
+)
 ERRORS = bentoml.metrics.Counter(
     name="mlops_errors_total",
     documentation="Failed predictions by kind (invalid_request, unknown_entity, overloaded, online_store_unavailable, "

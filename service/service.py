@@ -30,9 +30,10 @@ from mlops import connections
 from mlops.settings import Settings
 from service import bentoml_fixes, contract, fast_http, fast_path, metrics, port_guard, upstream
 from service.grpc_api import GrpcServer, PortInUse, http_host
-from service.http_api import HttpApi
+from service.http_api import HttpApi, bearer
 from service.model_selector import ModelSelector
 from service.online_store import OnlineStore
+from service.outcomes_api import OutcomesEndpoint
 from service.prediction_log import LogStats, PredictionLog
 from service.prediction_service import PredictionService
 from service.spool import Spool, SpoolInUse
@@ -47,12 +48,15 @@ except upstream.UpstreamChanged as _changed:
 bentoml_fixes.apply()
 
 
-def worker_spool_path(s: Settings, index: int) -> Path:
-    return s.spool_path.with_name(f"{s.spool_path.stem}-w{index}{s.spool_path.suffix}")
+def worker_spool_path(s: Settings, index: int, base: Path | None = None) -> Path:
+    """A worker's spool: ``base`` (default: the predictions' spool) with the worker's index."""
+    base = base or s.spool_path
+    return base.with_name(f"{base.stem}-w{index}{base.suffix}")
 
 
 def _spools_free() -> str | None:
-    reasons = (spool_in_use(worker_spool_path(settings, i)) for i in range(1, settings.workers + 1))
+    reasons = (spool_in_use(worker_spool_path(settings, i, base))
+               for base in (settings.spool_path, settings.outcome_spool_path) for i in range(1, settings.workers + 1))
     return next((reason for reason in reasons if reason), None)
 
 
@@ -62,7 +66,7 @@ if bentoml.server_context.worker_index is None:  # `bentoml serve` itself, befor
 for _package in ("service", "mlops", "lifecycle"):  # BentoML's logging config leaves the root at WARNING
     logging.getLogger(_package).setLevel(settings.log_level)
 log = logging.getLogger(__name__)
-PREDICTION_ROUTES = ["/predict", "/predict_batch", "/info", "/metrics", "/docs.json", "/openapi.json"]
+PREDICTION_ROUTES = ["/predict", "/predict_batch", "/outcomes", "/info", "/metrics", "/docs.json", "/openapi.json"]
 
 
 def bentoml_config(s: Settings) -> dict[str, Any]:
@@ -81,11 +85,12 @@ def worker_index() -> int:
     return int(bentoml.server_context.worker_index or 1)
 
 
-def adopt_orphan_spools(s: Settings, spool: Spool) -> int:
+def adopt_orphan_spools(s: Settings, spool: Spool, base: Path | None = None) -> int:
     """Worker 1 takes over the spools of workers that no longer exist (the server now runs fewer); one still
-    held by a live process is left alone."""
+    held by a live process is left alone. ``base``: which log's spools (default: the predictions')."""
     adopted = 0
-    for path in sorted(s.spool_path.parent.glob(f"{s.spool_path.stem}-w*{s.spool_path.suffix}")):
+    base = base or s.spool_path
+    for path in sorted(base.parent.glob(f"{base.stem}-w*{base.suffix}")):
         index = path.stem.rsplit("-w", 1)[-1]
         if not index.isdigit() or int(index) <= s.workers:
             continue
@@ -114,8 +119,18 @@ class Runtime:
         self.index = worker_index()
         self.store = OnlineStore(s)
         self.selector = ModelSelector(s)
+        self.prediction_log = self._log(s.predictions_topic, s.spool_path)
+        self.outcome_log = self._log(s.outcomes_topic, s.outcome_spool_path, queue_size=10_000)
+        self.service = PredictionService(s, self.store, self.selector, self.prediction_log)
+        self.grpc: GrpcServer | None = None
+        self._exported = LogStats(False, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {}, 0, 0, 0, False)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _log(self, topic: str, spool_base: Path, queue_size: int | None = None) -> PredictionLog:
+        """A durable Kafka log with this worker's spool of it."""
+        s = self.settings
         try:
-            spool = Spool(worker_spool_path(s, self.index), s.spool_max_bytes)
+            spool = Spool(worker_spool_path(s, self.index, spool_base), s.spool_max_bytes)
         except SpoolInUse as exc:
             # Another server runs from this folder: sharing its spool would interleave both servers' events.
             # Stop the whole `bentoml serve` (exit 2) rather than restart this worker forever.
@@ -124,19 +139,15 @@ class Runtime:
             os.kill(os.getppid(), signal.SIGTERM)
             raise
         if self.index == 1:
-            adopted = adopt_orphan_spools(s, spool)
+            adopted = adopt_orphan_spools(s, spool, spool_base)
             if adopted:
-                log.info("took over %d spooled events of workers that no longer run", adopted)
-        self.prediction_log = PredictionLog(
-            connections.kafka_config(s), s.predictions_topic, spool, queue_size=s.publish_queue_size,
+                log.info("took over %d spooled %s events of workers that no longer run", adopted, topic)
+        return PredictionLog(
+            connections.kafka_config(s), topic, spool, queue_size=queue_size or s.publish_queue_size,
             linger_ms=s.linger_ms, compression=s.kafka_compression, full_policy=s.spool_full_policy,
             probe_interval_s=s.kafka_retry_interval_s, durability=s.log_durability,
             ack_timeout_s=s.log_ack_timeout_ms / 1000,
         )
-        self.service = PredictionService(s, self.store, self.selector, self.prediction_log)
-        self.grpc: GrpcServer | None = None
-        self._exported = LogStats(False, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {}, 0, 0, 0, False)
-        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         for kind in ("invalid_request", "unknown_entity", "overloaded", "online_store_unavailable",
@@ -144,6 +155,7 @@ class Runtime:
             metrics.ERRORS.labels(kind)  # series exist at 0 from the start, so rate() alerts see them
         metrics.KAFKA_DROPPED.labels("spool_full")
         self.prediction_log.start()
+        self.outcome_log.start()
         self.store.start()
         await self.store.check()
         if self.settings.grpc_port:
@@ -173,6 +185,7 @@ class Runtime:
             task.cancel()
         self.selector.stop()
         await asyncio.to_thread(self.prediction_log.close)
+        await asyncio.to_thread(self.outcome_log.close)
         await self.store.close()
 
     async def _watch_loop_lag(self, every_s: float = 0.1) -> None:
@@ -222,6 +235,9 @@ class Runtime:
         for reason, n in now.dropped.items():
             if n - before.dropped.get(reason, 0) > 0:
                 metrics.KAFKA_DROPPED.labels(reason).inc(n - before.dropped.get(reason, 0))
+        outcomes = self.outcome_log.stats()
+        metrics.OUTCOME_LOG_SPOOL_EVENTS.set(outcomes.spool_events)
+        metrics.OUTCOME_LOG_CONNECTED.set(int(outcomes.connected))
 
     async def info(self) -> dict[str, Any]:
         """What this worker serves and how it is doing; internal addresses only with MLOPS_INFO_ADDRESSES."""
@@ -254,6 +270,7 @@ class Runtime:
             "kafka": {**addresses("bootstrap", self.settings.kafka_bootstrap), "topic": self.settings.predictions_topic,
                       "spool_full_policy": self.settings.spool_full_policy, "durability": self.settings.log_durability,
                       **self.prediction_log.stats().as_dict()},
+            "outcomes": {"topic": self.settings.outcomes_topic, **self.outcome_log.stats().as_dict()},
             "grpc": self.grpc.address if self.grpc is not None and self.settings.info_addresses else None,
             "grpc_port": self.settings.grpc_port or None,
             "auth": "bearer" if http.authorization else None,
@@ -291,9 +308,11 @@ def _metrics_text() -> bytes:
     return BentoMLContainer.metrics_client.get().generate_latest()
 
 
+outcomes_endpoint = OutcomesEndpoint(settings.max_body_bytes, settings.max_request_rows,
+                                     bearer(settings.api_token_value()))
 http = HttpApi(settings.max_body_bytes, settings.max_request_rows,
                contract.openapi("fraud_detector", "1", settings.max_request_rows), _info, _metrics_text,
-               token=settings.api_token_value())
+               token=settings.api_token_value(), more={"/outcomes": outcomes_endpoint})
 
 
 @bentoml.service(name="fraud_detector", **bentoml_config(settings))
@@ -308,11 +327,13 @@ class FraudDetector:
         await runtime.start()
         holder.runtime = runtime
         http.service = runtime.service
+        outcomes_endpoint.log = runtime.outcome_log
 
     @bentoml.on_shutdown
     async def _stop(self) -> None:
         runtime, holder.runtime = holder.runtime, None
         http.service = None
+        outcomes_endpoint.log = None
         if runtime is not None:
             await runtime.stop()
 

@@ -1,7 +1,9 @@
-"""`mlops-drift`: run the streaming drift consumer, or follow the alerts topic.
+"""`mlops-drift`: run the streaming drift consumer or the outcome join, follow the alerts, read the quality.
 
     mlops-drift consume [--group G] [--rules rules.yaml] [--window-seconds S] [--slot-seconds S]
                         [--max-events N] [--metrics-port P] [--max-seconds S]
+    mlops-drift join [--group G] [--metrics-port P] [--max-seconds S]
+    mlops-drift quality [--group G] [--since SECONDS] [--version V] [--json]
     mlops-drift alerts [--from-beginning] [--max-seconds S]
     mlops-drift report --out report.html [--window 3600] [--group G] [--model NAME[:VERSION]] [--rules R]
 
@@ -29,6 +31,8 @@ from mlops.cli_args import OneLineParser
 from mlops.connections import kafka_config, redis_options
 from mlops.settings import ENV_PREFIX, Settings, SettingsError
 from streaming.consumer import ConsumerConfig, DriftConsumer, ProfileCache, load_profile_from_store
+from streaming.join import JoinConfig, JoinConsumer, window_metrics
+from streaming.join_store import JoinSettings, JoinStore
 from streaming.rules import RulesError, RuleSet
 from streaming.state_store import StateStore
 from streaming.window import WindowSpec
@@ -115,6 +119,65 @@ def consume(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def join_settings(settings: Settings) -> JoinSettings:
+    return JoinSettings(horizon_s=settings.quality_horizon_s, slot_s=settings.quality_slot_seconds,
+                        window_slots=max(1, settings.quality_window_seconds // settings.quality_slot_seconds),
+                        threshold=settings.decision_threshold)
+
+
+def join(args: argparse.Namespace, settings: Settings) -> int:
+    """The outcome join (streaming/join.py): add more with the same --group to scale out."""
+    config = JoinConfig(bootstrap=kafka_config(settings), predictions_topic=settings.predictions_topic,
+                        outcomes_topic=settings.outcomes_topic, dlq_topic=settings.outcomes_dlq_topic,
+                        group_id=args.group or settings.quality_group_id, join=join_settings(settings),
+                        eval_interval_s=settings.quality_eval_interval_s, batch_size=settings.drift_batch_size)
+    port = settings.quality_metrics_port if args.metrics_port is None else args.metrics_port
+    if port:
+        serve_metrics(port, settings.drift_metrics_host, from_flag=args.metrics_port is not None)
+    client = redis.Redis(**redis_options(settings), socket_timeout=5, socket_connect_timeout=2)
+    consumer = JoinConsumer(config, JoinStore(client, config.group_id, config.join))
+    signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
+    signal.signal(signal.SIGINT, lambda *_: consumer.stop())
+    logging.info("joining %s to %s as group %s; horizon %.0f s; metrics on :%s", config.outcomes_topic,
+                 config.predictions_topic, config.group_id, config.join.horizon_s, port)
+    consumer.run(max_seconds=args.max_seconds)
+    return 0
+
+
+QUALITY_COLUMNS = ("predictions", "labelled", "label_coverage", "accuracy", "precision", "recall", "f1", "auc",
+                   "brier", "ece", "label_delay_p50_s")
+
+
+def show_quality(args: argparse.Namespace, settings: Settings) -> int:
+    """Realised quality per model version over the last --since seconds, from the join's store."""
+    s = join_settings(settings)
+    since = args.since or settings.quality_window_seconds
+    first_slot = int((time.time() - since) // s.slot_s) + 1
+    client = redis.Redis(**redis_options(settings), socket_timeout=5, socket_connect_timeout=2)
+    try:
+        slots = JoinStore(client, args.group or settings.quality_group_id, s).slots(first_slot)
+    except redis.RedisError as exc:
+        print(f"mlops-drift: cannot read the join's state from Redis at {settings.redis_address}: {exc}",
+              file=sys.stderr)
+        return 2
+    table = window_metrics(slots, s.bins)
+    if args.version:
+        table = {k: v for k, v in table.items() if k.split(":", 1)[1] == args.version or k == args.version}
+    if args.json:
+        print(json.dumps({"since_s": since, "versions": table}, sort_keys=True))
+        return 0
+    if not table:
+        print(f"no joined predictions in the last {since:g} s")
+        return 0
+    print("version".ljust(24) + "".join(c.rjust(18) for c in QUALITY_COLUMNS))
+    for version, values in table.items():
+        cells = ["-" if values.get(c) is None else (f"{values[c]:.4f}" if isinstance(values[c], float)
+                                                    and c != "label_delay_p50_s" else f"{values[c]:g}")
+                 for c in QUALITY_COLUMNS]
+        print(version.ljust(24) + "".join(cell.rjust(18) for cell in cells))
+    return 0
+
+
 def follow_alerts(args: argparse.Namespace, settings: Settings) -> int:
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 
@@ -180,6 +243,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     c.add_argument("--metrics-local", action="store_true",
                    help="serve metrics on 127.0.0.1 whatever MLOPS_DRIFT_METRICS_HOST says (the default already)")
     c.add_argument("--max-seconds", type=positive_float, help="stop after this long (default: run until SIGTERM)")
+    j = sub.add_parser("join", help="run an outcome join consumer (add more with the same --group to scale out)")
+    j.add_argument("--group")
+    j.add_argument("--metrics-port", type=port_number, help="Prometheus port (0: none; default 9109)")
+    j.add_argument("--max-seconds", type=positive_float, help="stop after this long (default: run until SIGTERM)")
+    q = sub.add_parser("quality", help="realised quality per model version, from the join's state")
+    q.add_argument("--group")
+    q.add_argument("--since", type=positive_float, help="seconds back (default: MLOPS_QUALITY_WINDOW_SECONDS)")
+    q.add_argument("--version", help="only this model version")
+    q.add_argument("--json", action="store_true")
     a = sub.add_parser("alerts", help="print drift alerts as they arrive")
     a.add_argument("--from-beginning", action="store_true")
     a.add_argument("--max-seconds", type=positive_float)
@@ -205,7 +277,8 @@ def load_settings() -> Settings:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # usage mistakes: one line and exit 2 (OneLineParser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"consume": consume, "alerts": follow_alerts, "report": write_report}
+    commands = {"consume": consume, "join": join, "quality": show_quality, "alerts": follow_alerts,
+                "report": write_report}
     try:
         return commands[args.command](args, load_settings())
     except (StartupError, SettingsError) as exc:

@@ -1,32 +1,24 @@
 """The streaming drift consumer: a Kafka consumer group on `predictions` that publishes drift alerts.
 
-Per poll (up to ``batch_size`` messages): the events are decoded and binned in batches
-(:mod:`streaming.absorb`) into their partition's time-slotted histograms; then the touched partitions'
-changed slots and offsets are checkpointed to Redis in one atomic script, and only then are the offsets
-committed to Kafka. Each ``request_id`` is counted once per partition within the window (the log delivers at
-least once): the ids counted per slot are checkpointed with the slot (:mod:`streaming.dedupe`). Every
-``eval_interval_s`` the topic-wide windows (all partitions' checkpoints summed)
-are scored (PSI, KS, chi-square) and judged by the rules; state changes become alerts on the alerts topic.
-Poison events go to the dead-letter topic, acknowledged before any checkpoint moves past them.
-
-Outages never end the process. Through a broker outage librdkafka reconnects with backoff; polls come back
-empty and commits fail (counted, retried with the next ones) until the broker answers, then the group
-rejoins and every partition resumes from its Redis checkpoint. Through a Redis outage the consumer stops
-advancing: it pauses its partitions, commits nothing past the last saved checkpoint and retries the save
-with backoff; partitions it is given meanwhile wait, paused, until their checkpoint can be read.
+It runs on the stack's consumer runtime (:mod:`streaming.runtime`: ownership, checkpoint-then-commit,
+dead letters, outages, re-seeding a Redis that lost its data). Per poll (up to ``batch_size`` messages) the
+events are decoded and binned in batches (:mod:`streaming.absorb`) into their partition's time-slotted
+histograms, saved with the offsets in one atomic script (:mod:`streaming.state_store`) before the commit.
+Each ``request_id`` is counted once per partition within the window (the log delivers at least once): the
+ids counted per slot are checkpointed with the slot (:mod:`streaming.dedupe`). Every ``eval_interval_s`` the
+topic-wide windows (all partitions' checkpoints summed) are scored (PSI, KS, chi-square) and judged by the
+rules; state changes become alerts on the alerts topic.
 
 A Redis that lost its data (``FLUSHALL``, restarted empty) is not a takeover: the owner keys are gone rather
-than someone else's (see :mod:`streaming.state_store`). The consumer then puts back what only it holds, from
-memory: first the alert states it knew (set-if-absent, so no evaluation re-announces an alert already sent),
-then every owned partition's whole checkpoint; and it goes on reading from where it was (nothing re-read,
-nothing counted twice). A real takeover stops reading the partition until the group revokes it; meanwhile
-``mlops_drift_fenced_partitions``, ``mlops_drift_paused`` and the lag say so.
+than someone else's. The consumer puts back from memory first the alert states it knew (set-if-absent, so no
+evaluation re-announces an alert already sent), then every owned partition's whole checkpoint, and goes on
+reading from where it was. A real takeover stops reading the partition until the group revokes it;
+meanwhile ``mlops_drift_fenced_partitions``, ``mlops_drift_paused`` and the lag say so.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,21 +28,26 @@ from typing import Any
 import msgspec
 import numpy as np
 import redis
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from streaming import metrics, stats
 from streaming.absorb import Absorber
 from streaming.events import PoisonEvent
-from streaming.kafka_io import Backoff, consumer_config, producer_config, read_stats
 from streaming.profile import ColumnProfile, NumericProfile, ReferenceProfile
 from streaming.rules import SEVERITY_RANK, RuleSet
-from streaming.state_store import PartitionCheckpoint, SaveResult, StateStore
+from streaming.runtime import Part, PartitionedConsumer, RuntimeConfig, RuntimeMetrics, SaveResult
+from streaming.state_store import PartitionCheckpoint, StateStore
 from streaming.window import Key, SlotHistograms, WindowSpec, merged_windows
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
-FENCED_WARN_S = 30.0  # a takeover is followed by a revocation within a rebalance; longer than this is a stall
-HIGH_QUERY_S = 5.0  # how often the high watermarks of partitions not being fetched are asked for
+RUNTIME_METRICS = RuntimeMetrics(
+    broker_connected=metrics.BROKER_CONNECTED, store_up=metrics.CHECKPOINT_STORE_UP,
+    checkpoint_failures=metrics.CHECKPOINT_FAILURES, commit_failures=metrics.COMMIT_FAILURES,
+    paused=metrics.PAUSED, assigned=metrics.ASSIGNED, fenced=metrics.FENCED, rebalances=metrics.REBALANCES,
+    store_resets=metrics.STORE_RESETS, dead_letters=metrics.DEAD_LETTERS,
+    lag_set=lambda part, lag: metrics.LAG.labels(str(part[1])).set(lag),
+    lag_remove=lambda part: metrics.LAG.remove(str(part[1])),
+)
 
 
 @dataclass
@@ -67,6 +64,10 @@ class ConsumerConfig:
     poll_timeout_s: float = 0.5
     backoff_max_s: float = 5.0
     decision_threshold: float = 0.5
+
+    def runtime(self) -> RuntimeConfig:
+        return RuntimeConfig(self.bootstrap, [self.topic], self.group_id, self.dlq_topic, self.eval_interval_s,
+                             self.auto_offset_reset, self.batch_size, self.poll_timeout_s, self.backoff_max_s)
 
 
 class ProfileCache:
@@ -107,356 +108,68 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
-class DriftConsumer:
+class DriftConsumer(PartitionedConsumer):
+    """The drift application on the consumer runtime (:mod:`streaming.runtime`): per partition, time-slotted
+    histograms (:mod:`streaming.absorb`); every ``eval_interval_s`` the topic-wide windows scored and judged."""
+
     def __init__(self, config: ConsumerConfig, rules: RuleSet, store: StateStore, profiles: ProfileCache) -> None:
         self.config = config
         self.rules = rules
         self.store = store
         self.profiles = profiles
         self.absorber = Absorber(profiles.get, config.window, config.decision_threshold)
-        self.partitions: dict[int, PartitionCheckpoint] = {}  # owned, checkpoint loaded: these are read
-        self.pending: set[int] = set()  # owned, checkpoint not loaded yet (Redis down): paused
-        self.unsaved: set[int] = set()  # partitions whose windows are ahead of their Redis checkpoint
-        self.fenced: dict[int, tuple[int | None, float]] = {}  # claimed by another, not revoked: (offset, since)
         self.alert_memory: dict[Key, str] = {}  # last alert state seen or set: re-seeds the store after a flush
-        self.paused = False
-        self.save_backoff = Backoff(max_s=config.backoff_max_s)
-        self.load_backoff = Backoff(max_s=config.backoff_max_s)
-        self._dead_letters: list[bytes] = []  # not yet handed to the producer (its queue was full)
-        self._dead_letters_in_flight = 0
         self._alerts_in_flight: dict[tuple[str, str, str], str] = {}  # key -> state to restore if undelivered
-        self._high: dict[int, int] = {}
-        self._next_high_query = 0.0
-        self._stop = threading.Event()
-        self._next_eval = 0.0
-        self._last_error_log = 0.0
-        self.consumer = Consumer(consumer_config(config.bootstrap, config.group_id, config.auto_offset_reset,
-                                                 error_cb=self._on_error, stats_cb=self._on_stats,
-                                                 on_commit=self._on_commit))
-        self.producer = Producer(producer_config(config.bootstrap, error_cb=self._on_error))
-        self.consumer.subscribe([config.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
-        metrics.CHECKPOINT_STORE_UP.set(1)
-        self._report_paused()
+        super().__init__(config.runtime(), RUNTIME_METRICS)
 
-    # -- lifecycle --------------------------------------------------------------------------------
+    # -- the runtime's hooks ----------------------------------------------------------------------
 
-    def stop(self) -> None:
-        self._stop.set()
-
-    def run(self, max_seconds: float | None = None) -> None:
-        deadline = None if max_seconds is None else time.monotonic() + max_seconds
-        try:
-            while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
-                self.step()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Last checkpoint and commit when they can be made; undelivered alerts are handed back (their state
-        reverted) so the next consumer announces them. Saved even when nothing changed, so a store that lost
-        its data is re-seeded before the next consumer loads it."""
-        self.unsaved.update(p for p, c in self.partitions.items() if c.offset is not None)
-        if self.unsaved:
-            self.save_backoff.succeeded()
-            self._checkpoint(final=True)
-        try:
-            self.consumer.close()
-        except KafkaException as exc:
-            log.warning("consumer close: %s", exc)
-        if self.producer.flush(10):
-            for (name, version, column), previous in list(self._alerts_in_flight.items()):
-                self._revert(name, version, column, previous)
-            log.warning("closing with undelivered messages; their alerts will be re-announced")
-
-    # -- one poll ---------------------------------------------------------------------------------
-
-    def step(self) -> None:
-        if self.pending and self.load_backoff.ready():
-            self._load_pending()
-        messages = self.consumer.consume(self.config.batch_size, self.config.poll_timeout_s)
-        self.producer.poll(0)
-        if messages:
-            self._absorb(messages)
-        if (self.unsaved or self._dead_letters or self.paused) and self.save_backoff.ready():
-            self._checkpoint()
-        if time.monotonic() >= self._next_eval:
-            self.evaluate()
-            self._next_eval = time.monotonic() + self.config.eval_interval_s
-            self._warn_fenced()
-
-    def _absorb(self, messages: list) -> None:
-        raws: list[bytes | None] = []
-        parts: list[int] = []
-        offsets: list[int] = []
-        last: dict[int, int] = {}
-        for m in messages:
-            if m.error() is not None:
-                self._on_error(m.error())
-                continue
-            p = m.partition()
-            if p not in self.partitions:  # pending (read from its checkpoint later), revoked or taken over
-                continue
-            raws.append(m.value())
-            parts.append(p)
-            offsets.append(offset := m.offset())
-            last[p] = offset
-        if not raws:
-            return
-        metrics.BROKER_CONNECTED.set(1)
-        now = time.time()
-        for i, poison in self.absorber.absorb(raws, parts, self.partitions, now):
-            self._dead_letter(parts[i], offsets[i], raws[i], poison)
-        first_slot = self.config.window.first_slot(now)
-        for p, offset in last.items():
-            state = self.partitions[p]
-            state.offset = offset + 1
-            state.windows.expire(first_slot)
-            self.unsaved.add(p)
-
-    def _dead_letter(self, partition: int, offset: int, raw: bytes | None, exc: PoisonEvent) -> None:
-        metrics.DEAD_LETTERS.labels(exc.reason).inc()
-        self.partitions[partition].dead_lettered += 1
-        body = {"reason": exc.reason, "error": str(exc), "topic": self.config.topic, "partition": partition,
-                "offset": offset, "raw": raw.decode("utf-8", errors="replace") if raw is not None else None,
-                "timestamp": _iso(time.time())}
-        self._dead_letters.append(_json.encode(body))
-        self._send_dead_letters()
-
-    def _send_dead_letters(self) -> None:
-        while self._dead_letters:
-            try:
-                self.producer.produce(self.config.dlq_topic, self._dead_letters[0], on_delivery=self._on_dead_letter)
-            except BufferError:  # the producer's queue is full (broker away): keep it, try again later
-                self.producer.poll(0.1)
-                return
-            self._dead_letters.pop(0)
-            self._dead_letters_in_flight += 1
-
-    def _on_dead_letter(self, err, _msg) -> None:
-        self._dead_letters_in_flight -= 1
-        if err is not None:  # permanent (no delivery timeout is set), e.g. larger than the topic allows
-            log.error("dead letter not delivered, dropped: %s", err)
-
-    # -- checkpoints ------------------------------------------------------------------------------
-
-    def _checkpoint(self, final: bool = False) -> bool:
-        """Save the unsaved partitions to Redis, then commit their offsets; on failure pause and back off."""
-        self._send_dead_letters()
-        if self._dead_letters or self._dead_letters_in_flight:
-            self.producer.flush(10 if final else 1)
-            if self._dead_letters or self._dead_letters_in_flight:
-                return self._checkpoint_failed("dead letters are not acknowledged yet")
-        todo = {p: self.partitions[p] for p in self.unsaved if p in self.partitions}
-        try:
-            if todo:
-                saved = self.store.save(todo)
-                if saved.lost:
-                    saved = self._reseed(saved)
-            else:  # paused with nothing to save: probe
-                self.store.ping()
-                saved = SaveResult()
-        except redis.RedisError as exc:
-            metrics.CHECKPOINT_STORE_UP.set(0)
-            return self._checkpoint_failed(f"Redis: {exc}")
-        metrics.CHECKPOINT_STORE_UP.set(1)
-        for p in saved.fenced:
-            self._fence(p)
-        offsets = [TopicPartition(self.config.topic, p, todo[p].offset) for p in todo
-                   if p not in saved.fenced and todo[p].offset is not None]
-        self.unsaved.clear()
-        self.save_backoff.succeeded()
-        if offsets:
-            self._commit(offsets, final)
-        if self.paused:
-            self._set_paused(False)
-        return True
-
-    def _reseed(self, saved: SaveResult) -> SaveResult:
-        """Redis lost this consumer's checkpoints (flushed, or restarted empty; not a takeover: no other owner is
-        there). Put back what only this consumer knows, from memory: the alert states first, so no evaluation
-        sees windows without the state they had reached (it would announce their alerts again), then every owned
-        partition's whole checkpoint, atomically. Reading goes on from the in-memory offsets: nothing re-read."""
-        metrics.STORE_RESETS.inc()
-        restored = self.store.restore_alerts(self.alert_memory)
-        owned = {p: c for p, c in self.partitions.items() if c.offset is not None and p not in saved.fenced}
-        for ckpt in owned.values():
-            ckpt.windows.mark_all_dirty()
-        again = self.store.save(owned, reseed=set(owned))
-        log.warning("Redis had lost the checkpoints of partitions %s (flushed or restarted empty): re-seeded %s "
-                    "partitions and %s alert states from memory", saved.lost, len(owned), restored)
-        return SaveResult(sorted(set(saved.fenced) | set(again.fenced)), again.lost)
-
-    def _fence(self, partition: int) -> None:
-        """Another consumer claimed the partition: stop reading it (its unsaved state is dropped, the new owner
-        resumes from the checkpoint) until the group revokes it from us; the metrics show it as not read."""
-        log.warning("partition %s was taken over by another consumer; dropping its unsaved state", partition)
-        state = self.partitions.pop(partition, None)
-        self.fenced[partition] = (state.offset if state is not None else None, time.monotonic())
-        try:
-            self.consumer.pause([TopicPartition(self.config.topic, partition)])
-        except KafkaException:
-            pass
-        self._report_paused()
-
-    def _warn_fenced(self) -> None:
-        stuck = sorted(p for p, (_, since) in self.fenced.items() if time.monotonic() - since > FENCED_WARN_S)
-        if stuck and time.monotonic() - self._last_error_log > FENCED_WARN_S:
-            log.error("partitions %s are still assigned to this consumer but owned by another one in Redis; not "
-                      "reading them (is another consumer using group %s on this Redis?)", stuck,
-                      self.config.group_id)
-            self._last_error_log = time.monotonic()
-
-    def _checkpoint_failed(self, why: str) -> bool:
-        metrics.CHECKPOINT_FAILURES.inc()
-        wait = self.save_backoff.failed()
-        if self.save_backoff.failures == 1 or time.monotonic() - self._last_error_log > 30:
-            log.warning("checkpoint not saved (%s); not advancing, retrying in %.1fs", why, wait)
-            self._last_error_log = time.monotonic()
-        if not self.paused:
-            self._set_paused(True)
-        return False
-
-    def _commit(self, offsets: list[TopicPartition], sync: bool = False) -> None:
-        try:
-            self.consumer.commit(offsets=offsets, asynchronous=not sync)
-        except KafkaException as exc:  # the Redis checkpoint holds these offsets: a later commit catches up
-            metrics.COMMIT_FAILURES.inc()
-            log.debug("commit failed: %s", exc)
-
-    def _on_commit(self, err, partitions) -> None:
-        if err is not None:
-            metrics.COMMIT_FAILURES.inc()
-            log.debug("commit failed: %s", err)
-
-    def _set_paused(self, paused: bool) -> None:
-        owned = [TopicPartition(self.config.topic, p) for p in self.partitions]
-        try:
-            if owned:
-                (self.consumer.pause if paused else self.consumer.resume)(owned)
-        except KafkaException as exc:
-            log.warning("could not %s partitions: %s", "pause" if paused else "resume", exc)
-            return
-        self.paused = paused
-        self._report_paused()
-
-    def _report_paused(self) -> None:
-        metrics.PAUSED.set(int(self.paused or bool(self.pending) or bool(self.fenced)))
-        metrics.FENCED.set(len(self.fenced))
-        metrics.ASSIGNED.set(len(self.partitions) + len(self.pending))
-
-    # -- rebalancing ------------------------------------------------------------------------------
-
-    def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
-        metrics.REBALANCES.labels("assign").inc()
-        for tp in assigned:
-            tp.offset = self._claim(tp.partition)
-        consumer.assign(assigned)
-        waiting = [tp for tp in assigned if tp.partition in self.pending]
-        if waiting:
-            consumer.pause(waiting)
-        if self.paused:
-            self._set_paused(True)
-        self._report_paused()
-        log.info("assigned partitions %s%s", sorted(tp.partition for tp in assigned),
-                 f" (waiting for Redis: {sorted(self.pending)})" if self.pending else "")
-
-    def _claim(self, partition: int) -> int:
-        """Loads a partition's checkpoint (fencing out its previous owner); returns the offset to read from."""
-        try:
-            epoch, ckpt = self.store.claim(partition)
-        except redis.RedisError as exc:
-            metrics.CHECKPOINT_STORE_UP.set(0)
-            log.warning("cannot load the checkpoint of partition %s (%s); it waits, paused", partition, exc)
-            self.pending.add(partition)
-            return -1001  # OFFSET_INVALID: where the group left it; nothing is read before the checkpoint
-        metrics.CHECKPOINT_STORE_UP.set(1)
-        self.pending.discard(partition)
-        self.fenced.pop(partition, None)
+    def claim(self, part: Part) -> PartitionCheckpoint:
+        epoch, ckpt = self.store.claim(part[1])
         if ckpt is None:  # first time for this group: Kafka's committed offset (or auto_offset_reset) decides
             ckpt = PartitionCheckpoint(offset=None, consumed=0, dead_lettered=0, windows=SlotHistograms(),
                                        epoch=epoch)
-        self.partitions[partition] = ckpt
-        return ckpt.offset if ckpt.offset is not None else -1001
+        return ckpt
 
-    def _load_pending(self) -> None:
-        for p in sorted(self.pending):
-            offset = self._claim(p)
-            if p in self.pending:
-                self.load_backoff.failed()
-                return
-            tp = TopicPartition(self.config.topic, p, offset)
-            try:
-                if offset < 0:
-                    tp.offset = self._committed_or_reset(p)
-                self.consumer.seek(tp)
-                if not self.paused:
-                    self.consumer.resume([TopicPartition(self.config.topic, p)])
-            except KafkaException as exc:
-                log.warning("could not resume partition %s (%s); retrying", p, exc)
-                self.partitions.pop(p, None)
-                self.pending.add(p)
-                self.load_backoff.failed()
-                return
-            log.info("partition %s resumed from its checkpoint at offset %s", p, tp.offset)
-        self.load_backoff.succeeded()
-        self._report_paused()
+    def save(self, todo: dict[Part, PartitionCheckpoint], reseed: set[Part] | frozenset[Part] = frozenset()
+             ) -> SaveResult:
+        topic = self.config.topic
+        saved = self.store.save({p: c for (_, p), c in todo.items()}, reseed={p for _, p in reseed})
+        return SaveResult([(topic, p) for p in saved.fenced], [(topic, p) for p in saved.lost])
 
-    def _committed_or_reset(self, partition: int) -> int:
-        committed = self.consumer.committed([TopicPartition(self.config.topic, partition)], timeout=10)[0]
-        if committed.offset >= 0:
-            return committed.offset
-        return OFFSET_BEGINNING if self.config.auto_offset_reset == "earliest" else OFFSET_END
+    def ping(self) -> None:
+        self.store.ping()
 
-    def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
-        self._leave(revoked, commit=True)
+    def absorb(self, raws: list[bytes | None], parts: list[Part], offsets: list[int], now: float
+               ) -> list[tuple[int, PoisonEvent]]:
+        states = {p: c for (_, p), c in self.partitions.items()}
+        return self.absorber.absorb(raws, [p for _, p in parts], states, now)
 
-    def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
-        self._leave(lost, commit=False)
+    def absorbed(self, part: Part, state: PartitionCheckpoint, now: float) -> None:
+        state.windows.expire(self.config.window.first_slot(now))
 
-    def _leave(self, gone_tps: list[TopicPartition], commit: bool) -> None:
-        """Checkpoint partitions on their way out (refused by Redis if another consumer already took one)."""
-        metrics.REBALANCES.labels("revoke" if commit else "lost").inc()
-        gone = [tp.partition for tp in gone_tps]
-        # Saved even when nothing changed: a store that lost its data is noticed (and re-seeded) before the next
-        # owner loads the checkpoint.
-        leaving = [p for p in gone if p in self.partitions and self.partitions[p].offset is not None]
-        if leaving:
-            self.unsaved.update(leaving)
-            self.save_backoff.succeeded()
-            self._checkpoint(final=True)
-        for p in gone:
-            self.partitions.pop(p, None)
-            self.pending.discard(p)
-            self.unsaved.discard(p)
-            self.fenced.pop(p, None)
-            metrics.LAG.remove(str(p))  # its new owner reports it
-        self._report_paused()
-        log.info("revoked partitions %s%s", sorted(gone), "" if commit else " (lost)")
+    def reseed(self, saved: SaveResult) -> SaveResult:
+        """Put back what only this consumer knows, from memory: the alert states first, so no evaluation sees
+        windows without the state they had reached (it would announce their alerts again), then every owned
+        partition's whole checkpoint, atomically. Reading goes on from the in-memory offsets: nothing re-read."""
+        restored = self.store.restore_alerts(self.alert_memory)
+        for p, ckpt in self.partitions.items():
+            if ckpt.offset is not None and p not in saved.fenced:
+                ckpt.windows.mark_all_dirty()
+        log.warning("re-seeding %s alert states from memory", restored)
+        return super().reseed(saved)
 
-    # -- broker state -----------------------------------------------------------------------------
-
-    def _on_error(self, err: KafkaError) -> None:
-        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            metrics.BROKER_CONNECTED.set(0)
-        if time.monotonic() - self._last_error_log > 10:
-            log.warning("kafka: %s (retrying)", err)
-            self._last_error_log = time.monotonic()
-
-    def _on_stats(self, raw: str) -> None:
-        try:
-            connected, high = read_stats(raw, self.config.topic)
-        except (msgspec.DecodeError, ValueError):
-            return
-        metrics.BROKER_CONNECTED.set(int(connected))
-        for p, offset in high.items():  # never back: a paused partition's statistics keep an old watermark
-            self._high[p] = max(offset, self._high.get(p, -1))
+    def on_close(self, delivered: bool) -> None:
+        """Undelivered alerts are handed back (their state reverted) so the next consumer announces them."""
+        if not delivered:
+            for (name, version, column), previous in list(self._alerts_in_flight.items()):
+                self._revert(name, version, column, previous)
+            log.warning("closing with undelivered messages; their alerts will be re-announced")
 
     # -- judging ----------------------------------------------------------------------------------
 
     def evaluate(self) -> list[dict[str, Any]]:
         """Score the topic-wide windows, publish alerts for state changes; returns the alerts sent."""
-        self._report_lag()
         metrics.STATE_CELLS.set(sum(s.windows.cells() for s in self.partitions.values()))
         try:
             return self._evaluate()
@@ -468,11 +181,10 @@ class DriftConsumer:
     def _evaluate(self) -> list[dict[str, Any]]:
         checkpoints = self.store.load_all()
         lost = [p for p, c in self.partitions.items()
-                if c.offset is not None and p not in checkpoints and p not in self.unsaved]
+                if c.offset is not None and p[1] not in checkpoints and p not in self.unsaved]
         if lost:  # saved before, gone now: Redis lost its data. Re-seed first; judge on the next evaluation.
             self.unsaved.update(lost)
-            self.save_backoff.succeeded()
-            self._checkpoint()
+            self.checkpoint_now()
             return []
         now = time.time()
         windows = merged_windows([c.windows for c in checkpoints.values()], self.config.window, now)
@@ -560,30 +272,6 @@ class DriftConsumer:
             if rule.severity == previous and rule.applies_to(column) and rule.metric in scores:
                 return rule.metric, scores[rule.metric], rule.threshold
         return None, None, None
-
-    def _report_lag(self) -> None:
-        """Owned partitions, and fenced ones (not read: their lag grows until the group revokes them)."""
-        offsets = {p: state.offset for p, state in self.partitions.items()}
-        offsets.update({p: offset for p, (offset, _) in self.fenced.items()})
-        self._refresh_high(list(offsets) if self.paused else list(self.fenced))
-        for p, offset in offsets.items():
-            if p in self._high and offset is not None:
-                metrics.LAG.labels(str(p)).set(max(0, self._high[p] - offset))
-
-    def _refresh_high(self, partitions: list[int]) -> None:
-        """librdkafka's statistics learn the high watermark from fetches, and a paused partition is not fetched:
-        ask the broker (every few seconds, while it answers), so a stalled partition's lag keeps growing."""
-        if not partitions or time.monotonic() < self._next_high_query:
-            return
-        self._next_high_query = time.monotonic() + HIGH_QUERY_S
-        for p in partitions:
-            try:
-                _, high = self.consumer.get_watermark_offsets(TopicPartition(self.config.topic, p), timeout=0.5,
-                                                              cached=False)
-            except KafkaException:
-                return  # the broker is away: keep the last known values
-            if high >= 0:
-                self._high[p] = max(high, self._high.get(p, 0))
 
 
 def load_profile_from_store(name: str, version: str) -> ReferenceProfile | None:

@@ -31,3 +31,22 @@ STORE_RESETS = Counter("mlops_drift_checkpoint_store_resets_total",
                        "Times Redis had lost this consumer's checkpoints (flushed, restarted empty); re-seeded")
 FENCED = Gauge("mlops_drift_fenced_partitions",
                "Partitions assigned to this consumer but claimed by another one in Redis: not read until revoked")
+
+# The outcome join and realised quality (streaming/join.py), on the join consumer's own port.
+QUALITY = Gauge("mlops_quality", "Realised quality of a model version over the time window (joined pairs)",
+                ["model_name", "model_version", "metric"])
+JOIN_READ = Counter("mlops_quality_events_total", "Events read by the join, by kind (prediction, outcome)", ["kind"])
+JOIN_LAG = Gauge("mlops_quality_consumer_lag", "Messages behind the end of the partition", ["topic", "partition"])
+JOIN_TOTALS = Gauge("mlops_quality_join_totals", "The whole group's join counts since its store began (from Redis): "
+                    "joined, duplicate_predictions, duplicate_outcomes, outcomes_waiting", ["kind"])
+JOIN_BROKER_CONNECTED = Gauge("mlops_quality_broker_connected", "1 while at least one Kafka broker connection is up")
+JOIN_STORE_UP = Gauge("mlops_quality_checkpoint_store_up", "1 while the last Redis call of the join succeeded")
+JOIN_CHECKPOINT_FAILURES = Counter("mlops_quality_checkpoint_failures_total", "Join saves that failed (retried)")
+JOIN_COMMIT_FAILURES = Counter("mlops_quality_commit_failures_total", "Kafka offset commits that failed (retried)")
+JOIN_PAUSED = Gauge("mlops_quality_paused", "1 while (some) partitions of the join are paused")
+JOIN_ASSIGNED = Gauge("mlops_quality_assigned_partitions", "Partitions this join consumer owns and reads")
+JOIN_FENCED = Gauge("mlops_quality_fenced_partitions", "Partitions assigned but claimed by another consumer")
+JOIN_REBALANCES = Counter("mlops_quality_rebalances_total", "Partition assignments and revocations", ["kind"])
+JOIN_STORE_RESETS = Counter("mlops_quality_checkpoint_store_resets_total", "Times Redis had lost the join's owner keys")
+JOIN_DEAD_LETTERS = Counter("mlops_quality_dead_letters_total", "Unusable events sent to the dead-letter topic",
+                            ["reason"])

@@ -73,6 +73,10 @@ def test_a_server_with_a_token_refuses_http_and_grpc_calls_without_it(workspace,
         assert r.status_code == 401
         r = httpx.post(f"{server.url}/predict", json=BODY, headers={"authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 200, r.text
+        outcome = {"outcomes": [{"request_id": "r-access", "label": 0}]}
+        assert httpx.post(f"{server.url}/outcomes", json=outcome).status_code == 401
+        r = httpx.post(f"{server.url}/outcomes", json=outcome, headers={"authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200, r.text
         info = httpx.get(f"{server.url}/info").json()
         assert info["auth"] == "bearer" and info["http_fast_path"] is True
         assert info["online_store"]["address"] == workspace.settings.redis_address  # MLOPS_INFO_ADDRESSES asked

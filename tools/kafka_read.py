@@ -14,8 +14,11 @@ from mlops.connections import bootstrap_config
 
 
 def read_events(bootstrap: str | Mapping[str, Any], topic: str, wanted: set[str], timeout: float = 60,
-                settle: float = 2.0, key: str = "request_id") -> list[dict[str, Any]]:
+                settle: float = 2.0, key: str = "request_id", message_key_as: str | None = None
+                ) -> list[dict[str, Any]]:
     """Every event on ``topic`` whose ``key`` is in ``wanted``, from the start of the topic.
+
+    ``message_key_as``: also put each message's Kafka key (decoded, or None) into its event under this name.
 
     Waits until each wanted id was seen, then ``settle`` seconds more so that duplicates would show.
     ``bootstrap``: the servers, or ``mlops.connections.kafka_config`` (credentials and TLS).
@@ -33,6 +36,9 @@ def read_events(bootstrap: str | Mapping[str, Any], topic: str, wanted: set[str]
                 if message.error() is None:
                     value = _loads(message.value())
                     if isinstance(value, dict) and value.get(key) in wanted:
+                        if message_key_as:
+                            raw_key = message.key()
+                            value[message_key_as] = raw_key.decode() if raw_key is not None else None
                         found.append(value)
             if complete_at is None and {e[key] for e in found} >= wanted:
                 complete_at = time.monotonic()

@@ -55,7 +55,7 @@ PG_USER = "mlflow"
 SECURE_USER = "mlops"
 MLFLOW_ADMIN = "admin"
 # Topics the stack uses, with their partition counts (more partitions let drift consumers scale out).
-TOPICS = {"predictions": 3, "drift-alerts": 1, "predictions-dlq": 1}
+TOPICS = {"predictions": 3, "drift-alerts": 1, "predictions-dlq": 1, "prediction-outcomes": 3}
 
 
 class ServiceError(RuntimeError):

@@ -261,7 +261,7 @@ def test_a_partition_taken_over_in_redis_shows_in_the_metrics(workspace, topics,
             lag = metric_value(text, "mlops_drift_consumer_lag", 'partition="0"')
             wait_metric(consumer, "mlops_drift_consumer_lag", lambda v: v >= lag + 30, 30, "the lag hid the stall",
                         labels='partition="0"')
-        assert "partition 0 was taken over" in consumer.log(), consumer.log()[-3000:]
+        assert f"partition {topics.predictions}[0] was taken over" in consumer.log(), consumer.log()[-3000:]
         assert consumer.process.poll() is None, consumer.log()[-3000:]
     finally:
         consumer.stop()

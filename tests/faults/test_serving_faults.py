@@ -70,6 +70,21 @@ def assert_logged_once_per_request(workspace, traffic: Traffic, requeued: int = 
     assert repeated <= requeued, f"{repeated} repeats, but only {requeued} events were taken back"
 
 
+def post_outcomes(server, tag: str, n: int) -> set[str]:
+    """Outcomes in requests of 10; the ids of those answered 200 (a 503 is retryable: resent once)."""
+    accepted: set[str] = set()
+    for start in range(0, n, 10):
+        rows = [{"request_id": f"{tag}-{i}", "label": i % 2} for i in range(start, start + 10)]
+        for _ in range(2):
+            r = httpx.post(f"{server.url}/outcomes", json={"outcomes": rows}, timeout=10)
+            if r.status_code == 200:
+                accepted |= {row["request_id"] for row in rows}
+                break
+            assert r.status_code == 503, r.text
+    assert accepted, "no outcome accepted during the outage"
+    return accepted
+
+
 def grpc_health(server) -> int:
     """The standard gRPC health status of the prediction service (what Kubernetes' readiness probe asks)."""
     import grpc
@@ -92,12 +107,16 @@ def test_broker_killed_requests_succeed_and_every_event_arrives_once(workspace, 
         try:
             time.sleep(outage_s)
             during = log_state(fault_server)
+            outcome_ids = post_outcomes(fault_server, f"out-{outage_s}", 40)  # spooled like the predictions
         finally:
             svc.up(run_dir(workspace), only="kafka")
         wait_until(lambda: log_state(fault_server)["connected"] and log_state(fault_server)["spool_events"] == 0,
                    120, "the spool to be replayed")
         time.sleep(2)
     assert not during["connected"] and during["spool_events"] > 0, during
+    found = read_events(workspace.settings.kafka_bootstrap, workspace.settings.outcomes_topic, outcome_ids,
+                        timeout=120)
+    assert {e["request_id"] for e in found} == outcome_ids, "an accepted outcome is not in the topic"
     assert traffic.statuses() == Counter({200: len(traffic.results)}), traffic.statuses()
     assert traffic.slowest() < BROKER_KILL_HANG_S, f"a request took {traffic.slowest():.2f}s"
     assert all(status == 200 for _, status in traffic.readiness), "a broker outage alone must not flip readiness"
