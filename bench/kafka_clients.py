@@ -181,7 +181,8 @@ def drift_consumer(bootstrap: str, redis_address: str, topic: str, group: str, g
     import redis
     from confluent_kafka import TopicPartition
 
-    from streaming.consumer import ConsumerConfig, DriftConsumer, ProfileCache
+    from streaming.consumer import ConsumerConfig, DriftConsumer
+    from streaming.model_files import ProfileCache
     from streaming.rules import RuleSet
     from streaming.state_store import StateStore
     from streaming.window import WindowSpec

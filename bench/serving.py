@@ -170,12 +170,14 @@ def topic_events(bootstrap: str, topic: str) -> int:
         consumer.close()
 
 
-def wrk(tool: str, url: str, connections: int, seconds: float, customers: int, pid: int | None = None) -> dict:
+def wrk(tool: str, url: str, connections: int, seconds: float, customers: int, pid: int | None = None,
+        script: Path = LUA, env: dict[str, str] | None = None) -> dict:
     """One closed-loop point after a 1 s warm-up. ``ok`` counts the 2xx answers of both (for the Kafka check);
     ``rps`` is 2xx answers per second of the measured run only."""
     threads = max(1, min(connections, 2))
-    env = {**os.environ, "CUSTOMERS": str(customers)}
-    cmd = [tool, f"-t{threads}", f"-c{connections}", f"-d{max(1, int(seconds))}s", "--latency", "-s", str(LUA), url]
+    env = {**os.environ, "CUSTOMERS": str(customers), **(env or {})}
+    cmd = [tool, f"-t{threads}", f"-c{connections}", f"-d{max(1, int(seconds))}s", "--latency", "-s", str(script),
+           url]
     warm = _wrk_json(subprocess.run([*cmd[:3], "-d1s", *cmd[4:]], env=env, capture_output=True, text=True,
                                     check=False).stdout)
     cpu_before = tree_cpu_s(pid) if pid else 0.0
@@ -386,6 +388,7 @@ def run(ws, args) -> list[dict]:
                          "lost": max(0, answered[system.label] - logged)})
             print(f"  {system.label:<26} kafka: {answered[system.label]} answered 200, {logged} events logged",
                   flush=True)
+    rows += outcomes_ingest(ws, tool, args.seconds)
     add_ratios(rows)
     print_table(f"Serving, side by side ({args.seconds:.0f} s per point; load generator on the same cores)",
                 [r for r in rows if r["mode"] in ("closed", "open")],
@@ -399,6 +402,31 @@ def run(ws, args) -> list[dict]:
                     ["system", "workers", "sustained_rate", "p99_ms"])
     print(f"wrote {write_results(args.name, rows + summary, vars(args))}")
     return rows
+
+
+def outcomes_ingest(ws, tool: dict[str, str], seconds: float, rows_per_request: int = 256) -> list[dict]:
+    """POST /outcomes on one worker with its default durability (ack), 8 connections: rows accepted per second,
+    and every accepted row counted on the topic."""
+    from tools.services import create_topics, free_port
+
+    topic = f"bench-outcomes-{free_port()}"
+    create_topics(ws.settings.kafka_bootstrap, {topic: 3})
+    system = System("project", 1, {"MLOPS_MODEL_VERSION": "", "MLOPS_OUTCOMES_TOPIC": topic})
+    server = start(system, ws, free_port())
+    try:
+        r = wrk(tool["wrk"], f"{server.url}/outcomes", 8, seconds, 0, server.process.pid,
+                script=ROOT / "bench" / "load" / "outcomes.lua", env={"ROWS": str(rows_per_request)})
+    finally:
+        server.stop()
+    accepted = r.pop("ok") * rows_per_request
+    logged = settle_topic(ws.settings.kafka_bootstrap, topic, accepted)
+    row = {"system": "project, /outcomes", "workers": 1, "protocol": "http", "mode": "outcomes", "connections": 8,
+           "rows_per_request": rows_per_request, "rows_per_s": round(r["rps"] * rows_per_request), **r,
+           "accepted_rows": accepted, "logged": logged, "lost": max(0, accepted - logged)}
+    print(f"  /outcomes x1 (ack)          {row['rows_per_s']:8.0f} rows/s  p50 {r['p50_ms']:7.2f} ms  p99 "
+          f"{r['p99_ms']:7.2f} ms  errors {r['errors']}  cpu {r['cpu_ms_per_request']} ms/request; "
+          f"{accepted} accepted, {logged} on the topic", flush=True)
+    return [row]
 
 
 def warm_up(ws, tool: dict[str, str], customers: int, seconds: float) -> None:
@@ -532,13 +560,18 @@ def parser() -> argparse.ArgumentParser:
                                                           "(the median is reported)")
     p.add_argument("--quick", action="store_true", help="skip the open-loop sweep and the 1-worker textbook peer")
     p.add_argument("--profile", action="store_true", help="py-spy profile of a project worker at 32 connections")
+    p.add_argument("--outcomes-only", action="store_true", help="only POST /outcomes (rows/s on one worker)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     with bench_workspace() as ws:
-        run(ws, args)
+        if args.outcomes_only:
+            rows = outcomes_ingest(ws, tools(), args.seconds)
+            print(f"wrote {write_results(args.name, rows, vars(args))}")
+        else:
+            run(ws, args)
     return 0
 
 

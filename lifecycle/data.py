@@ -99,6 +99,16 @@ def generate(
     return Dataset(customers=customers, transactions=transactions)
 
 
+def label_delays(n: int, seed: int = 0, never: float = 0.05, median_s: float = 3 * 3600.0,
+                 spread: float = 1.6) -> np.ndarray:
+    """When each transaction's true label becomes known, in seconds after it (NaN: never), as chargebacks
+    arrive: most within hours (log-normal, median 3 h), a long tail to days (~1 % after 5 days), some never."""
+    rng = np.random.default_rng(seed)
+    delays = median_s * rng.lognormal(0.0, spread, n)
+    delays[rng.random(n) < never] = np.nan
+    return delays
+
+
 def point_in_time(events: pd.DataFrame, history: pd.DataFrame, ttl: timedelta = FEATURE_TTL) -> pd.DataFrame:
     """For each event (``customer_id``, ``event_timestamp``), the store features of the newest snapshot taken
     at or before it and at most ``ttl`` older (NaN when none): Feast's point-in-time join, in pandas.

@@ -19,7 +19,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 from sklearn.ensemble import GradientBoostingClassifier
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, brier_score_loss, f1_score, precision_score, recall_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from lifecycle import data as datamod
@@ -27,6 +27,7 @@ from lifecycle import model_store
 from lifecycle.cli_backend import BackendUnavailable, fail_fast, open_backend
 from lifecycle.onnx_export import ParityError, check_parity, export, onnx_positive_proba
 from lifecycle.tracking import Backend, TrackingError, TrainingRun, git_commit, training_run
+from mlops.calibration import CALIBRATION_FILE, Calibration
 from mlops.cli_args import OneLineParser, settings_error
 from mlops.schema import LABEL, MODEL_FEATURES
 from mlops.settings import Settings
@@ -71,7 +72,13 @@ def fit(x_train: np.ndarray, y_train: np.ndarray, params: dict[str, Any] | None 
 
 
 def score_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    return {"auc": float(roc_auc_score(y_true, proba)), "accuracy": float(accuracy_score(y_true, proba >= 0.5))}
+    """The holdout metrics: what realised and estimated quality in production are compared with."""
+    predicted = proba >= 0.5
+    return {"auc": float(roc_auc_score(y_true, proba)), "accuracy": float(accuracy_score(y_true, predicted)),
+            "precision": float(precision_score(y_true, predicted, zero_division=0)),
+            "recall": float(recall_score(y_true, predicted, zero_division=0)),
+            "f1": float(f1_score(y_true, predicted, zero_division=0)),
+            "brier": float(brier_score_loss(y_true, proba))}
 
 
 def evaluate(estimator: GradientBoostingClassifier, x_holdout: np.ndarray, y_holdout: np.ndarray,
@@ -133,7 +140,9 @@ def register(trained: TrainedModel, name: str, version: str | None = None, *, ru
         "created_at": datetime.now(UTC).isoformat(),
     }
     profile = reference_profile(trained, name, version)
-    return model_store.save(name, version, trained.onnx_bytes, metadata, {PROFILE_FILE: profile.to_bytes()},
+    calibration = Calibration.fit(onnx_positive_proba(trained.onnx_bytes, trained.x_holdout), trained.y_holdout)
+    return model_store.save(name, version, trained.onnx_bytes, metadata,
+                            {PROFILE_FILE: profile.to_bytes(), CALIBRATION_FILE: calibration.to_bytes()},
                             run=run, input_example=trained.x_holdout[:5])
 
 

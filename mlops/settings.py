@@ -160,6 +160,10 @@ class Settings(BaseSettings):
     quality_window_seconds: int = Field(86400, ge=1, description="the live quality window")
     quality_eval_interval_s: float = Field(5.0, gt=0, description="how often the join exports its metrics")
     quality_metrics_port: int = Field(9109, ge=0, le=65535, description="Prometheus port of the join; 0: off")
+    quality_drop: float = Field(0.05, gt=0, lt=1, description="performance alert when accuracy or AUC is this much "
+                                                              "(relative) below the version's holdout")
+    quality_min_labels: int = Field(200, ge=1, description="labelled predictions before realised quality is judged")
+    quality_min_predictions: int = Field(500, ge=1, description="predictions before estimated quality is judged")
 
     @field_validator("model_version", mode="before")
     @classmethod

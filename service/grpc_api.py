@@ -30,7 +30,19 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service import port_guard
-from service.contract import Prediction, PredictRequest, RequestError, RowError, check, check_batch
+from service.contract import (
+    OutcomesInvalid,
+    Prediction,
+    PredictRequest,
+    RequestError,
+    RowError,
+    check,
+    check_batch,
+    decode_outcomes,
+)
+from service.http_api import HttpError
+from service.outcomes_api import OutcomesEndpoint
+from service.prediction_log import LogRefused
 from service.prediction_service import PredictionService, Unavailable
 from service.proto import fraud_pb2
 from service.scoring import UNKNOWN_ENTITY
@@ -38,6 +50,7 @@ from service.scoring import UNKNOWN_ENTITY
 log = logging.getLogger(__name__)
 SERVICE_NAME = "mlops.fraud.v1.FraudDetector"
 TIMEOUT_S = 30.0
+_json = msgspec.json.Encoder()
 
 
 PortInUse = port_guard.PortInUse
@@ -91,8 +104,9 @@ def to_message(prediction: Prediction) -> fraud_pb2.Prediction:
 
 class FraudDetectorServicer:
     def __init__(self, service: PredictionService, loop: asyncio.AbstractEventLoop, max_rows: int,
-                 authorization: bytes | None = None) -> None:
+                 authorization: bytes | None = None, outcomes: OutcomesEndpoint | None = None) -> None:
         self.service = service
+        self.outcomes = outcomes
         self.loop = loop
         self.max_rows = max_rows
         self.authorization = authorization  # the `authorization` metadata every call must carry, when set
@@ -154,6 +168,34 @@ class FraudDetectorServicer:
                                                      customer_id=answer.customer_id or ""))
         return fraud_pb2.PredictBatchResponse(results=results)
 
+    def Outcomes(self, request, context):  # noqa: N802
+        """The same checks as POST /outcomes (the rows go through its decoder as JSON), the same log."""
+        self._check_token(context)
+        if isinstance(request, Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        if self.outcomes is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server takes no outcomes")
+        rows = [{"request_id": o.request_id, **({"label": o.label} if o.HasField("label") else {}),
+                 **({"timestamp": o.timestamp} if o.HasField("timestamp") else {}),
+                 **({"outcome_value": o.outcome_value} if o.HasField("outcome_value") else {})}
+                for o in request.outcomes]
+        try:
+            events = decode_outcomes(_json.encode({"outcomes": rows}), self.max_rows)
+        except OutcomesInvalid as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "; ".join([str(exc), *(f"outcomes[{r.index}]: {r.detail}" for r in exc.rows[1:])]))
+        except RequestError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        future = asyncio.run_coroutine_threadsafe(self.outcomes.publish(events), self.loop)
+        try:
+            accepted = future.result(timeout=TIMEOUT_S)
+        except (HttpError, LogRefused) as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except TimeoutError:
+            future.cancel()
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {TIMEOUT_S:.0f}s")
+        return fraud_pb2.OutcomesResponse(accepted=accepted)
+
 
 def http_host(default: str = "127.0.0.1") -> str:
     """The address the HTTP server listens on: BentoML hands its workers the bound socket as ``--fd N``."""
@@ -174,6 +216,9 @@ def add_servicer(servicer: FraudDetectorServicer, server: grpc.Server) -> None:
         "PredictBatch": grpc.unary_unary_rpc_method_handler(
             servicer.PredictBatch, request_deserializer=tolerant(fraud_pb2.PredictBatchRequest.FromString),
             response_serializer=fraud_pb2.PredictBatchResponse.SerializeToString),
+        "Outcomes": grpc.unary_unary_rpc_method_handler(
+            servicer.Outcomes, request_deserializer=tolerant(fraud_pb2.OutcomesRequest.FromString),
+            response_serializer=fraud_pb2.OutcomesResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -181,13 +226,14 @@ def add_servicer(servicer: FraudDetectorServicer, server: grpc.Server) -> None:
 
 class GrpcServer:
     def __init__(self, service: PredictionService, loop: asyncio.AbstractEventLoop, host: str, port: int,
-                 max_rows: int, workers: int = 16, authorization: bytes | None = None) -> None:
+                 max_rows: int, workers: int = 16, authorization: bytes | None = None,
+                 outcomes: OutcomesEndpoint | None = None) -> None:
         owner = os.getppid()  # the BentoML arbiter: the server this worker belongs to
         port_guard.claim(host, port, owner)
         self.health = health.HealthServicer()
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                                   options=[("grpc.so_reuseport", 1)])
-        add_servicer(FraudDetectorServicer(service, loop, max_rows, authorization), self.server)
+        add_servicer(FraudDetectorServicer(service, loop, max_rows, authorization, outcomes), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         try:
             bound = self.server.add_insecure_port(f"{host}:{port}")

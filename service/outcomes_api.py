@@ -57,7 +57,10 @@ class OutcomesEndpoint:
         metrics.REQUESTS.labels("outcomes", str(status)).inc()
 
     async def _publish(self, raw: bytes) -> int:
-        events = decode_outcomes(raw, self.max_rows)
+        return await self.publish(decode_outcomes(raw, self.max_rows))
+
+    async def publish(self, events: list[outcomes.OutcomeEvent]) -> int:
+        """Hand validated outcomes to the log (HTTP and gRPC): raises ``HttpError`` (503) or ``LogRefused``."""
         log = self.log
         if log is None:
             raise HttpError(503, "starting", "the server is still starting; retry later")

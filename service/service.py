@@ -162,7 +162,8 @@ class Runtime:
             host = self.settings.grpc_host or http_host()
             try:
                 self.grpc = GrpcServer(self.service, asyncio.get_running_loop(), host, self.settings.grpc_port,
-                                       self.settings.max_request_rows, authorization=http.authorization)
+                                       self.settings.max_request_rows, authorization=http.authorization,
+                                       outcomes=outcomes_endpoint)
             except PortInUse as exc:
                 # A server that cannot serve its gRPC port must not run at all: stop the whole `bentoml serve`
                 # (this worker's parent, which then exits with status 2) instead of restarting this worker forever.

@@ -30,9 +30,15 @@ from prometheus_client import start_http_server
 from mlops.cli_args import OneLineParser
 from mlops.connections import kafka_config, redis_options
 from mlops.settings import ENV_PREFIX, Settings, SettingsError
-from streaming.consumer import ConsumerConfig, DriftConsumer, ProfileCache, load_profile_from_store
+from streaming.consumer import ConsumerConfig, DriftConsumer
 from streaming.join import JoinConfig, JoinConsumer, window_metrics
 from streaming.join_store import JoinSettings, JoinStore
+from streaming.model_files import (
+    ProfileCache,
+    load_calibration_from_store,
+    load_holdout_metrics,
+    load_profile_from_store,
+)
 from streaming.rules import RulesError, RuleSet
 from streaming.state_store import StateStore
 from streaming.window import WindowSpec
@@ -130,12 +136,16 @@ def join(args: argparse.Namespace, settings: Settings) -> int:
     config = JoinConfig(bootstrap=kafka_config(settings), predictions_topic=settings.predictions_topic,
                         outcomes_topic=settings.outcomes_topic, dlq_topic=settings.outcomes_dlq_topic,
                         group_id=args.group or settings.quality_group_id, join=join_settings(settings),
+                        alerts_topic=settings.alerts_topic, drop=settings.quality_drop,
+                        min_labels=settings.quality_min_labels, min_predictions=settings.quality_min_predictions,
                         eval_interval_s=settings.quality_eval_interval_s, batch_size=settings.drift_batch_size)
     port = settings.quality_metrics_port if args.metrics_port is None else args.metrics_port
     if port:
-        serve_metrics(port, settings.drift_metrics_host, from_flag=args.metrics_port is not None)
+        serve_metrics(port, "127.0.0.1" if args.metrics_local else settings.drift_metrics_host,
+                      from_flag=args.metrics_port is not None)
     client = redis.Redis(**redis_options(settings), socket_timeout=5, socket_connect_timeout=2)
-    consumer = JoinConsumer(config, JoinStore(client, config.group_id, config.join))
+    consumer = JoinConsumer(config, JoinStore(client, config.group_id, config.join),
+                            ProfileCache(load_calibration_from_store), ProfileCache(load_holdout_metrics))
     signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
     signal.signal(signal.SIGINT, lambda *_: consumer.stop())
     logging.info("joining %s to %s as group %s; horizon %.0f s; metrics on :%s", config.outcomes_topic,
@@ -144,12 +154,13 @@ def join(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-QUALITY_COLUMNS = ("predictions", "labelled", "label_coverage", "accuracy", "precision", "recall", "f1", "auc",
-                   "brier", "ece", "label_delay_p50_s")
+QUALITY_COLUMNS = (("realised", "labelled"), ("realised", "label_coverage"), ("realised", "accuracy"),
+                   ("estimated", "accuracy"), ("realised", "auc"), ("estimated", "auc"), ("realised", "f1"),
+                   ("realised", "brier"), ("realised", "ece"), ("realised", "label_delay_p50_s"))
 
 
 def show_quality(args: argparse.Namespace, settings: Settings) -> int:
-    """Realised quality per model version over the last --since seconds, from the join's store."""
+    """Realised and estimated quality per model version over the last --since seconds, from the join's store."""
     s = join_settings(settings)
     since = args.since or settings.quality_window_seconds
     first_slot = int((time.time() - since) // s.slot_s) + 1
@@ -162,19 +173,23 @@ def show_quality(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     table = window_metrics(slots, s.bins)
     if args.version:
-        table = {k: v for k, v in table.items() if k.split(":", 1)[1] == args.version or k == args.version}
+        table = {k: v for k, v in table.items() if args.version in (k, k.split(":", 1)[1])}
     if args.json:
         print(json.dumps({"since_s": since, "versions": table}, sort_keys=True))
         return 0
     if not table:
-        print(f"no joined predictions in the last {since:g} s")
+        print(f"no predictions in the last {since:g} s")
         return 0
-    print("version".ljust(24) + "".join(c.rjust(18) for c in QUALITY_COLUMNS))
-    for version, values in table.items():
-        cells = ["-" if values.get(c) is None else (f"{values[c]:.4f}" if isinstance(values[c], float)
-                                                    and c != "label_delay_p50_s" else f"{values[c]:g}")
-                 for c in QUALITY_COLUMNS]
-        print(version.ljust(24) + "".join(cell.rjust(18) for cell in cells))
+    names = [("est " if kind == "estimated" else "") + metric for kind, metric in QUALITY_COLUMNS]
+    print("version".ljust(22) + "predictions".rjust(12) + "".join(n.rjust(max(10, len(n) + 2)) for n in names))
+    for version, kinds in table.items():
+        cells = []
+        for (kind, metric), name in zip(QUALITY_COLUMNS, names, strict=True):
+            value = kinds[kind].get(metric)
+            text = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) and not metric.endswith("_s")
+                                              else f"{value:g}")
+            cells.append(text.rjust(max(10, len(name) + 2)))
+        print(version.ljust(22) + f"{kinds['realised']['predictions']:>12}" + "".join(cells))
     return 0
 
 
@@ -246,6 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     j = sub.add_parser("join", help="run an outcome join consumer (add more with the same --group to scale out)")
     j.add_argument("--group")
     j.add_argument("--metrics-port", type=port_number, help="Prometheus port (0: none; default 9109)")
+    j.add_argument("--metrics-local", action="store_true", help="serve metrics on 127.0.0.1")
     j.add_argument("--max-seconds", type=positive_float, help="stop after this long (default: run until SIGTERM)")
     q = sub.add_parser("quality", help="realised quality per model version, from the join's state")
     q.add_argument("--group")

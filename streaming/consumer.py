@@ -25,21 +25,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 import numpy as np
 import redis
 
 from streaming import metrics, stats
 from streaming.absorb import Absorber
 from streaming.events import PoisonEvent
-from streaming.profile import ColumnProfile, NumericProfile, ReferenceProfile
+from streaming.model_files import ProfileCache
+from streaming.profile import ColumnProfile, NumericProfile
 from streaming.rules import SEVERITY_RANK, RuleSet
 from streaming.runtime import Part, PartitionedConsumer, RuntimeConfig, RuntimeMetrics, SaveResult
 from streaming.state_store import PartitionCheckpoint, StateStore
 from streaming.window import Key, SlotHistograms, WindowSpec, merged_windows
 
 log = logging.getLogger(__name__)
-_json = msgspec.json.Encoder()
 RUNTIME_METRICS = RuntimeMetrics(
     broker_connected=metrics.BROKER_CONNECTED, store_up=metrics.CHECKPOINT_STORE_UP,
     checkpoint_failures=metrics.CHECKPOINT_FAILURES, commit_failures=metrics.COMMIT_FAILURES,
@@ -70,29 +69,6 @@ class ConsumerConfig:
                              self.auto_offset_reset, self.batch_size, self.poll_timeout_s, self.backoff_max_s)
 
 
-class ProfileCache:
-    """Reference profiles by (model name, version); unknown versions are re-checked every 30 s."""
-
-    def __init__(self, loader, retry_s: float = 30.0) -> None:
-        self._loader = loader
-        self._retry_s = retry_s
-        self._known: dict[tuple[str, str], ReferenceProfile] = {}
-        self._missing: dict[tuple[str, str], float] = {}
-
-    def get(self, name: str, version: str) -> ReferenceProfile | None:
-        key = (name, version)
-        if key in self._known:
-            return self._known[key]
-        if time.monotonic() - self._missing.get(key, -1e9) < self._retry_s:
-            return None
-        profile = self._loader(name, version)
-        if profile is None:
-            self._missing[key] = time.monotonic()
-        else:
-            self._known[key] = profile
-        return profile
-
-
 def column_scores(profile: ColumnProfile, counts: np.ndarray) -> dict[str, float]:
     if isinstance(profile, NumericProfile):
         return {
@@ -119,7 +95,6 @@ class DriftConsumer(PartitionedConsumer):
         self.profiles = profiles
         self.absorber = Absorber(profiles.get, config.window, config.decision_threshold)
         self.alert_memory: dict[Key, str] = {}  # last alert state seen or set: re-seeds the store after a flush
-        self._alerts_in_flight: dict[tuple[str, str, str], str] = {}  # key -> state to restore if undelivered
         super().__init__(config.runtime(), RUNTIME_METRICS)
 
     # -- the runtime's hooks ----------------------------------------------------------------------
@@ -159,13 +134,6 @@ class DriftConsumer(PartitionedConsumer):
         log.warning("re-seeding %s alert states from memory", restored)
         return super().reseed(saved)
 
-    def on_close(self, delivered: bool) -> None:
-        """Undelivered alerts are handed back (their state reverted) so the next consumer announces them."""
-        if not delivered:
-            for (name, version, column), previous in list(self._alerts_in_flight.items()):
-                self._revert(name, version, column, previous)
-            log.warning("closing with undelivered messages; their alerts will be re-announced")
-
     # -- judging ----------------------------------------------------------------------------------
 
     def evaluate(self) -> list[dict[str, Any]]:
@@ -197,7 +165,7 @@ class DriftConsumer(PartitionedConsumer):
             for metric, value in scores.items():
                 metrics.DRIFT_SCORE.labels(name, version, column, metric).set(value)
             metrics.WINDOW_SAMPLES.labels(name, version, column).set(window.n)
-            if window.n < self.rules.min_samples or (name, version, column) in self._alerts_in_flight:
+            if window.n < self.rules.min_samples or (name, version, column) in self.alerts_in_flight:
                 continue
             current = self._alert_state((name, version, column))
             verdict = self.rules.judge(column, scores, current)  # type: ignore[arg-type]
@@ -223,7 +191,7 @@ class DriftConsumer(PartitionedConsumer):
             }
             if verdict.rule is None:  # resolved: report the rule of the state being left
                 alert["metric"], alert["value"], alert["threshold"] = self._resolved_context(column, scores, previous)
-            self._publish_alert(alert, previous)
+            self.publish_alert(self.config.alerts_topic, (name, version, column), alert, previous, _sent)
             sent.append(alert)
         return sent
 
@@ -238,29 +206,8 @@ class DriftConsumer(PartitionedConsumer):
         self.alert_memory[key] = stored or "ok"
         return self.alert_memory[key]
 
-    def _publish_alert(self, alert: dict[str, Any], previous: str) -> None:
-        """Non-blocking: a broker outage holds the alert in the producer (no delivery timeout) until it is
-        back; only a permanent failure reverts the state, so the next evaluation announces it again."""
-        key = (alert["model_name"], alert["model_version"], alert["feature"])
-
-        def delivered(err, _msg) -> None:
-            self._alerts_in_flight.pop(key, None)
-            if err is not None:
-                log.error("could not publish drift alert (%s); will retry", err)
-                self._revert(*key, previous)
-                return
-            metrics.ALERTS.labels(alert["severity"], alert["status"]).inc()
-            log.info("drift alert: %s", alert)
-
-        self._alerts_in_flight[key] = previous
-        try:
-            self.producer.produce(self.config.alerts_topic, _json.encode(alert), key=":".join(key).encode(),
-                                  on_delivery=delivered)
-        except BufferError:
-            self._alerts_in_flight.pop(key, None)
-            self._revert(*key, previous)
-
-    def _revert(self, name: str, version: str, column: str, previous: str) -> None:
+    def revert_alert(self, key: tuple[str, ...], previous: str) -> None:
+        name, version, column = key
         self.alert_memory[(name, version, column)] = previous
         try:
             self.store.revert(name, version, column, previous)
@@ -274,13 +221,6 @@ class DriftConsumer(PartitionedConsumer):
         return None, None, None
 
 
-def load_profile_from_store(name: str, version: str) -> ReferenceProfile | None:
-    from lifecycle import model_store
-    from streaming.profile import PROFILE_FILE
-
-    try:
-        stored = model_store.load(name, version)
-    except model_store.ModelStoreError:
-        return None
-    path = stored.path / PROFILE_FILE
-    return ReferenceProfile.from_bytes(path.read_bytes()) if path.exists() else None
+def _sent(alert: dict[str, Any]) -> None:
+    metrics.ALERTS.labels(alert["severity"], alert["status"]).inc()
+    log.info("drift alert: %s", alert)

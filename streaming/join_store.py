@@ -13,8 +13,9 @@ Keys under ``mlops:join:<group>``:
   while it waits for its outcome, ``O`` + the outcome (``[label, time, value]``) while it waits for its
   prediction, ``M`` once joined (so a repeat of either is recognised and never counted twice);
 - ``q:<model version>:<slot>`` (hash), by the prediction's time slot: the joined pairs' counts and sums
-  (:mod:`streaming.quality` turns them into metrics), and ``predictions`` (first sightings, for the label
-  coverage); expires ``horizon + window`` after the slot;
+  (:mod:`streaming.quality` turns them into metrics), ``predictions`` (first sightings, for the label
+  coverage), and the expected confusion matrix and score histograms of every prediction from its calibrated
+  probability (``e…`` fields: the estimate before labels); expires ``horizon + window`` after the slot;
 - ``owner:<topic>:<partition>`` (``<epoch>:<token>``) and ``offset:<topic>:<partition>``: as the drift
   store's, a save from a consumer that lost the partition is refused (fencing), and the offset moves in the
   same script as the state it reflects. Every message carries its offset and the script skips those below
@@ -32,6 +33,7 @@ import msgspec
 import redis
 
 from streaming.runtime import Part, SaveResult
+from streaming.state_store import CAS_SCRIPT
 
 # KEYS[1] prefix (keys are built in the script: the join touches request ids nobody can list up front).
 # ARGV[1]: msgpack {parts = [[topic, partition, owner, reseed], ...], items = [[part index, offset, kind, ...]],
@@ -68,6 +70,26 @@ end
 local function slot_key(version, ts)
   return prefix .. ':q:' .. version .. ':' .. math.floor(ts / slot_s)
 end
+local function logit_bin(score)
+  local s = math.min(math.max(score, 1e-12), 1 - 1e-12)
+  local b = math.floor((math.log(s / (1 - s)) - lo) / (hi - lo) * nbins)
+  return math.min(math.max(b, 0), nbins - 1)
+end
+local function estimate(pred, pcal)
+  if not pcal then return end
+  local key = slot_key(pred[1], pred[3])
+  add(key, 'e_n', 1)
+  if pred[2] >= threshold then
+    add(key, 'e_tp', pcal)
+    add(key, 'e_fp', 1 - pcal)
+  else
+    add(key, 'e_fn', pcal)
+    add(key, 'e_tn', 1 - pcal)
+  end
+  local b = logit_bin(pred[2])
+  add(key, 'e1:' .. b, pcal)
+  add(key, 'e0:' .. b, 1 - pcal)
+end
 local counts = {}
 local function count(field) counts[field] = (counts[field] or 0) + 1 end
 local function joined(pred, out)
@@ -80,11 +102,7 @@ local function joined(pred, out)
   add(key, cell, 1)
   add(key, 'score_sum', score)
   add(key, 'brier_sum', (score - label) * (score - label))
-  local s = math.min(math.max(score, 1e-12), 1 - 1e-12)
-  local z = math.log(s / (1 - s))
-  local b = math.floor((z - lo) / (hi - lo) * nbins)
-  b = math.min(math.max(b, 0), nbins - 1)
-  add(key, 'h' .. label .. ':' .. b, 1)
+  add(key, 'h' .. label .. ':' .. logit_bin(score), 1)
   local c = math.min(math.floor(score * 10), 9)
   add(key, 'c' .. c .. ':n', 1)
   add(key, 'c' .. c .. ':s', score)
@@ -105,8 +123,10 @@ for _, it in ipairs(a.items) do
       if not held then
         redis.call('SET', xkey, 'P' .. cmsgpack.pack(pred), 'PX', horizon)
         add(slot_key(pred[1], pred[3]), 'predictions', 1)
+        estimate(pred, it[8])
       elseif string.sub(held, 1, 1) == 'O' then
         add(slot_key(pred[1], pred[3]), 'predictions', 1)
+        estimate(pred, it[8])
         joined(pred, cmsgpack.unpack(string.sub(held, 2)))
         redis.call('SET', xkey, 'M', 'PX', horizon)
       else
@@ -128,7 +148,8 @@ for _, it in ipairs(a.items) do
 end
 for key, h in pairs(acc) do
   for f, n in pairs(h) do
-    if string.find(f, '_sum', 1, true) or string.find(f, ':s', 1, true) or string.find(f, 'value_', 1, true) then
+    if string.find(f, '_sum', 1, true) or string.find(f, ':s', 1, true) or string.find(f, 'value_', 1, true)
+        or string.sub(f, 1, 1) == 'e' then
       redis.call('HINCRBYFLOAT', key, f, n)
     else
       redis.call('HINCRBY', key, f, n)
@@ -186,6 +207,7 @@ class JoinStore:
         self.token = secrets.token_hex(8)
         self._save = client.register_script(SAVE_SCRIPT)
         self._claim = client.register_script(CLAIM_SCRIPT)
+        self._cas = client.register_script(CAS_SCRIPT)
 
     def _owner(self, part: Part) -> str:
         return f"{self.prefix}:owner:{part[0]}:{part[1]}"
@@ -217,6 +239,23 @@ class JoinStore:
 
     def ping(self) -> None:
         self.client.ping()
+
+    # -- alert state (shared by the group: one state change, one alert) ---------------------------------
+
+    def _alert_key(self, key: tuple[str, ...]) -> str:
+        return f"{self.prefix}:alert:{':'.join(key)}"
+
+    def alert_state(self, key: tuple[str, ...]) -> str:
+        raw = self.client.get(self._alert_key(key))
+        return raw.decode() if raw else "ok"
+
+    def transition(self, key: tuple[str, ...], severity: str) -> str | None:
+        """Set the state (compare-and-set); the previous one if it changed, None if another consumer did."""
+        previous = self._cas(keys=[self._alert_key(key)], args=[severity])
+        return previous.decode() if isinstance(previous, bytes) else previous or None
+
+    def revert(self, key: tuple[str, ...], severity: str) -> None:
+        self.client.set(self._alert_key(key), severity)
 
     def counts(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.client.hgetall(f"{self.prefix}:counts").items()}

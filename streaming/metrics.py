@@ -33,8 +33,12 @@ FENCED = Gauge("mlops_drift_fenced_partitions",
                "Partitions assigned to this consumer but claimed by another one in Redis: not read until revoked")
 
 # The outcome join and realised quality (streaming/join.py), on the join consumer's own port.
-QUALITY = Gauge("mlops_quality", "Realised quality of a model version over the time window (joined pairs)",
-                ["model_name", "model_version", "metric"])
+QUALITY = Gauge("mlops_quality", "Quality of a model version over the time window: kind realised (joined pairs) "
+                "or estimated (CBPE, every prediction)", ["model_name", "model_version", "kind", "metric"])
+QUALITY_BASELINE = Gauge("mlops_quality_baseline", "The model version's holdout metrics from its training run",
+                         ["model_name", "model_version", "metric"])
+PERFORMANCE_ALERTS = Counter("mlops_quality_alerts_emitted_total", "Performance alerts published",
+                             ["severity", "status"])
 JOIN_READ = Counter("mlops_quality_events_total", "Events read by the join, by kind (prediction, outcome)", ["kind"])
 JOIN_LAG = Gauge("mlops_quality_consumer_lag", "Messages behind the end of the partition", ["topic", "partition"])
 JOIN_TOTALS = Gauge("mlops_quality_join_totals", "The whole group's join counts since its store began (from Redis): "

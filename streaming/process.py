@@ -1,4 +1,4 @@
-"""Runs `python -m streaming consume` as a child process (the demo and the tests use it)."""
+"""Runs `python -m streaming consume` (or `join`) as a child process (the demo and the tests use it)."""
 
 from __future__ import annotations
 
@@ -45,10 +45,11 @@ class ConsumerProcess:
         return False
 
 
-def start(env: dict[str, str], log_path: Path, metrics_port: int, *args: str) -> ConsumerProcess:
+def start(env: dict[str, str], log_path: Path, metrics_port: int, *args: str, command: str = "consume"
+          ) -> ConsumerProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [sys.executable, "-m", "streaming", "consume", "--metrics-port", str(metrics_port), "--metrics-local", *args],
+        [sys.executable, "-m", "streaming", command, "--metrics-port", str(metrics_port), "--metrics-local", *args],
         cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
     )
     return ConsumerProcess(process, log_path, metrics_port)

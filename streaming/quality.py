@@ -8,6 +8,9 @@ positive and a negative that fall in the same bin as ties (half a pair); the tru
 through those pairs' order, so ``auc_error_bound`` = ½ · Σ_b pos_b · neg_b / (P · N) is an exact bound,
 computed from the same histograms. The label delay percentiles come from log2 bins (reported as the upper edge
 of the bin: within a factor 2).
+
+:func:`estimated` is the same metrics before the labels, by confidence-based performance estimation (CBPE,
+see :mod:`mlops.calibration`) over every prediction of the window.
 """
 
 from __future__ import annotations
@@ -55,9 +58,27 @@ def realised(sums: Mapping[str, float], bins: int = 400) -> dict[str, float | in
     return out
 
 
-def auc_from_histograms(sums: Mapping[str, float], bins: int) -> tuple[float | None, float | None]:
-    pos = np.array([sums.get(f"h1:{b}", 0.0) for b in range(bins)])
-    neg = np.array([sums.get(f"h0:{b}", 0.0) for b in range(bins)])
+def estimated(sums: Mapping[str, float], bins: int = 400) -> dict[str, float | int | None]:
+    """CBPE: the metrics the expected confusion matrix gives (each prediction counted as ``p`` of a positive and
+    ``1 - p`` of a negative, ``p`` its calibrated probability), over every prediction, labelled or not."""
+    n = sums.get("e_n", 0.0)
+    tp, fp, tn, fn = (sums.get(k, 0.0) for k in ("e_tp", "e_fp", "e_tn", "e_fn"))
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    out: dict[str, float | int | None] = {
+        "predictions": int(n), "accuracy": (tp + tn) / n if n else None, "precision": precision, "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision and recall else None,
+        "positive_rate": (tp + fn) / n if n else None,
+    }
+    out["auc"], _ = auc_from_histograms(sums, bins, "e")
+    return out
+
+
+def auc_from_histograms(sums: Mapping[str, float], bins: int, prefix: str = "h"
+                        ) -> tuple[float | None, float | None]:
+    """ROC AUC from per-class histograms ``<prefix>1:<bin>`` / ``<prefix>0:<bin>`` (counts, or expected counts)."""
+    pos = np.array([sums.get(f"{prefix}1:{b}", 0.0) for b in range(bins)])
+    neg = np.array([sums.get(f"{prefix}0:{b}", 0.0) for b in range(bins)])
     n_pos, n_neg = pos.sum(), neg.sum()
     if not n_pos or not n_neg:
         return None, None

@@ -108,6 +108,7 @@ class PartitionedConsumer:
         self.paused = False
         self.save_backoff = Backoff(max_s=config.backoff_max_s)
         self.load_backoff = Backoff(max_s=config.backoff_max_s)
+        self.alerts_in_flight: dict[tuple[str, ...], str] = {}  # alert key -> state to restore if undelivered
         self._dead_letters: list[bytes] = []  # not yet handed to the producer (its queue was full)
         self._dead_letters_in_flight = 0
         self._high: dict[Part, int] = {}
@@ -162,8 +163,40 @@ class PartitionedConsumer:
                     "partitions from memory", saved.lost, len(owned))
         return SaveResult(sorted(set(saved.fenced) | set(again.fenced)), again.lost)
 
+    def revert_alert(self, key: tuple[str, ...], previous: str) -> None:
+        """An alert was not delivered: put its state back to ``previous`` so the next evaluation sends it again."""
+
     def on_close(self, delivered: bool) -> None:
-        """After the last checkpoint; ``delivered`` False when messages were still undelivered."""
+        """After the last checkpoint; ``delivered`` False when messages were still undelivered (their alerts'
+        states are put back, so the next consumer announces them)."""
+        if not delivered:
+            for key, previous in list(self.alerts_in_flight.items()):
+                self.revert_alert(key, previous)
+            log.warning("closing with undelivered messages; their alerts will be re-announced")
+
+    # -- alerts -----------------------------------------------------------------------------------
+
+    def publish_alert(self, topic: str, key: tuple[str, ...], alert: dict[str, Any], previous: str,
+                      sent: Callable[[dict[str, Any]], None]) -> None:
+        """Non-blocking: a broker outage holds the alert in the producer (no delivery timeout) until it is back;
+        only a permanent failure reverts the state (:meth:`revert_alert`), so the next evaluation announces it
+        again. ``sent`` is called once the broker has it. While in flight, ``key`` is in ``alerts_in_flight``
+        (evaluations leave it alone)."""
+
+        def delivered(err, _msg) -> None:
+            self.alerts_in_flight.pop(key, None)
+            if err is not None:
+                log.error("could not publish alert (%s); will retry", err)
+                self.revert_alert(key, previous)
+                return
+            sent(alert)
+
+        self.alerts_in_flight[key] = previous
+        try:
+            self.producer.produce(topic, _json.encode(alert), key=":".join(key).encode(), on_delivery=delivered)
+        except BufferError:
+            self.alerts_in_flight.pop(key, None)
+            self.revert_alert(key, previous)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -72,9 +72,9 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     return total
 
 
-def start_consumer(ws: Workspace, env: dict[str, str], *args: str) -> ConsumerProcess:
+def start_consumer(ws: Workspace, env: dict[str, str], *args: str, command: str = "consume") -> ConsumerProcess:
     port = svc.free_port()
-    return consumer_process.start({**ws.env, **env}, ws.root / f"consumer-{port}.log", port, *args)
+    return consumer_process.start({**ws.env, **env}, ws.root / f"consumer-{port}.log", port, *args, command=command)
 
 
 def feast_features(ws: Workspace, customers: list[str]) -> list[dict | None]:

@@ -92,3 +92,28 @@ def test_accepted_outcomes_are_on_the_topic_keyed_by_request_id_and_refused_ones
     assert metric_value(metrics, "mlops_outcomes_accepted_total") >= 5
     info = httpx.get(f"{server.url}/info", timeout=10).json()["outcomes"]
     assert info["topic"] == "prediction-outcomes" and info["connected"] and info["dropped"] == {}
+
+
+@pytest.mark.integration
+def test_grpc_outcomes_use_the_same_checks_and_log(server, workspace):
+    import grpc
+
+    from service.proto import fraud_pb2 as pb
+    from service.proto import fraud_pb2_grpc
+
+    tag = uuid.uuid4().hex[:8]
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = fraud_pb2_grpc.FraudDetectorStub(channel)
+        answer = stub.Outcomes(pb.OutcomesRequest(outcomes=[
+            pb.Outcome(request_id=f"{tag}-g0", label=1, outcome_value=5.0),
+            pb.Outcome(request_id=f"{tag}-g1", label=0, timestamp="2026-12-01T00:00:00Z")]), timeout=30)
+        assert answer.accepted == 2
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Outcomes(pb.OutcomesRequest(outcomes=[pb.Outcome(request_id=f"{tag}-g2", label=1),
+                                                       pb.Outcome(request_id=f"{tag}-g3", label=7),
+                                                       pb.Outcome(request_id=f"{tag}-g4")]), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "2 of 3 outcomes refused" in refused.value.details() and "outcomes[2]" in refused.value.details()
+    found = read_events(workspace.settings.kafka_bootstrap, workspace.settings.outcomes_topic,
+                        {f"{tag}-g0", f"{tag}-g1", f"{tag}-g2"}, timeout=6)
+    assert sorted((e["request_id"], e["label"]) for e in found) == [(f"{tag}-g0", 1), (f"{tag}-g1", 0)]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.isotonic import IsotonicRegression
 
 from lifecycle import data as datamod
 from lifecycle import model_store
-from lifecycle.onnx_export import ParityError, check_parity, export
+from lifecycle.onnx_export import ParityError, check_parity, export, onnx_positive_proba
 from lifecycle.train import main as train_main
 from lifecycle.train import register, train
+from mlops.calibration import CALIBRATION_FILE, Calibration
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,13 @@ def test_data_is_reproducible_from_the_seed():
     assert a.customers[cols].equals(b.customers[cols])
     assert a.transactions["transaction_amount"].equals(b.transactions["transaction_amount"])
     assert not a.customers[cols].equals(datamod.generate(50, 500, seed=12).customers[cols])
+
+
+def test_labels_arrive_late_most_within_hours_a_tail_to_days_some_never():
+    delays = datamod.label_delays(20_000, seed=1)
+    known = delays[~np.isnan(delays)]
+    assert 0.04 < 1 - len(known) / len(delays) < 0.06  # never
+    assert 2 * 3600 < np.median(known) < 4 * 3600 and np.percentile(known, 99) > 4 * 86400 and known.min() > 0
 
 
 def test_label_is_learnable(small_dataset):
@@ -53,6 +62,13 @@ def test_store_keeps_metadata_and_refuses_overwrite(small_dataset):
     assert meta["version"] == "v7" and meta["training_data_hash"] == trained.data_hash
     assert meta["features"][-1] == "transaction_amount" and "auc" in meta["metrics"]
     assert stored.onnx_path.read_bytes() == trained.onnx_bytes
+    assert {"auc", "accuracy", "precision", "recall", "f1", "brier"} <= set(meta["metrics"])  # the holdout's
+    # The calibration beside it equals an isotonic regression of the holdout labels on the served scores.
+    calibration = Calibration.from_bytes((stored.path / CALIBRATION_FILE).read_bytes())
+    scores = onnx_positive_proba(trained.onnx_bytes, trained.x_holdout)
+    iso = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, trained.y_holdout)
+    probe = np.linspace(-0.1, 1.1, 500)
+    np.testing.assert_allclose(calibration.apply(probe), iso.predict(probe), atol=1e-12)
     assert model_store.load("store_test").version == "v7"
     assert model_store.next_version("store_test") == "v8"
     with pytest.raises(model_store.ModelStoreError, match="already exists"):

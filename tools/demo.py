@@ -1,4 +1,5 @@
-"""The whole path once, for real: services → data → train → store → Feast → serve → predict → Kafka.
+"""The whole path once, for real: services → data → train → store → Feast → serve → predict → Kafka → drift →
+outcomes and live quality → pipeline, promotion and rollback.
 
     python -m tools.demo [--keep-running]
 
@@ -25,7 +26,8 @@ from mlops.settings import Settings
 from streaming import process as consumer_process
 from tools import server_process, workspace
 from tools import services as svc
-from tools.kafka_read import read_events
+from tools.demo_quality import demo_quality
+from tools.kafka_read import new_events, read_events, tail
 from tools.traffic import Traffic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,12 +105,23 @@ def main(argv: list[str] | None = None) -> int:
         step("streaming drift: a consumer group on the prediction log, alerts on '"
              f"{settings.alerts_topic}'")
         alerts = demo_drift(ws, server.url, args.run_dir)
+        step("quality: outcomes (true labels, late) joined to predictions by request_id; realised and estimated "
+             "accuracy and AUC; a covariate shift, a concept shift, a performance alert")
+        quality_reader = tail(kafka_config(settings), settings.alerts_topic)
+        try:
+            performance = demo_quality(ws, server.url, args.run_dir, lambda: new_events(quality_reader, 0.2))
+        finally:
+            quality_reader.close()
+        if not any(a["status"] == "firing" for a in performance):
+            print("the concept shift raised no performance alert", file=sys.stderr)
+            return 1
         step("lifecycle: pipeline (Feast point-in-time training set, gate) → Staging → promote under traffic → "
              "rollback under traffic")
         if not demo_lifecycle(registry, ws.model.name, server.url, settings):
             return 1
         step(f"done: {len(ids)} predictions served, {len(events)} events read back from Kafka, "
-             f"{len(alerts)} drift alerts, promotion and rollback with no failed request")
+             f"{len(alerts)} drift alerts, {len(performance)} performance alerts, promotion and rollback with no "
+             "failed request")
         print(f"browse the training runs and the registry: .venv/bin/mlflow ui --backend-store-uri "
               f"{backend.display_uri} --port 5000   (then http://127.0.0.1:5000)")
         if args.keep_running:
@@ -166,19 +179,12 @@ def _seconds(value: float | None) -> str:
 
 def demo_drift(ws: workspace.Workspace, url: str, run_dir: Path) -> list[dict]:
     """Reference-like traffic (no alert), then transaction amounts x4 (alert), read from the alerts topic."""
-    from confluent_kafka import Consumer, TopicPartition
-
     group = f"demo-{uuid.uuid4().hex[:8]}"
     consumer = consumer_process.start(
         {**ws.env, "MLOPS_DRIFT_EVAL_INTERVAL_S": "0.5"}, run_dir / "drift-consumer.log", 0,
         "--group", group, "--slot-seconds", "1", "--window-seconds", "60", "--max-events", "600",
     )
-    alerts_reader = Consumer({**kafka_config(ws.settings), "group.id": f"{group}-reader",
-                              "enable.auto.commit": False, "log_level": 2})
-    topic = ws.settings.alerts_topic
-    partitions = alerts_reader.list_topics(topic, timeout=30).topics[topic].partitions
-    ends = [alerts_reader.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in partitions]
-    alerts_reader.assign([TopicPartition(topic, p, end) for p, end in zip(partitions, ends, strict=True)])
+    alerts_reader = tail(kafka_config(ws.settings), ws.settings.alerts_topic)
     frame = datamod.training_frame(ws.dataset)
     try:
         if not consumer.wait_assigned():
@@ -196,7 +202,7 @@ def demo_drift(ws: workspace.Workspace, url: str, run_dir: Path) -> list[dict]:
         received = []
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not any(a["feature"] == "transaction_amount" for a in received):
-            received.extend(json.loads(m.value()) for m in alerts_reader.consume(100, timeout=0.5) if not m.error())
+            received.extend(new_events(alerts_reader))
         for a in received:
             if a.get("consumer_group") == group:
                 print(f"ALERT {a['status']:<8} {a['severity']:<8} {a['model_name']}:{a['model_version']} "

@@ -54,3 +54,19 @@ def _loads(raw: bytes | None) -> Any:
         return json.loads(raw) if raw is not None else None
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def tail(bootstrap: str | Mapping[str, Any], topic: str) -> Consumer:
+    """A consumer on every partition of ``topic`` from its current end: what arrives from now on."""
+    consumer = Consumer({**bootstrap_config(bootstrap), "group.id": f"tail-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "log_level": 2})
+    partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+    ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in partitions]
+    consumer.assign([TopicPartition(topic, p, end) for p, end in zip(partitions, ends, strict=True)])
+    return consumer
+
+
+def new_events(consumer: Consumer, timeout: float = 0.5) -> list[dict[str, Any]]:
+    """What a :func:`tail` consumer has received since it was last asked (JSON objects only)."""
+    found = [_loads(m.value()) for m in consumer.consume(1000, timeout=timeout) if m.error() is None]
+    return [value for value in found if isinstance(value, dict)]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19service/proto/fraud.proto\x12\x0emlops.fraud.v1\"\x8b\x02\n\x0ePredictRequest\x12\x18\n\x0b\x63ustomer_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1f\n\x12transaction_amount\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12>\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32,.mlops.fraud.v1.PredictRequest.FeaturesEntry\x12\x17\n\nrequest_id\x18\x04 \x01(\tH\x02\x88\x01\x01\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_customer_idB\x15\n\x13_transaction_amountB\r\n\x0b_request_id\"\xac\x01\n\nPrediction\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x0b\x63ustomer_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nprediction\x18\x03 \x01(\x01\x12\r\n\x05label\x18\x04 \x01(\x05\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x42\x0e\n\x0c_customer_id\"G\n\x13PredictBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.mlops.fraud.v1.PredictRequest\"\x84\x01\n\x0b\x42\x61tchResult\x12\x30\n\nprediction\x18\x01 \x01(\x0b\x32\x1a.mlops.fraud.v1.PredictionH\x00\x12\x0f\n\x05\x65rror\x18\x02 \x01(\tH\x00\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\tB\t\n\x07outcome\"D\n\x14PredictBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.mlops.fraud.v1.BatchResult2\xb1\x01\n\rFraudDetector\x12\x45\n\x07Predict\x12\x1e.mlops.fraud.v1.PredictRequest\x1a\x1a.mlops.fraud.v1.Prediction\x12Y\n\x0cPredictBatch\x12#.mlops.fraud.v1.PredictBatchRequest\x1a$.mlops.fraud.v1.PredictBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19service/proto/fraud.proto\x12\x0emlops.fraud.v1\"\x8b\x02\n\x0ePredictRequest\x12\x18\n\x0b\x63ustomer_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1f\n\x12transaction_amount\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12>\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32,.mlops.fraud.v1.PredictRequest.FeaturesEntry\x12\x17\n\nrequest_id\x18\x04 \x01(\tH\x02\x88\x01\x01\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_customer_idB\x15\n\x13_transaction_amountB\r\n\x0b_request_id\"\xac\x01\n\nPrediction\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x0b\x63ustomer_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nprediction\x18\x03 \x01(\x01\x12\r\n\x05label\x18\x04 \x01(\x05\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x42\x0e\n\x0c_customer_id\"G\n\x13PredictBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.mlops.fraud.v1.PredictRequest\"\x84\x01\n\x0b\x42\x61tchResult\x12\x30\n\nprediction\x18\x01 \x01(\x0b\x32\x1a.mlops.fraud.v1.PredictionH\x00\x12\x0f\n\x05\x65rror\x18\x02 \x01(\tH\x00\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\tB\t\n\x07outcome\"D\n\x14PredictBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.mlops.fraud.v1.BatchResult\"\x8f\x01\n\x07Outcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\x05label\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\ttimestamp\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x1a\n\routcome_value\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_labelB\x0c\n\n_timestampB\x10\n\x0e_outcome_value\"<\n\x0fOutcomesRequest\x12)\n\x08outcomes\x18\x01 \x03(\x0b\x32\x17.mlops.fraud.v1.Outcome\"$\n\x10OutcomesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x32\x80\x02\n\rFraudDetector\x12\x45\n\x07Predict\x12\x1e.mlops.fraud.v1.PredictRequest\x1a\x1a.mlops.fraud.v1.Prediction\x12Y\n\x0cPredictBatch\x12#.mlops.fraud.v1.PredictBatchRequest\x1a$.mlops.fraud.v1.PredictBatchResponse\x12M\n\x08Outcomes\x12\x1f.mlops.fraud.v1.OutcomesRequest\x1a .mlops.fraud.v1.OutcomesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,6 +45,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHRESULT']._serialized_end=696
   _globals['_PREDICTBATCHRESPONSE']._serialized_start=698
   _globals['_PREDICTBATCHRESPONSE']._serialized_end=766
-  _globals['_FRAUDDETECTOR']._serialized_start=769
-  _globals['_FRAUDDETECTOR']._serialized_end=946
+  _globals['_OUTCOME']._serialized_start=769
+  _globals['_OUTCOME']._serialized_end=912
+  _globals['_OUTCOMESREQUEST']._serialized_start=914
+  _globals['_OUTCOMESREQUEST']._serialized_end=974
+  _globals['_OUTCOMESRESPONSE']._serialized_start=976
+  _globals['_OUTCOMESRESPONSE']._serialized_end=1012
+  _globals['_FRAUDDETECTOR']._serialized_start=1015
+  _globals['_FRAUDDETECTOR']._serialized_end=1271
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class FraudDetectorStub:
                 request_serializer=service_dot_proto_dot_fraud__pb2.PredictBatchRequest.SerializeToString,
                 response_deserializer=service_dot_proto_dot_fraud__pb2.PredictBatchResponse.FromString,
                 _registered_method=True)
+        self.Outcomes = channel.unary_unary(
+                '/mlops.fraud.v1.FraudDetector/Outcomes',
+                request_serializer=service_dot_proto_dot_fraud__pb2.OutcomesRequest.SerializeToString,
+                response_deserializer=service_dot_proto_dot_fraud__pb2.OutcomesResponse.FromString,
+                _registered_method=True)
 
 
 class FraudDetectorServicer:
@@ -65,6 +70,14 @@ class FraudDetectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Outcomes(self, request, context):
+        """True labels of past predictions, as HTTP POST /outcomes: all rows or none (INVALID_ARGUMENT naming every
+        bad row), UNAVAILABLE (retryable) when the outcome log cannot keep them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FraudDetectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_FraudDetectorServicer_to_server(servicer, server):
                     servicer.PredictBatch,
                     request_deserializer=service_dot_proto_dot_fraud__pb2.PredictBatchRequest.FromString,
                     response_serializer=service_dot_proto_dot_fraud__pb2.PredictBatchResponse.SerializeToString,
+            ),
+            'Outcomes': grpc.unary_unary_rpc_method_handler(
+                    servicer.Outcomes,
+                    request_deserializer=service_dot_proto_dot_fraud__pb2.OutcomesRequest.FromString,
+                    response_serializer=service_dot_proto_dot_fraud__pb2.OutcomesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +151,33 @@ class FraudDetector:
             '/mlops.fraud.v1.FraudDetector/PredictBatch',
             service_dot_proto_dot_fraud__pb2.PredictBatchRequest.SerializeToString,
             service_dot_proto_dot_fraud__pb2.PredictBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Outcomes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlops.fraud.v1.FraudDetector/Outcomes',
+            service_dot_proto_dot_fraud__pb2.OutcomesRequest.SerializeToString,
+            service_dot_proto_dot_fraud__pb2.OutcomesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,121 @@
+"""The demo's quality step: outcomes arriving late, live realised and estimated quality, a covariate shift the
+estimate sees before the labels, a concept shift only the labels show, a performance alert and its resolution.
+
+Time is compressed: 2 s slots and a 20 s window (production: 5-minute slots, 24 h); the outcomes arrive in the
+order of the synthetic delays (median 3 h, a tail to days, 5 % never: ``lifecycle.data.label_delays``), an hour
+of them replayed as 0.1 s.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import redis
+
+from lifecycle import data as datamod
+from mlops.connections import redis_options
+from streaming import process as consumer_process
+from streaming.join import window_metrics
+from streaming.join_store import JoinSettings, JoinStore
+from tools.workspace import Workspace
+
+SLOT_S, WINDOW_S = 2, 20
+DEMO_ENV = {"MLOPS_QUALITY_SLOT_SECONDS": str(SLOT_S), "MLOPS_QUALITY_WINDOW_SECONDS": str(WINDOW_S),
+            "MLOPS_QUALITY_EVAL_INTERVAL_S": "0.5", "MLOPS_QUALITY_MIN_LABELS": "100",
+            "MLOPS_QUALITY_MIN_PREDICTIONS": "100"}
+
+
+def demo_quality(ws: Workspace, url: str, run_dir: Path, alerts) -> list[dict]:
+    """``alerts``: a callable returning the new messages of the alerts topic. Returns the performance alerts."""
+    group = f"demo-join-{uuid.uuid4().hex[:8]}"
+    joiner = consumer_process.start({**ws.env, **DEMO_ENV, "MLOPS_QUALITY_GROUP_ID": group}, run_dir / "join.log",
+                                    0, command="join")
+    store = JoinStore(redis.Redis(**redis_options(ws.settings)), group,
+                      JoinSettings(slot_s=SLOT_S, window_slots=WINDOW_S // SLOT_S))
+    frame = datamod.training_frame(ws.dataset)
+    rng = random.Random(5)
+    seen: list[dict] = []
+    try:
+        if not joiner.wait_assigned():
+            print(joiner.log()[-2000:], file=sys.stderr)
+            return []
+
+        def send(n: int, seed: int, amount_factor: float = 1.0) -> list[tuple[str, int]]:
+            rows = frame.sample(n, replace=True, random_state=seed)
+            sent = []
+            for i in range(0, n, 200):
+                chunk = rows.iloc[i:i + 200]
+                body = {"requests": [{"customer_id": c, "transaction_amount": round(float(a) * amount_factor, 2)}
+                                     for c, a in zip(chunk["customer_id"], chunk["transaction_amount"], strict=True)]}
+                answers = httpx.post(f"{url}/predict_batch", json=body, timeout=60).raise_for_status().json()
+                sent += [(a["request_id"], int(y)) for a, y in zip(answers, chunk["is_fraud"], strict=True)]
+            return sent
+
+        def label(sent: list[tuple[str, int]], flip: bool = False) -> int:
+            """The outcomes in the order they would arrive (the generator's delays: median 3 h, a tail to days,
+            5 % never), replayed with 1 h of their time as 0.1 s of the demo's, at most 3 s."""
+            delays = datamod.label_delays(len(sent), seed=rng.randrange(1 << 30))
+            known = sorted((d, rid, 1 - y if flip else y) for (rid, y), d in zip(sent, delays, strict=True)
+                           if d == d)  # NaN: never
+            started = time.monotonic()
+            while known:
+                due = min(known[0][0] / 36_000, 3.0)
+                time.sleep(max(0.0, started + due - time.monotonic()))
+                batch = [k for k in known[:200] if min(k[0] / 36_000, 3.0) <= due + 0.25]
+                known = known[len(batch):]
+                rows = [{"request_id": rid, "label": y} for _, rid, y in batch]
+                httpx.post(f"{url}/outcomes", json={"outcomes": rows}, timeout=60).raise_for_status()
+            return int(np.sum(~np.isnan(delays)))
+
+        def show(title: str) -> None:
+            time.sleep(1.5)  # the join's next poll and evaluation
+            first = int(time.time() // SLOT_S) - WINDOW_S // SLOT_S + 1
+            table = window_metrics(store.slots(first), store.settings.bins)
+            for version, kinds in table.items():
+                r, e = kinds["realised"], kinds["estimated"]
+                print(f"  {title:<44} {version}: predictions {r['predictions']:>5}, labelled {r['labelled']:>5} | "
+                      f"accuracy realised {_f(r['accuracy'])} estimated {_f(e['accuracy'])} | "
+                      f"AUC realised {_f(r['auc'])} estimated {_f(e['auc'])}")
+            seen.extend(a for a in alerts() if a.get("type") == "performance_alert" and a["consumer_group"] == group)
+
+        holdout = ws.model.metadata["metrics"]
+        print(f"  holdout of {ws.model.tag}: accuracy {holdout['accuracy']:.3f}, AUC {holdout['auc']:.3f} "
+              f"(the baseline; an alert when realised accuracy or AUC falls 5 % below it)")
+        sent = send(1200, 11)
+        show("reference traffic, no label yet")
+        print(f"  {label(sent)} of {len(sent)} outcomes arrived, late (the others never will)")
+        show("reference traffic, labelled")
+        time.sleep(WINDOW_S)
+        sent = send(1200, 12, amount_factor=4.0)
+        show("covariate shift (amounts x4), before labels")
+        label(sent)
+        show("covariate shift, labelled")
+        time.sleep(WINDOW_S)
+        sent = send(1200, 13)
+        show("concept shift (labels flipped), before labels")
+        label(sent, flip=True)
+        show("concept shift, labelled")
+        time.sleep(WINDOW_S)
+        label(send(1200, 14))
+        show("back to normal, labelled")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(a["status"] == "resolved" for a in seen):
+            time.sleep(1)
+            seen.extend(a for a in alerts() if a.get("type") == "performance_alert" and a["consumer_group"] == group)
+        for a in seen:
+            print(f"  ALERT {a['status']:<8} {a['severity']:<8} {a['model_name']}:{a['model_version']} {a['kind']} "
+                  f"{a['metric']}={a['value']:.3f} (holdout {a['baseline']:.3f}, threshold {a['threshold']:.3f}) "
+                  f"n={a['sample_size']}")
+        return seen
+    finally:
+        joiner.stop()
+
+
+def _f(value: float | None) -> str:
+    return "  -  " if value is None else f"{value:.3f}"
