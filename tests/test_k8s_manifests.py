@@ -166,15 +166,16 @@ def test_selectors_match_the_pods_they_mean(rendered):
             assert int(annotations["prometheus.io/port"]) in listening
 
 
-def test_drift_consumers_never_outnumber_partitions(rendered):
+@pytest.mark.parametrize(("name", "command"), [("drift-consumer", "consume"), ("outcome-join", "join")])
+def test_stream_consumers_never_outnumber_partitions(rendered, name, command):
     for overlay, objects in rendered.items():
-        deployment = by_name(objects, "Deployment", "drift-consumer")
+        deployment = by_name(objects, "Deployment", name)
         spec = deployment["spec"]
         partitions = int(deployment["metadata"]["annotations"]["mlops/predictions-partitions"])
-        assert partitions == TOPICS["predictions"]
+        assert partitions == TOPICS["predictions"] == TOPICS["prediction-outcomes"]
         assert spec["replicas"] + spec["strategy"]["rollingUpdate"].get("maxSurge", 0) <= partitions, overlay
         c = container(deployment)
-        assert c["command"][:4] == ["python", "-m", "streaming", "consume"]
+        assert c["command"][:4] == ["python", "-m", "streaming", command]
         assert {"name": "BENTOML_HOME", "value": "/home/bentoml/bento"} in c["env"]
 
 
