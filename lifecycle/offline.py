@@ -52,3 +52,15 @@ def training_frame(repo: Path, transactions: pd.DataFrame, redis_address: str = 
     frame = job.to_df().sort_values(ROW).drop(columns=[ROW]).reset_index(drop=True)
     columns = [ENTITY, "transaction_amount", LABEL, TIMESTAMP, *STORE_FEATURES]
     return frame[columns].dropna(subset=list(STORE_FEATURES)).reset_index(drop=True)
+
+
+def features_as_of(repo: Path, entities: pd.DataFrame, redis_address: str = "127.0.0.1:6379") -> pd.DataFrame:
+    """The store features of each (``customer_id``, ``event_timestamp``) row as the offline store has them at
+    that time, in the rows' order; NaN where it has no snapshot within the ttl. What training would have seen
+    for a served prediction: the reference of the row-level skew check."""
+    store = open_store(repo, redis_address)
+    entity_df = entities[[ENTITY, TIMESTAMP]].assign(**{ROW: np.arange(len(entities))})
+    job = store.get_historical_features(entity_df=entity_df,
+                                        features=[f"{FEATURE_VIEW}:{name}" for name in STORE_FEATURES])
+    frame = job.to_df().sort_values(ROW).reset_index(drop=True)
+    return frame[list(STORE_FEATURES)].astype(float)

@@ -4,6 +4,7 @@
                         [--max-events N] [--metrics-port P] [--max-seconds S]
     mlops-drift join [--group G] [--metrics-port P] [--max-seconds S]
     mlops-drift quality [--group G] [--since SECONDS] [--version V] [--json]
+    mlops-drift skew [--sample 500] [--tolerance 1e-6] [--threshold 0.01] [--json]
     mlops-drift alerts [--from-beginning] [--max-seconds S]
     mlops-drift report --out report.html [--window 3600] [--group G] [--model NAME[:VERSION]] [--rules R]
 
@@ -193,6 +194,30 @@ def show_quality(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def show_skew(args: argparse.Namespace, settings: Settings) -> int:
+    """Row-level training/serving skew of the newest predictions (streaming/skew.py); exit 1 when skewed."""
+    from streaming import skew
+
+    try:
+        n, skews = skew.check(kafka_config(settings), settings.predictions_topic, settings.feature_repo,
+                              settings.redis_address, args.sample, args.tolerance)
+    except skew.SkewError as exc:
+        print(f"mlops-drift: {exc}", file=sys.stderr)
+        return 2
+    skewed = [s.feature for s in skews if s.share > args.threshold]
+    if args.json:
+        print(json.dumps({"sampled": n, "tolerance": args.tolerance, "threshold": args.threshold,
+                          "skewed": skewed, "features": skew.as_dicts(skews)}, sort_keys=True))
+    else:
+        print(f"{n} predictions against the offline store at their time (tolerance {args.tolerance:g}):")
+        print(f"{'feature':<24}{'rows':>8}{'differing':>11}{'share':>9}{'max abs diff':>15}{'no offline value':>18}")
+        for s in skews:
+            print(f"{s.feature:<24}{s.rows:>8}{s.differing:>11}{s.share:>9.4f}{s.max_abs_diff:>15.6g}"
+                  f"{s.missing_offline:>18}")
+        print(f"skewed (share > {args.threshold:g}): {', '.join(skewed) or 'none'}")
+    return 1 if skewed else 0
+
+
 def follow_alerts(args: argparse.Namespace, settings: Settings) -> int:
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 
@@ -268,6 +293,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     q.add_argument("--since", type=positive_float, help="seconds back (default: MLOPS_QUALITY_WINDOW_SECONDS)")
     q.add_argument("--version", help="only this model version")
     q.add_argument("--json", action="store_true")
+    k = sub.add_parser("skew", help="row-level training/serving skew of the newest predictions (exit 1: skewed)")
+    k.add_argument("--sample", type=positive_int, default=500, help="newest prediction events to check")
+    k.add_argument("--tolerance", type=positive_float, default=1e-6, help="relative difference counted as skew")
+    k.add_argument("--threshold", type=positive_float, default=0.01, help="share of differing rows that is skew")
+    k.add_argument("--json", action="store_true")
     a = sub.add_parser("alerts", help="print drift alerts as they arrive")
     a.add_argument("--from-beginning", action="store_true")
     a.add_argument("--max-seconds", type=positive_float)
@@ -293,8 +323,8 @@ def load_settings() -> Settings:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # usage mistakes: one line and exit 2 (OneLineParser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"consume": consume, "join": join, "quality": show_quality, "alerts": follow_alerts,
-                "report": write_report}
+    commands = {"consume": consume, "join": join, "quality": show_quality, "skew": show_skew,
+                "alerts": follow_alerts, "report": write_report}
     try:
         return commands[args.command](args, load_settings())
     except (StartupError, SettingsError) as exc:

@@ -116,29 +116,27 @@ for _, it in ipairs(a.items) do
   local i = it[1] + 1
   if ok[i] and it[2] >= from[i] then
     local xkey = prefix .. ':x:' .. it[4]
-    local held = redis.call('GET', xkey)
     local kind = it[3]
+    local mine = {it[5], it[6], it[7]}
+    -- One call places this side if the request id is new, or returns what is there (Redis >= 7.0).
+    local held = redis.call('SET', xkey, kind .. cmsgpack.pack(mine), 'NX', 'PX', horizon, 'GET')
     if kind == 'P' then
-      local pred = {it[5], it[6], it[7]}
       if not held then
-        redis.call('SET', xkey, 'P' .. cmsgpack.pack(pred), 'PX', horizon)
-        add(slot_key(pred[1], pred[3]), 'predictions', 1)
-        estimate(pred, it[8])
+        add(slot_key(mine[1], mine[3]), 'predictions', 1)
+        estimate(mine, it[8])
       elseif string.sub(held, 1, 1) == 'O' then
-        add(slot_key(pred[1], pred[3]), 'predictions', 1)
-        estimate(pred, it[8])
-        joined(pred, cmsgpack.unpack(string.sub(held, 2)))
+        add(slot_key(mine[1], mine[3]), 'predictions', 1)
+        estimate(mine, it[8])
+        joined(mine, cmsgpack.unpack(string.sub(held, 2)))
         redis.call('SET', xkey, 'M', 'PX', horizon)
       else
         count('duplicate_predictions')
       end
     else
-      local out = {it[5], it[6], it[7]}
       if not held then
-        redis.call('SET', xkey, 'O' .. cmsgpack.pack(out), 'PX', horizon)
         count('outcomes_waiting')
       elseif string.sub(held, 1, 1) == 'P' then
-        joined(cmsgpack.unpack(string.sub(held, 2)), out)
+        joined(cmsgpack.unpack(string.sub(held, 2)), mine)
         redis.call('SET', xkey, 'M', 'PX', horizon)
       else
         count('duplicate_outcomes')

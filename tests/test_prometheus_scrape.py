@@ -50,18 +50,23 @@ def wait_for(prom: prometheus.PrometheusProcess, expr: str, at_least: float, tim
 def stack(workspace: Workspace, server, tmp_path):
     consumer = start_consumer(workspace, {"MLOPS_DRIFT_EVAL_INTERVAL_S": "0.5"}, "--group",
                               f"scrape-{uuid.uuid4().hex[:8]}", "--slot-seconds", "1", "--window-seconds", "120")
+    joiner = start_consumer(workspace, {"MLOPS_QUALITY_EVAL_INTERVAL_S": "0.5",
+                                        "MLOPS_QUALITY_GROUP_ID": f"scrape-{uuid.uuid4().hex[:8]}"}, command="join")
     prom = None
     try:
         assert consumer.wait_assigned(60), consumer.log()[-2000:]
+        assert joiner.wait_assigned(60), joiner.log()[-2000:]
         server_address = server.url.removeprefix("http://")
         prom = prometheus.start({"fraud-detector": [server_address],
-                                 "drift-consumer": [f"127.0.0.1:{consumer.metrics_port}"]},
+                                 "drift-consumer": [f"127.0.0.1:{consumer.metrics_port}"],
+                                 "outcome-join": [f"127.0.0.1:{joiner.metrics_port}"]},
                                 tmp_path / "prometheus", scrape_interval="1s")
         yield server, consumer, prom
     finally:
         if prom is not None:
             prom.stop()
         consumer.stop()
+        joiner.stop()
 
 
 def scrapes(prom: prometheus.PrometheusProcess, job: str) -> float:
@@ -80,23 +85,30 @@ def wait_scrapes(prom: prometheus.PrometheusProcess, more_than: dict[str, float]
 
 
 def send_traffic(ws: Workspace, url: str) -> None:
-    """Single predictions spread over several scrapes, two client errors, and shifted batches in the middle."""
+    """Single predictions spread over several scrapes, two client errors, and shifted batches in the middle;
+    then the outcomes of the single predictions (the join's quality series)."""
     singles = rows(ws, SINGLE_REQUESTS, seed=11)
     shifted = rows(ws, SHIFTED_ROWS, seed=12, amount_factor=4.0)
     with httpx.Client(base_url=url, timeout=60) as client:
+        answered = []
         for n, row in enumerate(singles):
-            assert client.post("/predict", json=row).status_code == 200
+            r = client.post("/predict", json=row)
+            assert r.status_code == 200
+            answered.append(r.json())
             time.sleep(0.04)
             if n == len(singles) // 2:
                 for i in range(0, len(shifted), 200):
                     assert client.post("/predict_batch", json={"requests": shifted[i:i + 200]}).status_code == 200
         assert client.post("/predict", json={"customer_id": "nobody", "transaction_amount": 1.0}).status_code == 404
         assert client.post("/predict", json={"customer_id": "C000001"}).status_code == 400
+        outcomes = [{"request_id": a["request_id"], "label": (a["label"] + i) % 2 if i % 7 == 0 else a["label"]}
+                    for i, a in enumerate(answered)]
+        assert client.post("/outcomes", json={"outcomes": outcomes}).status_code == 200
 
 
 def test_prometheus_scrapes_the_stack_and_every_dashboard_query_has_data(workspace, stack):
     server, consumer, prom = stack
-    jobs = ("fraud-detector", "drift-consumer")
+    jobs = ("fraud-detector", "drift-consumer", "outcome-join")
     wait_scrapes(prom, dict.fromkeys(jobs, 1))  # both targets seen before the traffic starts
     send_traffic(workspace, server.url)
     wait_scrapes(prom, {job: scrapes(prom, job) + 3 for job in jobs})  # and a few times after it
@@ -105,6 +117,9 @@ def test_prometheus_scrapes_the_stack_and_every_dashboard_query_has_data(workspa
     wait_for(prom, 'sum(mlops_drift_alerts_emitted_total{status="firing"})', 1, timeout=90)
     wait_for(prom, "sum(mlops_kafka_delivered_total)", total)
     wait_for(prom, "sum(mlops_drift_events_consumed_total)", total)
+    wait_for(prom, 'max(mlops_quality{kind="realised", metric="labelled"})', SINGLE_REQUESTS)
+    assert 0.5 < prom.value('max(mlops_quality{kind="realised", metric="accuracy"})') < 1  # a seventh flipped
+    assert prom.value('max(mlops_quality_baseline{metric="auc"})') > 0.8  # the holdout's, from MLflow
 
     assert prom.value('up{job="fraud-detector"}') == 1 and prom.value('up{job="drift-consumer"}') == 1
     assert prom.value("sum(mlops_predictions_total)") >= total

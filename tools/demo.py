@@ -1,5 +1,5 @@
 """The whole path once, for real: services → data → train → store → Feast → serve → predict → Kafka → drift →
-outcomes and live quality → pipeline, promotion and rollback.
+outcomes and live quality → skew → pipeline, promotion and rollback.
 
     python -m tools.demo [--keep-running]
 
@@ -26,7 +26,7 @@ from mlops.settings import Settings
 from streaming import process as consumer_process
 from tools import server_process, workspace
 from tools import services as svc
-from tools.demo_quality import demo_quality
+from tools.demo_quality import demo_quality, demo_skew
 from tools.kafka_read import new_events, read_events, tail
 from tools.traffic import Traffic
 
@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             quality_reader.close()
         if not any(a["status"] == "firing" for a in performance):
             print("the concept shift raised no performance alert", file=sys.stderr)
+            return 1
+        step("training/serving skew: 20 customers' online rows broken (avg_order_value x3), predictions logged "
+             "with them compared with Feast's offline store at their time (`mlops-drift skew`)")
+        if demo_skew(ws, server.url) != ["avg_order_value"]:
+            print("the injected skew was not caught as avg_order_value alone", file=sys.stderr)
             return 1
         step("lifecycle: pipeline (Feast point-in-time training set, gate) → Staging → promote under traffic → "
              "rollback under traffic")

@@ -119,3 +119,40 @@ def demo_quality(ws: Workspace, url: str, run_dir: Path, alerts) -> list[dict]:
 
 def _f(value: float | None) -> str:
     return "  -  " if value is None else f"{value:.3f}"
+
+
+def demo_skew(ws: Workspace, url: str) -> list[str]:
+    """Training/serving skew injected and caught: 20 customers' online rows overwritten with an avg_order_value
+    the offline store never had (as a broken writer would), predictions for 200 customers, then `mlops-drift
+    skew`'s check over them; the online rows are put back after. Returns the skewed features."""
+    import pandas as pd
+
+    from mlops.connections import kafka_config
+    from mlops.schema import ENTITY, FEATURE_VIEW, STORE_FEATURES, TIMESTAMP
+    from service.online_store import open_feature_store
+    from streaming import skew
+
+    customers = sorted(ws.dataset.latest_customers()[ENTITY])[:200]
+    store = open_feature_store(ws.settings)
+    current = store.get_online_features(features=[f"{FEATURE_VIEW}:{f}" for f in STORE_FEATURES],
+                                        entity_rows=[{ENTITY: c} for c in customers[:20]]).to_df()
+
+    def write(frame: pd.DataFrame) -> None:
+        store.write_to_online_store(FEATURE_VIEW, frame.assign(**{TIMESTAMP: pd.Timestamp.now(tz="UTC")}))
+
+    write(current.assign(avg_order_value=current["avg_order_value"] * 3))
+    try:
+        body = {"requests": [{"customer_id": c, "transaction_amount": 60.0} for c in customers]}
+        httpx.post(f"{url}/predict_batch", json=body, timeout=60).raise_for_status()
+        time.sleep(1)
+        n, skews = skew.check(kafka_config(ws.settings), ws.settings.predictions_topic, ws.feature_repo,
+                              ws.settings.redis_address, 200, 1e-6)
+    finally:
+        time.sleep(1.1)  # Feast's Redis store keeps a row only over an older one (by the second)
+        write(current)  # the original values, newer: the online store is whole again
+    for s in skews:
+        print(f"  {s.feature:<24} {s.differing:>4} of {s.rows} rows differ from the offline store "
+              f"(share {s.share:.3f}, max abs diff {s.max_abs_diff:.4g})")
+    skewed = [s.feature for s in skews if s.share > 0.01]
+    print(f"  {n} predictions checked; skewed: {', '.join(skewed) or 'none'} (20 of 200 rows were broken)")
+    return skewed
