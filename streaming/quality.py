@@ -15,7 +15,6 @@ see :mod:`mlops.calibration`) over every prediction of the window.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
@@ -111,8 +110,3 @@ def delay_percentile(sums: Mapping[str, float], q: float) -> float | None:
         if seen >= q * total:
             return float(2 ** (b + 1) - 1)
     return None
-
-
-def calibration_bin(score: float) -> int:
-    """The bin the store counts a score in (the same formula as its script)."""
-    return min(math.floor(score * CALIBRATION_BINS), CALIBRATION_BINS - 1)

@@ -51,23 +51,24 @@ def test_the_wait_ends_when_the_spools_empty_or_at_the_timeout(tmp_path):
     assert time.monotonic() - started < 5
 
 
-def test_the_hook_exits_1_with_one_line_naming_what_is_left(tmp_path):
-    spool_with(tmp_path / "predictions-w1.jsonl", 4)
+def hook(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m service.drain` on the spools under ``tmp_path`` (predictions.jsonl as the configured path)."""
     env = {"MLOPS_SPOOL_PATH": str(tmp_path / "predictions.jsonl"), "MLOPS_ENV_FILE": str(tmp_path / "none.env"),
            "PATH": "/usr/bin:/bin"}
-    run = subprocess.run([sys.executable, "-m", "service.drain", "--settle", "0", "--timeout", "0.2"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "service.drain", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_the_hook_exits_1_with_one_line_naming_what_is_left(tmp_path):
+    spool_with(tmp_path / "predictions-w1.jsonl", 4)
+    run = hook(tmp_path, "--settle", "0", "--timeout", "0.2")
     assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "still spooled" in run.stderr and "replays them" in run.stderr
-    bad = subprocess.run([sys.executable, "-m", "service.drain", "--timeout", "-1"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    bad = hook(tmp_path, "--timeout", "-1")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_the_hook_waits_for_the_outcomes_spool_too(tmp_path):
     spool_with(tmp_path / "outcomes-w1.jsonl", 2)
-    env = {"MLOPS_SPOOL_PATH": str(tmp_path / "predictions.jsonl"), "MLOPS_ENV_FILE": str(tmp_path / "none.env"),
-           "PATH": "/usr/bin:/bin"}
-    run = subprocess.run([sys.executable, "-m", "service.drain", "--settle", "0", "--timeout", "0.2"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=60)
+    run = hook(tmp_path, "--settle", "0", "--timeout", "0.2")
     assert run.returncode == 1 and "outcome" in run.stderr, run.stderr
