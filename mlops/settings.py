@@ -165,6 +165,13 @@ class Settings(BaseSettings):
     quality_min_labels: int = Field(200, ge=1, description="labelled predictions before realised quality is judged")
     quality_min_predictions: int = Field(500, ge=1, description="predictions before estimated quality is judged")
 
+    # Row-level training/serving skew (`mlops-drift skew`).
+    skew_sample: int = Field(500, ge=1, le=100_000, description="newest prediction events compared per check")
+    skew_tolerance: float = Field(1e-6, ge=0, description="relative difference counted as a differing value")
+    skew_threshold: float = Field(0.01, gt=0, lt=1, description="share of differing rows that is skew (alert)")
+    skew_min_rows: int = Field(100, ge=1, description="compared rows before a feature is judged")
+    skew_metrics_port: int = Field(9110, ge=0, le=65535, description="Prometheus port of the skew check; 0: off")
+
     @field_validator("model_version", mode="before")
     @classmethod
     def _empty_version_is_unset(cls, value: object) -> object:

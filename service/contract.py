@@ -132,6 +132,7 @@ def decode_batch(body: bytes, max_rows: int) -> list[PredictRequest]:
 # --- outcomes ------------------------------------------------------------------------------------------------
 
 FUTURE_SLACK = timedelta(minutes=5)  # clocks disagree a little; an outcome known later than that is a mistake
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # event times are Unix times downstream (Kafka, the join's slots)
 OutcomeValue = Annotated[float, Meta(ge=-1e15, le=1e15, description="optional, e.g. the amount at stake")]
 
 
@@ -141,7 +142,8 @@ class OutcomeIn(msgspec.Struct, forbid_unknown_fields=True):
     request_id: RequestId
     label: Annotated[Literal[0, 1], Meta(description="the true class: 1 fraud, 0 not")]
     timestamp: Annotated[datetime | None, Meta(
-        description="when the outcome became known, ISO 8601 with a time zone; default: when received")] = None
+        description="when the outcome became known, ISO 8601 with a time zone, from 1970 to 5 minutes from now; "
+                    "default: when received")] = None
     outcome_value: OutcomeValue | None = None
 
 
@@ -203,11 +205,18 @@ def decode_outcomes(body: bytes, max_rows: int, now: datetime | None = None) -> 
         if timestamp > latest:
             refused.append(RowRefusal(i, f"timestamp {timestamp.isoformat()} is in the future"))
             continue
+        try:
+            timestamp = timestamp.astimezone(UTC)
+        except OverflowError:  # year 1 with a positive offset: before any representable UTC time
+            timestamp = EPOCH - timedelta(days=1)
+        if timestamp < EPOCH:
+            refused.append(RowRefusal(i, f"timestamp {row.timestamp.isoformat()} is before 1970"))
+            continue
         j = first.setdefault(row.request_id, i)
         if j != i:
             refused.append(RowRefusal(i, f"request_id {row.request_id!r} repeats outcomes[{j}]'s"))
             continue
-        events.append(OutcomeEvent(request_id=row.request_id, label=row.label, timestamp=timestamp.astimezone(UTC),
+        events.append(OutcomeEvent(request_id=row.request_id, label=row.label, timestamp=timestamp,
                                    outcome_value=row.outcome_value))
     if refused:
         raise OutcomesInvalid(f"{len(refused)} of {len(raws)} outcomes refused, none accepted: "
@@ -238,9 +247,11 @@ ERRORS = {
 
 
 def openapi(title: str, version: str, max_rows: int) -> dict[str, Any]:
-    """OpenAPI 3.1 for /predict and /predict_batch, generated from the types above."""
-    (request_ref, batch_ref, prediction_ref, error_ref, row_error_ref), components = msgspec.json.schema_components(
-        [PredictRequest, PredictBatchRequest, Prediction, ErrorBody, RowError],
+    """OpenAPI 3.1 for /predict, /predict_batch and /outcomes, generated from the types above."""
+    (request_ref, batch_ref, prediction_ref, error_ref, row_error_ref, outcome_ref, accepted_ref, refused_ref
+     ), components = msgspec.json.schema_components(
+        [PredictRequest, PredictBatchRequest, Prediction, ErrorBody, RowError, OutcomeIn, OutcomesAccepted,
+         OutcomesRefused],
         ref_template="#/components/schemas/{name}",
     )
     request_schema = components["PredictRequest"]
@@ -258,13 +269,26 @@ def openapi(title: str, version: str, max_rows: int) -> dict[str, Any]:
     errors = {code: {"description": text, "content": {"application/json": {"schema": error_ref}}}
               for code, text in ERRORS.items()}
 
-    def operation(summary: str, body_ref: dict, ok: dict, statuses: list[str]) -> dict:
+    def operation(summary: str, body_ref: dict, ok: dict, statuses: list[str], done: str = "scored") -> dict:
         return {"post": {
             "summary": summary,
             "requestBody": {"required": True, "content": {"application/json": {"schema": body_ref}}},
-            "responses": {"200": {"description": "scored", "content": {"application/json": {"schema": ok}}},
+            "responses": {"200": {"description": done, "content": {"application/json": {"schema": ok}}},
                           **{code: errors[code] for code in statuses}},
         }}
+
+    components["OutcomeIn"]["properties"]["timestamp"]["anyOf"][0]["format"] = "date-time"
+    outcomes_body = {"type": "object", "required": ["outcomes"], "additionalProperties": False,
+                     "properties": {"outcomes": {"type": "array", "items": outcome_ref, "minItems": 1,
+                                                 "maxItems": max_rows}},
+                     "description": "True labels of past predictions, all accepted or none. A `request_id` names "
+                                    "one prediction: no two rows may share one."}
+    outcomes = operation("Record the true labels of past predictions (to prediction-outcomes)", outcomes_body,
+                         accepted_ref, ["413", "415", "503"], done="every row accepted")
+    outcomes["post"]["responses"]["400"] = {
+        "description": "nothing accepted: `rows` names every refused row (or, for a body that is not an outcomes "
+                       "request at all, `detail` says why)",
+        "content": {"application/json": {"schema": {"anyOf": [refused_ref, error_ref]}}}}
 
     batch_ok = {"type": "array", "items": {"anyOf": [prediction_ref, row_error_ref]},
                 "description": "one entry per request row, in order"}
@@ -277,6 +301,7 @@ def openapi(title: str, version: str, max_rows: int) -> dict[str, Any]:
                                   ["400", "404", "413", "415", "503"]),
             "/predict_batch": operation("Score up to max_request_rows transactions", batch_ref, batch_ok,
                                         ["400", "413", "415", "503"]),
+            "/outcomes": outcomes,
         },
         "components": {"schemas": components},
     }

@@ -4,7 +4,8 @@
                         [--max-events N] [--metrics-port P] [--max-seconds S]
     mlops-drift join [--group G] [--metrics-port P] [--max-seconds S]
     mlops-drift quality [--group G] [--since SECONDS] [--version V] [--json]
-    mlops-drift skew [--sample 500] [--tolerance 1e-6] [--threshold 0.01] [--json]
+    mlops-drift skew [--sample 500] [--tolerance 1e-6] [--threshold 0.01] [--json] [--publish]
+    mlops-drift skew --every SECONDS [--metrics-port P] [--max-seconds S]
     mlops-drift alerts [--from-beginning] [--max-seconds S]
     mlops-drift report --out report.html [--window 3600] [--group G] [--model NAME[:VERSION]] [--rules R]
 
@@ -21,6 +22,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from prometheus_client import start_http_server
 from mlops.cli_args import OneLineParser
 from mlops.connections import kafka_config, redis_options
 from mlops.settings import ENV_PREFIX, Settings, SettingsError
+from streaming import metrics
 from streaming.consumer import ConsumerConfig, DriftConsumer
 from streaming.join import JoinConfig, JoinConsumer, window_metrics
 from streaming.join_store import JoinSettings, JoinStore
@@ -57,6 +60,14 @@ def positive_float(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def share(text: str) -> float:
+    """argparse type: a share strictly between 0 and 1."""
+    value = positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be a share between 0 and 1, got {text!r}")
     return value
 
 
@@ -157,22 +168,29 @@ def join(args: argparse.Namespace, settings: Settings) -> int:
 
 QUALITY_COLUMNS = (("realised", "labelled"), ("realised", "label_coverage"), ("realised", "accuracy"),
                    ("estimated", "accuracy"), ("realised", "auc"), ("estimated", "auc"), ("realised", "f1"),
-                   ("realised", "brier"), ("realised", "ece"), ("realised", "label_delay_p50_s"))
+                   ("realised", "brier"), ("realised", "ece"), ("realised", "label_delay_p50_s"), ("skew", "share"))
 
 
 def show_quality(args: argparse.Namespace, settings: Settings) -> int:
-    """Realised and estimated quality per model version over the last --since seconds, from the join's store."""
+    """Realised and estimated quality per model version over the last --since seconds, from the join's store,
+    with the latest skew check's share per version."""
+    from streaming import skew
+
     s = join_settings(settings)
     since = args.since or settings.quality_window_seconds
     first_slot = int((time.time() - since) // s.slot_s) + 1
     client = redis.Redis(**redis_options(settings), socket_timeout=5, socket_connect_timeout=2)
     try:
         slots = JoinStore(client, args.group or settings.quality_group_id, s).slots(first_slot)
+        last = skew.latest(client, settings.predictions_topic)
     except redis.RedisError as exc:
         print(f"mlops-drift: cannot read the join's state from Redis at {settings.redis_address}: {exc}",
               file=sys.stderr)
         return 2
     table = window_metrics(slots, s.bins)
+    for version, kinds in table.items():  # the largest share of skewed rows over the features, per version
+        kinds["skew"] = {"share": last.versions.get(version) if last else None,
+                         "checked_at": last.checked_at if last else None}
     if args.version:
         table = {k: v for k, v in table.items() if args.version in (k, k.split(":", 1)[1])}
     if args.json:
@@ -181,7 +199,7 @@ def show_quality(args: argparse.Namespace, settings: Settings) -> int:
     if not table:
         print(f"no predictions in the last {since:g} s")
         return 0
-    names = [("est " if kind == "estimated" else "") + metric for kind, metric in QUALITY_COLUMNS]
+    names = [{"estimated": "est ", "skew": "skew "}.get(kind, "") + metric for kind, metric in QUALITY_COLUMNS]
     print("version".ljust(22) + "predictions".rjust(12) + "".join(n.rjust(max(10, len(n) + 2)) for n in names))
     for version, kinds in table.items():
         cells = []
@@ -191,31 +209,75 @@ def show_quality(args: argparse.Namespace, settings: Settings) -> int:
                                               else f"{value:g}")
             cells.append(text.rjust(max(10, len(name) + 2)))
         print(version.ljust(22) + f"{kinds['realised']['predictions']:>12}" + "".join(cells))
+    if last is not None:
+        age = time.time() - last.checked_at
+        print(f"skew: largest share of rows differing from the offline store, check of {age:.0f} s ago "
+              f"({last.sampled} predictions; skewed: {', '.join(last.skewed) or 'none'})")
     return 0
 
 
 def show_skew(args: argparse.Namespace, settings: Settings) -> int:
-    """Row-level training/serving skew of the newest predictions (streaming/skew.py); exit 1 when skewed."""
+    """Row-level training/serving skew of the newest predictions (streaming/skew.py); exit 1 when skewed. With
+    --publish the check is recorded (Redis, metrics, alerts); --every repeats it until stopped."""
     from streaming import skew
 
+    sample = args.sample or settings.skew_sample
+    tolerance = settings.skew_tolerance if args.tolerance is None else args.tolerance
+    threshold = args.threshold or settings.skew_threshold
+    recorder = None
+    if args.publish or args.every:
+        client = redis.Redis(**redis_options(settings), socket_timeout=5, socket_connect_timeout=2)
+        recorder = skew.SkewRecorder(client, settings.predictions_topic, kafka_config(settings),
+                                     settings.alerts_topic, settings.skew_min_rows)
+
+    def one_check() -> skew.SkewCheck:
+        result = skew.check(kafka_config(settings), settings.predictions_topic, settings.feature_repo,
+                            settings.redis_address, sample, tolerance, threshold)
+        if recorder is not None:
+            recorder.record(result)
+        return result
+
+    if args.every:
+        port = settings.skew_metrics_port if args.metrics_port is None else args.metrics_port
+        if port:
+            serve_metrics(port, "127.0.0.1" if args.metrics_local else settings.drift_metrics_host,
+                          from_flag=args.metrics_port is not None)
+        stop = _stop_event()
+        deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            try:
+                result = one_check()
+                logging.info("skew check: %s rows, skewed: %s", result.sampled, ", ".join(result.skewed) or "none")
+            except (skew.SkewError, redis.RedisError) as exc:  # an outage: try again next round
+                metrics.SKEW_CHECK_FAILURES.inc()
+                logging.warning("skew check failed: %s", exc)
+            stop.wait(args.every if deadline is None else max(0.0, min(args.every, deadline - time.monotonic())))
+        return 0
     try:
-        n, skews = skew.check(kafka_config(settings), settings.predictions_topic, settings.feature_repo,
-                              settings.redis_address, args.sample, args.tolerance)
+        result = one_check()
     except skew.SkewError as exc:
         print(f"mlops-drift: {exc}", file=sys.stderr)
         return 2
-    skewed = [s.feature for s in skews if s.share > args.threshold]
+    except redis.RedisError as exc:
+        print(f"mlops-drift: cannot record the check in Redis at {settings.redis_address}: {exc}", file=sys.stderr)
+        return 2
     if args.json:
-        print(json.dumps({"sampled": n, "tolerance": args.tolerance, "threshold": args.threshold,
-                          "skewed": skewed, "features": skew.as_dicts(skews)}, sort_keys=True))
+        print(json.dumps(result.as_dict(), sort_keys=True))
     else:
-        print(f"{n} predictions against the offline store at their time (tolerance {args.tolerance:g}):")
+        print(f"{result.sampled} predictions against the offline store at their time (tolerance {tolerance:g}):")
         print(f"{'feature':<24}{'rows':>8}{'differing':>11}{'share':>9}{'max abs diff':>15}{'no offline value':>18}")
-        for s in skews:
-            print(f"{s.feature:<24}{s.rows:>8}{s.differing:>11}{s.share:>9.4f}{s.max_abs_diff:>15.6g}"
-                  f"{s.missing_offline:>18}")
-        print(f"skewed (share > {args.threshold:g}): {', '.join(skewed) or 'none'}")
-    return 1 if skewed else 0
+        for f in result.features:
+            print(f"{f.feature:<24}{f.rows:>8}{f.differing:>11}{f.share:>9.4f}{f.max_abs_diff:>15.6g}"
+                  f"{f.missing_offline:>18}")
+        print(f"skewed (share > {threshold:g}): {', '.join(result.skewed) or 'none'}")
+    return 1 if result.skewed else 0
+
+
+def _stop_event() -> threading.Event:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
 
 
 def follow_alerts(args: argparse.Namespace, settings: Settings) -> int:
@@ -242,6 +304,20 @@ def follow_alerts(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def skew_section(client: redis.Redis, topic: str):
+    """The latest recorded skew check (`mlops-drift skew --publish`/`--every`) for the report, if any."""
+    from datetime import UTC, datetime
+
+    from streaming import report as html_report
+    from streaming import skew
+
+    last = skew.latest(client, topic)
+    if last is None:
+        return None
+    return html_report.SkewSection(datetime.fromtimestamp(last.checked_at, UTC), last.sampled, last.tolerance,
+                                   last.threshold, [vars(f) for f in last.features])
+
+
 def write_report(args: argparse.Namespace, settings: Settings) -> int:
     """The consumer group's live window as a self-contained HTML report (streaming/live_report.py)."""
     from streaming import live_report
@@ -253,7 +329,8 @@ def write_report(args: argparse.Namespace, settings: Settings) -> int:
         client = redis.Redis(**redis_options(settings), socket_timeout=5, socket_connect_timeout=2)
         store = StateStore(client, args.group or settings.drift_group_id, settings.predictions_topic)
         spec = WindowSpec(slot_seconds=args.slot_seconds or settings.drift_slot_seconds, window_seconds=args.window)
-        report = live_report.build(store, spec, ProfileCache(load_profile_from_store).get, rules, args.model)
+        report = live_report.build(store, spec, ProfileCache(load_profile_from_store).get, rules, args.model,
+                                   skew=skew_section(client, settings.predictions_topic))
         html_report.write_html(report, args.out)
     except (live_report.ReportError, RulesError) as exc:
         raise StartupError(str(exc)) from None
@@ -294,10 +371,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     q.add_argument("--version", help="only this model version")
     q.add_argument("--json", action="store_true")
     k = sub.add_parser("skew", help="row-level training/serving skew of the newest predictions (exit 1: skewed)")
-    k.add_argument("--sample", type=positive_int, default=500, help="newest prediction events to check")
-    k.add_argument("--tolerance", type=positive_float, default=1e-6, help="relative difference counted as skew")
-    k.add_argument("--threshold", type=positive_float, default=0.01, help="share of differing rows that is skew")
+    k.add_argument("--sample", type=positive_int, help="newest prediction events to check (default 500)")
+    k.add_argument("--tolerance", type=positive_float, help="relative difference counted as skew (default 1e-6)")
+    k.add_argument("--threshold", type=share, help="share of differing rows that is skew (default 0.01)")
     k.add_argument("--json", action="store_true")
+    k.add_argument("--publish", action="store_true",
+                   help="record the check: latest result in Redis, metrics, skew alerts on the alerts topic")
+    k.add_argument("--every", type=positive_float, help="check (and publish) every SECONDS until stopped")
+    k.add_argument("--metrics-port", type=port_number, help="Prometheus port with --every (0: none; default 9110)")
+    k.add_argument("--metrics-local", action="store_true", help="serve metrics on 127.0.0.1")
+    k.add_argument("--max-seconds", type=positive_float, help="with --every: stop after this long")
     a = sub.add_parser("alerts", help="print drift alerts as they arrive")
     a.add_argument("--from-beginning", action="store_true")
     a.add_argument("--max-seconds", type=positive_float)

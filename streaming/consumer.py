@@ -127,7 +127,7 @@ class DriftConsumer(PartitionedConsumer):
         """Put back what only this consumer knows, from memory: the alert states first, so no evaluation sees
         windows without the state they had reached (it would announce their alerts again), then every owned
         partition's whole checkpoint, atomically. Reading goes on from the in-memory offsets: nothing re-read."""
-        restored = self.store.restore_alerts(self.alert_memory)
+        restored = self.store.alerts.restore(self.alert_memory)
         for p, ckpt in self.partitions.items():
             if ckpt.offset is not None and p not in saved.fenced:
                 ckpt.windows.mark_all_dirty()
@@ -172,7 +172,7 @@ class DriftConsumer(PartitionedConsumer):
             metrics.DRIFT_STATE.labels(name, version, column).set(SEVERITY_RANK[verdict.severity])
             if verdict.severity == current:
                 continue
-            previous = self.store.transition(name, version, column, verdict.severity)
+            previous = self.store.alerts.transition((name, version, column), verdict.severity)
             self.alert_memory[(name, version, column)] = verdict.severity
             if previous is None:  # another consumer of the group already made this change
                 continue
@@ -198,21 +198,20 @@ class DriftConsumer(PartitionedConsumer):
     def _alert_state(self, key: Key) -> str:
         """The stored state; one this consumer knew but the store lost (a flush) is put back first, set-if-absent,
         so the alert it stands for is not announced a second time."""
-        stored = self.store.stored_alert_state(*key)
+        stored = self.store.alerts.stored(key)
         if stored is None and self.alert_memory.get(key, "ok") != "ok":
-            self.store.restore_alerts({key: self.alert_memory[key]})
-            stored = self.store.stored_alert_state(*key)
+            self.store.alerts.restore({key: self.alert_memory[key]})
+            stored = self.store.alerts.stored(key)
             log.warning("alert state of %s was lost from Redis; put back %s", ":".join(key), stored)
         self.alert_memory[key] = stored or "ok"
         return self.alert_memory[key]
 
     def revert_alert(self, key: tuple[str, ...], previous: str) -> None:
-        name, version, column = key
-        self.alert_memory[(name, version, column)] = previous
+        self.alert_memory[key] = previous  # type: ignore[index]
         try:
-            self.store.revert(name, version, column, previous)
+            self.store.alerts.revert(key, previous)
         except redis.RedisError:
-            log.error("could not revert the alert state of %s:%s:%s", name, version, column)
+            log.error("could not revert the alert state of %s", ":".join(key))
 
     def _resolved_context(self, column: str, scores: dict[str, float], previous: str) -> tuple:
         for rule in self.rules.rules:

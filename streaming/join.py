@@ -179,11 +179,11 @@ class JoinConsumer(PartitionedConsumer):
             if sample < (c.min_labels if kind == "realised" else c.min_predictions) or key in self.alerts_in_flight:
                 continue
             severity = "critical" if kind == "realised" else "warning"
-            current = self.store.alert_state(key)
+            current = self.store.alerts.get(key)
             new = judge(current, values.get(metric), baseline.get(metric), c.drop, severity)
             if new is None:
                 continue
-            previous = self.store.transition(key, new)
+            previous = self.store.alerts.transition(key, new)
             if previous is None:  # another consumer of the group made this change
                 continue
             alert = {"type": "performance_alert", "status": "resolved" if new == "ok" else "firing",
@@ -197,7 +197,7 @@ class JoinConsumer(PartitionedConsumer):
 
     def revert_alert(self, key: tuple[str, ...], previous: str) -> None:
         try:
-            self.store.revert(key, previous)
+            self.store.alerts.revert(key, previous)
         except redis.RedisError:
             log.error("could not revert the alert state of %s", ":".join(key))
 

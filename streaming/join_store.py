@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import msgspec
 import redis
 
+from streaming.alert_state import AlertStates
 from streaming.runtime import Part, SaveResult
-from streaming.state_store import CAS_SCRIPT
 
 # KEYS[1] prefix (keys are built in the script: the join touches request ids nobody can list up front).
 # ARGV[1]: msgpack {parts = [[topic, partition, owner, reseed], ...], items = [[part index, offset, kind, ...]],
@@ -205,7 +205,7 @@ class JoinStore:
         self.token = secrets.token_hex(8)
         self._save = client.register_script(SAVE_SCRIPT)
         self._claim = client.register_script(CLAIM_SCRIPT)
-        self._cas = client.register_script(CAS_SCRIPT)
+        self.alerts = AlertStates(client, self.prefix)  # keys (model, version, kind, metric)
 
     def _owner(self, part: Part) -> str:
         return f"{self.prefix}:owner:{part[0]}:{part[1]}"
@@ -237,23 +237,6 @@ class JoinStore:
 
     def ping(self) -> None:
         self.client.ping()
-
-    # -- alert state (shared by the group: one state change, one alert) ---------------------------------
-
-    def _alert_key(self, key: tuple[str, ...]) -> str:
-        return f"{self.prefix}:alert:{':'.join(key)}"
-
-    def alert_state(self, key: tuple[str, ...]) -> str:
-        raw = self.client.get(self._alert_key(key))
-        return raw.decode() if raw else "ok"
-
-    def transition(self, key: tuple[str, ...], severity: str) -> str | None:
-        """Set the state (compare-and-set); the previous one if it changed, None if another consumer did."""
-        previous = self._cas(keys=[self._alert_key(key)], args=[severity])
-        return previous.decode() if isinstance(previous, bytes) else previous or None
-
-    def revert(self, key: tuple[str, ...], severity: str) -> None:
-        self.client.set(self._alert_key(key), severity)
 
     def counts(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.client.hgetall(f"{self.prefix}:counts").items()}

@@ -48,8 +48,9 @@ def column_drift(column: str, profile_column: NumericProfile | CategoricalProfil
 
 
 def build(store: StateStore, spec: WindowSpec, profiles, rules: RuleSet, model: str | None = None,
-          now: float | None = None) -> html_report.DriftReport:
-    """The report of one model version: ``model`` (NAME or NAME:VERSION), or the version with most events."""
+          now: float | None = None, skew: html_report.SkewSection | None = None) -> html_report.DriftReport:
+    """The report of one model version: ``model`` (NAME or NAME:VERSION), or the version with most events; with
+    the latest skew check when one is given."""
     checkpoints = store.load_all()
     if not checkpoints:
         raise ReportError(f"no checkpoints for consumer group {store.prefix.split(':')[2]!r}: is a consumer running?")
@@ -75,4 +76,5 @@ def build(store: StateStore, spec: WindowSpec, profiles, rules: RuleSet, model: 
         window_start=datetime.fromtimestamp(first, UTC), window_end=datetime.fromtimestamp(last, UTC),
         thresholds={f"{r.metric} ({r.severity})": r.threshold for r in rules.rules},
         source=f"consumer group {store.prefix.split(':')[2]!r}, {max(w.n for w in columns.values())} events",
+        skew=skew,
     )

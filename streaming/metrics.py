@@ -54,3 +54,13 @@ JOIN_REBALANCES = Counter("mlops_quality_rebalances_total", "Partition assignmen
 JOIN_STORE_RESETS = Counter("mlops_quality_checkpoint_store_resets_total", "Times Redis had lost the join's owner keys")
 JOIN_DEAD_LETTERS = Counter("mlops_quality_dead_letters_total", "Unusable events sent to the dead-letter topic",
                             ["reason"])
+
+# Row-level training/serving skew (streaming/skew.py), on the skew check's own port.
+SKEW_SHARE = Gauge("mlops_skew_share", "Share of the last check's rows whose logged feature differs from the "
+                   "offline store's at the prediction's time", ["feature"])
+SKEW_MAX_ABS_DIFF = Gauge("mlops_skew_max_abs_diff", "Largest absolute difference in the last skew check", ["feature"])
+SKEW_ROWS = Gauge("mlops_skew_rows", "Rows of the last skew check with an offline value", ["feature"])
+SKEW_STATE = Gauge("mlops_skew_state", "1 while the feature is in skew (alert fired, not resolved)", ["feature"])
+SKEW_LAST_CHECK = Gauge("mlops_skew_last_check_timestamp_seconds", "When the last skew check finished")
+SKEW_CHECK_FAILURES = Counter("mlops_skew_check_failures_total", "Skew checks that could not run (retried next round)")
+SKEW_ALERTS = Counter("mlops_skew_alerts_emitted_total", "Skew alerts published", ["status"])

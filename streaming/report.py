@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Verdict = Literal["ok", "warning", "critical"]
 SEVERITY_RANK: dict[str, int] = {"ok": 0, "warning": 1, "critical": 2}
@@ -51,6 +51,18 @@ class ColumnDrift:
 
 
 @dataclass(frozen=True)
+class SkewSection:
+    """The latest row-level training/serving skew check (:mod:`streaming.skew`): per store feature a mapping
+    with ``feature``, ``rows``, ``differing``, ``share``, ``max_abs_diff`` and ``missing_offline``."""
+
+    checked_at: datetime
+    sampled: int
+    tolerance: float
+    threshold: float
+    features: Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
 class DriftReport:
     title: str
     columns: Sequence[ColumnDrift]
@@ -60,6 +72,7 @@ class DriftReport:
     window_end: datetime | str | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
     source: str = ""
+    skew: SkewSection | None = None
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -190,6 +203,8 @@ def render_html(report: DriftReport) -> str:
                    f'<td>{c.kind}</td><td><span class="badge {c.verdict}">{c.verdict}</span></td>'
                    + "".join(f'<td class="num">{_score(c.scores.get(k))}</td>' for k in score_keys) + "</tr>")
     out.append("</tbody></table>")
+    if report.skew is not None:
+        out.append(skew_html(report.skew))
     for c in columns:
         n_ref, n_cur = sum(c.reference), sum(c.current)
         out.append(f'<section class="feature" id="col-{_esc(c.name)}" data-verdict="{c.verdict}"><header>'
@@ -200,6 +215,25 @@ def render_html(report: DriftReport) -> str:
                    f"{histogram_svg(c)}</section>")
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def skew_html(skew: SkewSection) -> str:
+    """The skew table: a feature is ``warning`` when its share of differing rows is above the threshold."""
+    rows = []
+    for f in sorted(skew.features, key=lambda f: (-f["share"], f["feature"])):
+        verdict = "warning" if f["share"] > skew.threshold else "ok"
+        rows.append(f'<tr data-verdict="{verdict}"><td>{_esc(f["feature"])}</td>'
+                    f'<td><span class="badge {verdict}">{verdict}</span></td>'
+                    f'<td class="num">{f["rows"]}</td><td class="num">{f["differing"]}</td>'
+                    f'<td class="num">{f["share"]:.4f}</td><td class="num">{_score(f["max_abs_diff"])}</td>'
+                    f'<td class="num">{f["missing_offline"]}</td></tr>')
+    return ('<section class="skew"><h2>Training/serving skew</h2>'
+            f'<p class="meta">Checked {_esc(_when(skew.checked_at))}: the features of the {skew.sampled} newest '
+            "predictions against Feast's offline store at each prediction's time; a row differs beyond a relative "
+            f"{skew.tolerance:g}; skew above a share of {skew.threshold:g}.</p>"
+            '<table class="skew"><thead><tr><th>feature</th><th>verdict</th><th class="num">rows</th>'
+            '<th class="num">differing</th><th class="num">share</th><th class="num">max abs diff</th>'
+            '<th class="num">no offline value</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table></section>")
 
 
 def write_html(report: DriftReport, path: Path) -> Path:

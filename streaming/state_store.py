@@ -23,7 +23,7 @@ key in one script (``reseed``); a takeover is never mistaken for a loss, nor a l
 
 The alert state per (model, version, feature) is shared by all consumers of the group and changed with
 a compare-and-set, so one state change makes one alert however many consumers see it; after a loss,
-consumers put back the states they knew with set-if-absent (:meth:`StateStore.restore_alerts`).
+consumers put back the states they knew with set-if-absent (:mod:`streaming.alert_state`).
 """
 
 from __future__ import annotations
@@ -35,14 +35,8 @@ from dataclasses import dataclass, field
 import msgspec
 import redis
 
+from streaming.alert_state import AlertStates
 from streaming.window import SlotHistograms
-
-CAS_SCRIPT = """
-local current = redis.call('GET', KEYS[1]) or 'ok'
-if current == ARGV[1] then return false end
-redis.call('SET', KEYS[1], ARGV[1])
-return current
-"""
 
 # KEYS: owner key, checkpoint hash, legacy checkpoint, ids hash. ARGV: the claimer's token.
 # Returns {epoch, hash, legacy, ids}.
@@ -144,7 +138,7 @@ class StateStore:
         self.client = client
         self.prefix = f"mlops:drift:{group}:{topic}"
         self.token = secrets.token_hex(8)  # tells this consumer's epochs from another's after a flush
-        self._cas = client.register_script(CAS_SCRIPT)
+        self.alerts = AlertStates(client, self.prefix)  # keys (model, version, feature)
         self._claim = client.register_script(CLAIM_SCRIPT)
         self._save = client.register_script(SAVE_SCRIPT)
 
@@ -159,9 +153,6 @@ class StateStore:
 
     def _legacy_key(self, partition: int) -> str:
         return f"{self.prefix}:ckpt:{partition}"
-
-    def _alert_key(self, model: str, version: str, column: str) -> str:
-        return f"{self.prefix}:alert:{model}:{version}:{column}"
 
     def owner(self, epoch: int) -> str:
         return f"{epoch}:{self.token}"
@@ -245,32 +236,3 @@ class StateStore:
             hashes = pipe.execute()
         loaded = {p: PartitionCheckpoint.from_hash(h) for p, h in zip(partitions, hashes, strict=True)}
         return {p: c for p, c in loaded.items() if c is not None}
-
-    # -- alert state ------------------------------------------------------------------------------
-
-    def alert_state(self, model: str, version: str, column: str) -> str:
-        return self.stored_alert_state(model, version, column) or "ok"
-
-    def stored_alert_state(self, model: str, version: str, column: str) -> str | None:
-        """The stored state, None when there is none (never set, or lost with a flush)."""
-        raw = self.client.get(self._alert_key(model, version, column))
-        return raw.decode() if raw else None
-
-    def restore_alerts(self, states: dict[tuple[str, str, str], str]) -> int:
-        """Put back alert states the store lost (set-if-absent: a state written since is newer); returns how many
-        were put back. The "ok" state is the default and needs no key."""
-        todo = [(key, state) for key, state in states.items() if state != "ok"]
-        if not todo:
-            return 0
-        with self.client.pipeline(transaction=False) as pipe:
-            for (model, version, column), state in todo:
-                pipe.set(self._alert_key(model, version, column), state, nx=True)
-            return sum(bool(done) for done in pipe.execute())
-
-    def transition(self, model: str, version: str, column: str, severity: str) -> str | None:
-        """Set the alert state; returns the previous state if it changed, None if it already was that."""
-        previous = self._cas(keys=[self._alert_key(model, version, column)], args=[severity])
-        return previous.decode() if isinstance(previous, bytes) else previous or None
-
-    def revert(self, model: str, version: str, column: str, severity: str) -> None:
-        self.client.set(self._alert_key(model, version, column), severity)

@@ -77,6 +77,8 @@ def test_promtool_unit_tests_pass():
     ("ModelQualityDrop", lambda r: r.update(expr=r["expr"].replace(">= 200", ">= 100"))),  # a handful of labels
     ("ModelQualityEstimateDrop", lambda r: r.update(expr=r["expr"].replace('kind="estimated", metric=~',
                                                                            'kind="realised", metric=~'))),
+    ("TrainingServingSkew", lambda r: r.update(expr=r["expr"].split(" and ")[0])),  # skew of a handful of rows
+    ("TrainingServingSkew", lambda r: r.pop("for")),  # one check's sample would page
 ])
 def test_the_unit_tests_catch_a_broken_rule(tmp_path, alert, change):
     rules = yaml.safe_load(RULES.read_text())
@@ -87,7 +89,8 @@ def test_the_unit_tests_catch_a_broken_rule(tmp_path, alert, change):
     (tmp_path / "alerts.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
     tests_dir = tmp_path / "tests"
     tests_dir.mkdir()
-    name = "model_quality_test.yaml" if alert.startswith("ModelQuality") else "alerts_test.yaml"
+    name = ("model_quality_test.yaml" if alert.startswith("ModelQuality")
+            else "skew_test.yaml" if alert.startswith("TrainingServing") else "alerts_test.yaml")
     unit_tests = PROM / "tests" / name
     (tests_dir / unit_tests.name).write_text(unit_tests.read_text())
     result = promtool("test", "rules", str(tests_dir / unit_tests.name))
@@ -116,7 +119,7 @@ def test_severities_and_thresholds_match_the_reference_rule_set():
                 "DriftPartitionFenced": ("warning", "> 0"), "DriftConsumerPaused": ("warning", "== 1"),
                 "DriftCheckpointStoreReset": ("warning", "> 0"), "OnlineStoreEmpty": ("critical", "== 1"),
                 "PredictionLogSpoolFailing": ("critical", "== 1"), "ModelQualityDrop": ("critical", "0.95 *"),
-                "ModelQualityEstimateDrop": ("warning", "0.95 *")}
+                "ModelQualityEstimateDrop": ("warning", "0.95 *"), "TrainingServingSkew": ("warning", "> 0.01")}
     for alert, (severity, threshold) in expected.items():
         assert rules[alert]["labels"]["severity"] == severity, alert
         assert threshold in rules[alert]["expr"], alert

@@ -7,11 +7,13 @@ colours must cover a real area: the charts are drawn, not just present in the ma
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,19 @@ def test_report_holds_model_time_range_scores_and_escapes_names():
     assert html.count('<svg class="hist"') == 4
     assert html.count('class="bar ref"') == html.count('class="bar cur"') == BARS
     assert "1 critical" in html and "1 warning" in html and "2 ok" in html
+
+
+def test_the_latest_skew_check_is_a_table_worst_feature_first():
+    skew = report.SkewSection(datetime(2026, 11, 24, 11, 5, tzinfo=UTC), 500, 1e-6, 0.01, [
+        {"feature": "order_count_30d", "rows": 500, "differing": 0, "share": 0.0, "max_abs_diff": 0.0,
+         "missing_offline": 0},
+        {"feature": "avg_order_value", "rows": 480, "differing": 48, "share": 0.1, "max_abs_diff": 31.5,
+         "missing_offline": 20}])
+    html = report.render_html(dataclasses.replace(streaming_style_report(), skew=skew))
+    rows = re.findall(r'<tr data-verdict="(\w+)"><td>(\w+)</td>', html.split('<table class="skew">')[1])
+    assert rows == [("warning", "avg_order_value"), ("ok", "order_count_30d")]
+    assert "2026-11-24T11:05:00+00:00" in html and "500 newest predictions" in html
+    assert '<table class="skew">' not in report.render_html(streaming_style_report())
 
 
 def test_report_is_self_contained():

@@ -108,7 +108,7 @@ def test_killed_consumer_resumes_without_losing_or_double_counting(workspace, to
         assert len(firing(alerts.messages, SHIFTED)) == 1, alerts.messages
         store = StateStore(redis.Redis(port=workspace.settings.redis_port), topics.group, topics.predictions)
         latest = [a for a in alerts.messages if a["feature"] == SHIFTED][-1]
-        assert store.alert_state("fraud_detector", "v1", SHIFTED) == latest["severity"]
+        assert store.alerts.get(("fraud_detector", "v1", SHIFTED)) == latest["severity"]
         assert [a["severity"] for a in alerts.messages if a["feature"] == SHIFTED] in (["critical"],
                                                                                       ["warning", "critical"])
     finally:
@@ -221,17 +221,17 @@ def test_a_flushed_store_is_told_from_a_takeover_and_reseeded(workspace):
         windows.add(("m", "v1", "x"), slot, np.array([0, 1, 1]), 3)
     mine = PartitionCheckpoint(offset=10, consumed=6, dead_lettered=0, windows=windows, epoch=epoch)
     assert mine_store.save({0: mine}) == SaveResult()
-    mine_store.transition("m", "v1", "x", "critical")
+    mine_store.alerts.transition(("m", "v1", "x"), "critical")
 
     client.delete(*client.keys(f"{mine_store.prefix}:*"))  # the group's keys gone, as after a FLUSHALL
     windows.add(("m", "v1", "x"), 101, np.array([2]), 3)
     mine.offset, mine.consumed = 11, 7
     assert mine_store.save({0: mine}) == SaveResult(lost=[0]) and windows.dirty == {101}
     assert client.exists(f"{mine_store.prefix}:p:0") == 0, "nothing is written for a lost partition"
-    assert mine_store.stored_alert_state("m", "v1", "x") is None
-    assert mine_store.restore_alerts({("m", "v1", "x"): "critical", ("m", "v1", "y"): "ok"}) == 1
-    assert mine_store.restore_alerts({("m", "v1", "x"): "warning"}) == 0, "a state written since is kept"
-    assert mine_store.alert_state("m", "v1", "x") == "critical"
+    assert mine_store.alerts.stored(("m", "v1", "x")) is None
+    assert mine_store.alerts.restore({("m", "v1", "x"): "critical", ("m", "v1", "y"): "ok"}) == 1
+    assert mine_store.alerts.restore({("m", "v1", "x"): "warning"}) == 0, "a state written since is kept"
+    assert mine_store.alerts.get(("m", "v1", "x")) == "critical"
     windows.mark_all_dirty()
     assert mine_store.save({0: mine}, reseed={0}) == SaveResult()
     loaded = mine_store.load(0)

@@ -187,6 +187,16 @@ def test_feast_materialisation_cronjob(rendered):
     assert c["workingDir"].endswith("/src")
 
 
+def test_skew_check_reads_the_offline_data_and_checks_every_five_minutes(rendered):
+    deployment = by_name(rendered["production"], "Deployment", "skew-check")
+    assert deployment["spec"]["replicas"] == 1
+    c = container(deployment)
+    assert c["command"] == ["python", "-m", "streaming", "skew", "--every", "300"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["offline-data"]["persistentVolumeClaim"]["claimName"] == "feast-offline-data"
+    assert any(m["name"] == "offline-data" and m["readOnly"] for m in c["volumeMounts"])
+
+
 def test_config_map_holds_only_real_settings(rendered):
     for overlay, objects in rendered.items():
         config = by_name(objects, "ConfigMap", "mlops-config")["data"]

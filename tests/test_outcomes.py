@@ -40,7 +40,9 @@ def test_any_bad_row_refuses_all_and_each_bad_row_is_named():
             {"request_id": "extra", "label": 0, "amount": 3},
             {"label": 1},
             {"request_id": "bad id!", "label": 1},
-            {"request_id": "v", "label": 1, "outcome_value": "12"}]
+            {"request_id": "v", "label": 1, "outcome_value": "12"},
+            {"request_id": "old", "label": 1, "timestamp": "1969-12-31T23:59:59Z"},
+            {"request_id": "year1", "label": 1, "timestamp": "0001-01-01T00:00:00+01:00"}]
     with pytest.raises(OutcomesInvalid) as refused:
         decode_outcomes(body(*rows), 100, now=NOW)
     assert [r.index for r in refused.value.rows] == list(range(1, len(rows)))
@@ -48,6 +50,7 @@ def test_any_bad_row_refuses_all_and_each_bad_row_is_named():
     details = [r.detail for r in refused.value.rows]
     assert "time zone" in details[1] and "future" in details[2] and "repeats outcomes[0]" in details[3]
     assert "unknown field `amount`" in details[4] and "request_id" in details[5]
+    assert "before 1970" in details[8] and "before 1970" in details[9]  # year 1 at +01:00 is before any UTC time
 
 
 @pytest.mark.parametrize("raw, message", [

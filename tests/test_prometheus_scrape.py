@@ -2,8 +2,9 @@
 
 Prometheus (Debian's package, tools.prometheus) runs on a free loopback port with a 1 s scrape interval and
 the project's alert rules; after real traffic through `bentoml serve` (reference-like, then shifted so the
-consumer's drift alert fires) every series the operator relies on must exist with a sane value, every rule
-must evaluate without error, and every query of the Grafana dashboard must return data.
+consumer's drift alert fires; the outcome join and the skew check running too) every series the operator
+relies on must exist with a sane value, every rule must evaluate without error, and every query of the Grafana
+dashboard must return data.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def stack(workspace: Workspace, server, tmp_path):
                               f"scrape-{uuid.uuid4().hex[:8]}", "--slot-seconds", "1", "--window-seconds", "120")
     joiner = start_consumer(workspace, {"MLOPS_QUALITY_EVAL_INTERVAL_S": "0.5",
                                         "MLOPS_QUALITY_GROUP_ID": f"scrape-{uuid.uuid4().hex[:8]}"}, command="join")
+    skew_check = start_consumer(workspace, {}, "--every", "2", command="skew")
     prom = None
     try:
         assert consumer.wait_assigned(60), consumer.log()[-2000:]
@@ -59,7 +61,8 @@ def stack(workspace: Workspace, server, tmp_path):
         server_address = server.url.removeprefix("http://")
         prom = prometheus.start({"fraud-detector": [server_address],
                                  "drift-consumer": [f"127.0.0.1:{consumer.metrics_port}"],
-                                 "outcome-join": [f"127.0.0.1:{joiner.metrics_port}"]},
+                                 "outcome-join": [f"127.0.0.1:{joiner.metrics_port}"],
+                                 "skew-check": [f"127.0.0.1:{skew_check.metrics_port}"]},
                                 tmp_path / "prometheus", scrape_interval="1s")
         yield server, consumer, prom
     finally:
@@ -67,6 +70,7 @@ def stack(workspace: Workspace, server, tmp_path):
             prom.stop()
         consumer.stop()
         joiner.stop()
+        skew_check.stop()
 
 
 def scrapes(prom: prometheus.PrometheusProcess, job: str) -> float:
@@ -120,6 +124,7 @@ def test_prometheus_scrapes_the_stack_and_every_dashboard_query_has_data(workspa
     wait_for(prom, 'max(mlops_quality{kind="realised", metric="labelled"})', SINGLE_REQUESTS)
     assert 0.5 < prom.value('max(mlops_quality{kind="realised", metric="accuracy"})') < 1  # a seventh flipped
     assert prom.value('max(mlops_quality_baseline{metric="auc"})') > 0.8  # the holdout's, from MLflow
+    wait_for(prom, "min(mlops_skew_rows)", 1)  # the skew check compared served rows with the offline store
 
     assert prom.value('up{job="fraud-detector"}') == 1 and prom.value('up{job="drift-consumer"}') == 1
     assert prom.value("sum(mlops_predictions_total)") >= total

@@ -196,6 +196,11 @@ def test_openapi_documents_the_contract(server):
     responses = spec["paths"]["/predict"]["post"]["responses"]
     assert set(responses) == {"200", "400", "404", "413", "415", "503"}
     assert spec["components"]["schemas"]["ErrorBody"]["required"] == ["error", "detail"]
+    outcomes = spec["paths"]["/outcomes"]["post"]
+    assert set(outcomes["responses"]) == {"200", "400", "413", "415", "503"}
+    row = spec["components"]["schemas"]["OutcomeIn"]
+    assert row["required"] == ["request_id", "label"] and row["additionalProperties"] is False
+    assert row["properties"]["timestamp"]["anyOf"][0] == {"type": "string", "format": "date-time"}
 
 
 def test_oversized_and_empty_batches_are_400(server, workspace):

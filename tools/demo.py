@@ -117,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         step("training/serving skew: 20 customers' online rows broken (avg_order_value x3), predictions logged "
              "with them compared with Feast's offline store at their time (`mlops-drift skew`)")
-        if demo_skew(ws, server.url) != ["avg_order_value"]:
+        skew_reader = tail(kafka_config(settings), settings.alerts_topic)
+        try:
+            skewed = demo_skew(ws, server.url, lambda: new_events(skew_reader, 0.2))
+        finally:
+            skew_reader.close()
+        if skewed != ["avg_order_value"]:
             print("the injected skew was not caught as avg_order_value alone", file=sys.stderr)
             return 1
         step("lifecycle: pipeline (Feast point-in-time training set, gate) → Staging → promote under traffic → "

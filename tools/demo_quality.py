@@ -12,6 +12,7 @@ import random
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -31,7 +32,7 @@ DEMO_ENV = {"MLOPS_QUALITY_SLOT_SECONDS": str(SLOT_S), "MLOPS_QUALITY_WINDOW_SEC
             "MLOPS_QUALITY_MIN_PREDICTIONS": "100"}
 
 
-def demo_quality(ws: Workspace, url: str, run_dir: Path, alerts) -> list[dict]:
+def demo_quality(ws: Workspace, url: str, run_dir: Path, alerts: Callable[[], list[dict]]) -> list[dict]:
     """``alerts``: a callable returning the new messages of the alerts topic. Returns the performance alerts."""
     group = f"demo-join-{uuid.uuid4().hex[:8]}"
     joiner = consumer_process.start({**ws.env, **DEMO_ENV, "MLOPS_QUALITY_GROUP_ID": group}, run_dir / "join.log",
@@ -121,10 +122,11 @@ def _f(value: float | None) -> str:
     return "  -  " if value is None else f"{value:.3f}"
 
 
-def demo_skew(ws: Workspace, url: str) -> list[str]:
+def demo_skew(ws: Workspace, url: str, alerts: Callable[[], list[dict]]) -> list[str]:
     """Training/serving skew injected and caught: 20 customers' online rows overwritten with an avg_order_value
     the offline store never had (as a broken writer would), predictions for 200 customers, then `mlops-drift
-    skew`'s check over them; the online rows are put back after. Returns the skewed features."""
+    skew --publish`'s check over them (a skew alert on the alerts topic); the online rows are put back after.
+    Returns the skewed features."""
     import pandas as pd
 
     from mlops.connections import kafka_config
@@ -145,14 +147,24 @@ def demo_skew(ws: Workspace, url: str) -> list[str]:
         body = {"requests": [{"customer_id": c, "transaction_amount": 60.0} for c in customers]}
         httpx.post(f"{url}/predict_batch", json=body, timeout=60).raise_for_status()
         time.sleep(1)
-        n, skews = skew.check(kafka_config(ws.settings), ws.settings.predictions_topic, ws.feature_repo,
-                              ws.settings.redis_address, 200, 1e-6)
+        result = skew.check(kafka_config(ws.settings), ws.settings.predictions_topic, ws.feature_repo,
+                            ws.settings.redis_address, 200, ws.settings.skew_tolerance, ws.settings.skew_threshold)
     finally:
         time.sleep(1.1)  # Feast's Redis store keeps a row only over an older one (by the second)
         write(current)  # the original values, newer: the online store is whole again
-    for s in skews:
-        print(f"  {s.feature:<24} {s.differing:>4} of {s.rows} rows differ from the offline store "
-              f"(share {s.share:.3f}, max abs diff {s.max_abs_diff:.4g})")
-    skewed = [s.feature for s in skews if s.share > 0.01]
-    print(f"  {n} predictions checked; skewed: {', '.join(skewed) or 'none'} (20 of 200 rows were broken)")
-    return skewed
+    for f in result.features:
+        print(f"  {f.feature:<24} {f.differing:>4} of {f.rows} rows differ from the offline store "
+              f"(share {f.share:.3f}, max abs diff {f.max_abs_diff:.4g})")
+    print(f"  {result.sampled} predictions checked; skewed: {', '.join(result.skewed) or 'none'} "
+          "(20 of 200 rows were broken)")
+    recorder = skew.SkewRecorder(redis.Redis(**redis_options(ws.settings)), ws.settings.predictions_topic,
+                                 kafka_config(ws.settings), ws.settings.alerts_topic, ws.settings.skew_min_rows)
+    recorder.record(result)
+    deadline = time.monotonic() + 15
+    seen: list[dict] = []
+    while time.monotonic() < deadline and not seen:
+        seen = [a for a in alerts() if a.get("type") == "skew_alert"]
+    for a in seen:
+        print(f"  ALERT {a['status']:<8} skew of {a['feature']}: share {a['share']:.3f} > {a['threshold']:g} "
+              f"over {a['rows']} rows (max abs diff {a['max_abs_diff']:.4g})")
+    return result.skewed

@@ -1,17 +1,22 @@
-"""The drift consumer through outages, on the real broker and Redis: kill -9 Kafka for a minute, kill -9 Redis,
-SIGKILL the consumer, FLUSHALL its Redis, each while events keep coming. Each time the consumer (the one not
-killed) survives, and once everything is back every acknowledged event is counted exactly once (per partition,
-in the checkpoint's counter and in its window histograms) and the drift alert fired exactly once. A partition
-taken over in Redis (fenced) must show in the metrics, not hide behind a healthy lag."""
+"""The drift consumer through outages, on the real broker and Redis: kill -9 Kafka for a minute (the outcome join
+running through it too), kill -9 Redis, SIGKILL the consumer, FLUSHALL its Redis, each while events keep coming.
+Each time the consumer (the one not killed) survives, and once everything is back every acknowledged event is
+counted exactly once (per partition, in the checkpoint's counter and in its window histograms) and the drift
+alert fired exactly once. A partition taken over in Redis (fenced) must show in the metrics, not hide behind a
+healthy lag."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 import redis
 
+from mlops import outcomes
+from mlops.connections import redis_options
+from streaming.join_store import JoinSettings, JoinStore
 from tests.drift_support import (
     PARTITIONS,
     SHIFTED,
@@ -23,6 +28,7 @@ from tests.drift_support import (
     firing,
     make_events,
     new_topics,
+    producer,
     store,
     wait_assigned,
     wait_consumed,
@@ -105,28 +111,65 @@ def assert_one_alert(ws: Workspace, topics: Topics) -> None:
         assert previous == states[:-1] and all(a != b for a, b in zip(states, states[1:], strict=False)), seen
 
 
-def test_broker_killed_for_a_minute(workspace, services, topics, shifted_events):
+def outcomes_of(ids: list[str]) -> list[tuple[str, bytes]]:
+    """An outcome (label 1) for each prediction, keyed by its request id."""
+    now = datetime.now(UTC)
+    return [(rid, outcomes.encode(outcomes.OutcomeEvent(request_id=rid, label=1, timestamp=now))) for rid in ids]
+
+
+def test_broker_killed_for_a_minute_under_the_drift_consumer_and_the_outcome_join(workspace, services, topics,
+                                                                                   shifted_events):
+    """Both stream consumers of the runtime through one outage: the drift consumer counts every event once and
+    alerts once; the join, fed outcomes before the outage (they wait for their predictions, which the feeder
+    keeps producing through it) and after, joins every pair exactly once."""
     run_dir, _ = services
+    outcomes_topic, join_dlq, join_group = f"{topics.predictions}-outcomes", f"{topics.dlq}-join", f"{topics.group}-j"
+    svc.create_topics(workspace.settings.kafka_bootstrap, {outcomes_topic: PARTITIONS, join_dlq: 1})
     consumer = start_consumer(workspace, {**topics.env, **ENV}, "--group", topics.group, *ARGS)
+    joiner = start_consumer(workspace, {**topics.env, **ENV, "MLOPS_OUTCOMES_TOPIC": outcomes_topic,
+                                        "MLOPS_OUTCOMES_DLQ_TOPIC": join_dlq, "MLOPS_QUALITY_GROUP_ID": join_group,
+                                        "MLOPS_QUALITY_EVAL_INTERVAL_S": "0.5"}, command="join")
+    outcomes_producer = producer(workspace)
+
+    def send_outcomes(ids: list[str]) -> None:
+        for key, value in outcomes_of(ids):
+            outcomes_producer.produce(outcomes_topic, value, key=key.encode())
+        assert outcomes_producer.flush(60) == 0
+
     try:
-        wait_assigned(consumer)
+        wait_assigned(consumer, joiner)
         with Feeder(workspace, topics.predictions, shifted_events, RATE) as feeder:
             wait_consumed(workspace, topics, 700)  # past min_samples: the alert fires before the outage
+            before = list(feeder.delivered)
+            send_outcomes(before)
             svc.down(run_dir, only="kafka", kill=True)
             down_at = time.monotonic()
             wait_metric(consumer, "mlops_drift_broker_connected", lambda v: v == 0, 30, "outage not noticed")
+            wait_metric(joiner, "mlops_quality_broker_connected", lambda v: v == 0, 30, "outage not noticed (join)")
             time.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
             assert consumer.process.poll() is None, consumer.log()[-3000:]
+            assert joiner.process.poll() is None, joiner.log()[-3000:]
             svc.up(run_dir, only="kafka")
             wait_metric(consumer, "mlops_drift_broker_connected", lambda v: v == 1, 60, "no reconnect")
+            wait_metric(joiner, "mlops_quality_broker_connected", lambda v: v == 1, 60, "no reconnect (join)")
             time.sleep(3)  # events keep coming after the restart
         assert_exactly_once(workspace, topics, feeder)
         assert_one_alert(workspace, topics)
+        send_outcomes(sorted(set(feeder.delivered) - set(before)))
+        join_store = JoinStore(redis.Redis(**redis_options(workspace.settings)), join_group, JoinSettings())
+        deadline = time.monotonic() + 60
+        while join_store.counts().get("joined", 0) < len(feeder.delivered) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # a pair counted twice would show up as more, a little later
+        assert join_store.counts() == {"joined": len(feeder.delivered)}
         assert consumer.process.poll() is None, "the consumer died during the broker outage"
+        assert joiner.process.poll() is None, "the join died during the broker outage"
     finally:
         svc.up(run_dir)  # whatever happened, leave the session's services running
         consumer.stop()
+        joiner.stop()
     assert consumer.process.returncode == 0, consumer.log()[-3000:]
+    assert joiner.process.returncode == 0, joiner.log()[-3000:]
 
 
 def test_redis_killed_and_restarted_with_a_rebalance_meanwhile(workspace, services, topics, shifted_events):
@@ -227,7 +270,7 @@ def test_checkpoint_store_flushed_under_load(workspace, services, topics, shifte
                     "a flush while idle was not noticed")
         wait_consumed(workspace, topics, len(feeder.delivered), timeout=30)
         assert_exactly_once(workspace, topics, feeder)
-        assert store(workspace, topics).alert_state("fraud_detector", "v1", SHIFTED) == "critical"
+        assert store(workspace, topics).alerts.get(("fraud_detector", "v1", SHIFTED)) == "critical"
         assert_one_alert(workspace, topics)
         text = metrics_of(consumer)
         health = {name: metric_value(text, name) for name in
