@@ -16,11 +16,11 @@ import numpy as np
 from scipy import stats as sps
 
 from bench.common import print_table, write_results
-from streaming import stats
+from mlops import stats
+from mlops.profile import build_profile
 from streaming.absorb import Absorber
 from streaming.consumer import column_scores
 from streaming.events import decode_batch
-from streaming.profile import build_profile
 from streaming.state_store import PartitionCheckpoint
 from streaming.window import SlotHistograms, WindowSpec, merged_windows
 

@@ -34,7 +34,7 @@ COLUMNS = ["client", "stage", "consumers", "events", "cpu_s", "wall_s", "events_
 
 def bench_profile():
     """The reference profile the synthetic events are judged against (same seed in every process)."""
-    from streaming.profile import build_profile
+    from mlops.profile import build_profile
 
     rng = np.random.default_rng(0)
     return build_profile(*MODEL, {f: rng.lognormal(3, 0.7, 20_000) for f in FEATURES}, rng.random(20_000))

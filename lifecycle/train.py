@@ -29,9 +29,9 @@ from lifecycle.onnx_export import ParityError, check_parity, export, onnx_positi
 from lifecycle.tracking import Backend, TrackingError, TrainingRun, git_commit, training_run
 from mlops.calibration import CALIBRATION_FILE, Calibration
 from mlops.cli_args import OneLineParser, settings_error
+from mlops.profile import PROFILE_FILE, ReferenceProfile, build_profile
 from mlops.schema import LABEL, MODEL_FEATURES
 from mlops.settings import Settings
-from streaming.profile import PROFILE_FILE, ReferenceProfile, build_profile
 
 DEFAULT_PARAMS: dict[str, Any] = {"n_estimators": 150, "max_depth": 3, "learning_rate": 0.1, "random_state": 0}
 

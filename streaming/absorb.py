@@ -19,11 +19,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mlops import stats
 from mlops.events import EventView
-from streaming import metrics, stats
+from mlops.profile import LABEL, PREDICTION, CategoricalProfile, ColumnProfile, NumericProfile, ReferenceProfile
+from streaming import metrics
 from streaming.dedupe import first_unseen, request_hashes
 from streaming.events import PoisonEvent, decode_batch
-from streaming.profile import LABEL, PREDICTION, CategoricalProfile, ColumnProfile, NumericProfile, ReferenceProfile
 from streaming.state_store import PartitionCheckpoint
 from streaming.window import WindowSpec
 

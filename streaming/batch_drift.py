@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlops import stats
 from mlops.cli_args import OneLineParser
 from streaming import report as html_report
-from streaming import stats
 from streaming.column_kinds import skip_reason
 
 PSI_BINS = 10

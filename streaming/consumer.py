@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 import redis
 
-from streaming import metrics, stats
+from mlops import stats
+from mlops.profile import ColumnProfile, NumericProfile
+from streaming import metrics
 from streaming.absorb import Absorber
 from streaming.events import PoisonEvent
 from streaming.model_files import ProfileCache
-from streaming.profile import ColumnProfile, NumericProfile
 from streaming.rules import SEVERITY_RANK, RuleSet
 from streaming.runtime import Part, PartitionedConsumer, RuntimeConfig, RuntimeMetrics, SaveResult
 from streaming.state_store import PartitionCheckpoint, StateStore

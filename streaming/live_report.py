@@ -12,9 +12,9 @@ import time
 from collections import defaultdict
 from datetime import UTC, datetime
 
+from mlops.profile import CategoricalProfile, NumericProfile, ReferenceProfile
 from streaming import report as html_report
 from streaming.consumer import column_scores
-from streaming.profile import CategoricalProfile, NumericProfile, ReferenceProfile
 from streaming.rules import RuleSet
 from streaming.state_store import StateStore
 from streaming.window import Window, WindowSpec, merged_windows

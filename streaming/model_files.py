@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from mlops.calibration import CALIBRATION_FILE, Calibration
-from streaming.profile import PROFILE_FILE, ReferenceProfile
+from mlops.profile import PROFILE_FILE, ReferenceProfile
 
 T = TypeVar("T")
 

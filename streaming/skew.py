@@ -154,7 +154,7 @@ def compare(events: list[Served], offline: pd.DataFrame, tolerance: float) -> tu
 def check(connection: str | dict[str, Any], topic: str, repo: Path, redis_address: str, sample: int,
           tolerance: float, threshold: float = 0.01) -> SkewCheck:
     """The sampled events (those that name a customer) and the skew per store feature."""
-    from lifecycle.offline import OfflineStoreError, features_as_of
+    from mlops.offline import OfflineStoreError, features_as_of
 
     events = [e for e in latest_events(connection, topic, sample) if e.customer_id]
     if not events:

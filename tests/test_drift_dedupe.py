@@ -18,9 +18,9 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
+from mlops.profile import build_profile
 from streaming.absorb import Absorber
 from streaming.dedupe import request_hashes
-from streaming.profile import build_profile
 from streaming.state_store import PartitionCheckpoint, SaveResult, StateStore
 from streaming.window import SlotHistograms, WindowSpec
 from tests.drift_support import (

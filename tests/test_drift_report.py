@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streaming import report, stats
+from mlops import stats
+from streaming import report
 from streaming.batch_drift import main as drift_main
 
 BARS = 40 + 40 + 2 + 1  # bins per column of streaming_style_report(): 40 profile-like bins, 2 labels, 1

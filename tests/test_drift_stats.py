@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from streaming import stats
+from mlops import stats
+from mlops.profile import NumericProfile, ReferenceProfile, build_profile
 from streaming.events import PoisonEvent, parse
-from streaming.profile import NumericProfile, ReferenceProfile, build_profile
 from streaming.rules import Rule, RulesError, RuleSet
 from streaming.window import SlotHistograms, WindowSpec, merged_windows
 

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from lifecycle import data as datamod
-from lifecycle import offline
 from lifecycle.pipeline import definition, runner
 from lifecycle.registry import Registry
 from lifecycle.tracking import Backend
+from mlops import offline
 from mlops.schema import STORE_FEATURES
 from tests.test_training import _history_case
 from tools import feast_cli

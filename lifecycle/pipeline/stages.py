@@ -12,11 +12,12 @@ import numpy as np
 import onnxruntime as ort
 
 from lifecycle import data as datamod
-from lifecycle import model_store, offline, train
+from lifecycle import model_store, train
 from lifecycle.onnx_export import ParityError
 from lifecycle.pipeline.validator import DEFAULT_MIN_IMPROVEMENT, THRESHOLD_KEYS
 from lifecycle.registry import Registry, RegistryError, check_metrics, register_stage
 from lifecycle.tracking import TrainingRun
+from mlops import offline
 from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import ENTITY, LABEL, STORE_FEATURES, TIMESTAMP
 from mlops.settings import Settings

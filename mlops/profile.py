@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from streaming import stats
+from mlops import stats
 
 PROFILE_FILE = "profile.json"
 FINE_BINS = 40
