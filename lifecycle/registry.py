@@ -26,13 +26,12 @@ import json
 import math
 import os
 import random
-import re
 import socket
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,49 +41,25 @@ from mlflow.exceptions import MlflowException
 
 from lifecycle import model_store
 from lifecycle.tracking import HISTORY_EXPERIMENT, Backend
+from mlops.registry_read import (
+    ALIAS_OF_STAGE,
+    LOCK_SUFFIX,
+    STAGE_TAG,
+    STAGES,
+    ModelVersion,
+    RegistryError,
+    RegistryReader,
+    normalize_stage,
+)
 from mlops.settings import Settings
 
-STAGES = ("None", "Staging", "Production", "Archived")
-STAGE_ALIASES = {s.lower(): s for s in STAGES}
-ALIAS_OF_STAGE = {"Production": "production", "Staging": "staging"}
-STAGE_TAG = "stage"
-LOCK_SUFFIX = ".lock"
+__all__ = ["ALIAS_OF_STAGE", "STAGES", "STAGE_TAG", "ModelVersion", "Registry", "RegistryError", "check_metrics",
+           "lock_name", "normalize_stage", "register_stage"]
+
 LOCK_TTL_S = 120.0  # the default lease (MLOPS_REGISTRY_LOCK_LEASE_S)
 # A holder stops writing this long before its lease ends (at most a quarter of the lease): hosts' clocks differ,
 # and a waiter compares the holder's expiry with its own clock.
 LOCK_MARGIN_S = 5.0
-_LOCK_MODEL = re.compile(r"\.lock(\.\d+)?$")
-
-
-class RegistryError(RuntimeError):
-    """A registry operation was refused; the message says why."""
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    name: str
-    version: str
-    stage: str
-    metrics: dict[str, Any]
-    params: dict[str, Any]
-    training_data_hash: str | None
-    git_commit: str | None
-    created_at: str
-    stage_changed_at: str
-    mlflow_version: str = ""
-    run_id: str | None = None
-    aliases: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def normalize_stage(stage: str) -> str:
-    try:
-        return STAGE_ALIASES[stage.lower()]
-    except KeyError:
-        raise RegistryError(f"unknown stage {stage!r}: use one of {', '.join(s.lower() for s in STAGES)}") from None
-
 
 def register_stage(stage: str) -> str:
     """The stage a new version may enter: None or Staging (Production only through a promotion)."""
@@ -103,26 +78,6 @@ def check_metrics(metrics: dict[str, Any] | None) -> None:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def _json_tag(tags: dict[str, str], key: str) -> dict[str, Any]:
-    try:
-        value = json.loads(tags.get(key) or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _version(mv: MlflowVersion) -> ModelVersion:
-    tags = mv.tags
-    created = tags.get("created_at") or datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat()
-    return ModelVersion(
-        name=mv.name, version=tags[model_store.VERSION_TAG], stage=tags.get(STAGE_TAG, "None"),
-        metrics=_json_tag(tags, "metrics"), params=_json_tag(tags, "params"),
-        training_data_hash=tags.get("training_data_hash"), git_commit=tags.get("git_commit"), created_at=created,
-        stage_changed_at=tags.get("stage_changed_at", created), mlflow_version=str(mv.version), run_id=mv.run_id,
-        aliases=list(mv.aliases or []),
-    )
 
 
 def lock_name(name: str, generation: int) -> str:
@@ -216,11 +171,12 @@ class Lease:
             raise RegistryError(f"the registry lock of {self.name} (generation {self.generation}) was released")
 
 
-class Registry:
+class Registry(RegistryReader):
+    """The registry with its writes: registering, promoting and rolling back under the fenced lock."""
+
     def __init__(self, backend: Backend, lock_timeout_s: float = 60.0, lock_lease_s: float | None = None) -> None:
         """``lock_lease_s`` unset: MLOPS_REGISTRY_LOCK_LEASE_S (callers that pass only the timeout still honour it)."""
-        self.backend = backend
-        self.client = backend.client
+        super().__init__(backend)
         self.lock_timeout_s = lock_timeout_s
         self.lock_lease_s = lock_lease_s if lock_lease_s is not None else Settings.load().registry_lock_lease_s
 
@@ -228,119 +184,6 @@ class Registry:
     def from_settings(cls, settings: Settings | None = None) -> Registry:
         settings = settings or Settings.load()
         return cls(Backend.from_settings(settings), settings.registry_lock_timeout_s, settings.registry_lock_lease_s)
-
-    @property
-    def uri(self) -> str:
-        return self.backend.display_uri
-
-    # -- reads ------------------------------------------------------------------------------------
-
-    def _mlflow_version(self, name: str, version: str) -> MlflowVersion:
-        try:
-            mv = model_store.find(self.backend, name, version)
-        except model_store.ModelStoreError as exc:
-            raise RegistryError(str(exc)) from None
-        if mv is None:
-            raise RegistryError(f"{name}:{version} is not registered")
-        return self.client.get_model_version(name, mv.version)  # search results carry no aliases
-
-    def get(self, name: str, version: str) -> ModelVersion:
-        mv = self._mlflow_version(name, version)
-        if STAGE_TAG not in mv.tags:
-            raise RegistryError(f"{name}:{version} is not registered")
-        return _version(mv)
-
-    def _model_names(self) -> list[str]:
-        names, token = [], None
-        while True:
-            page = self.client.search_registered_models(max_results=1000, page_token=token)
-            names.extend(m.name for m in page if not _LOCK_MODEL.search(m.name))
-            token = page.token
-            if not token:
-                return sorted(names)
-
-    def list(self, name: str | None = None, stage: str | None = None) -> list[ModelVersion]:
-        wanted = normalize_stage(stage) if stage else None
-        out = []
-        for model in [name] if name else self._model_names():
-            for mv in model_store.all_versions(self.backend, model):
-                if STAGE_TAG in mv.tags and (wanted is None or mv.tags[STAGE_TAG] == wanted):
-                    out.append(mv)
-        aliases = self._aliases({mv.name for mv in out})
-        return [_version(_with_aliases(mv, aliases)) for mv in out]
-
-    def _aliases(self, names: set[str]) -> dict[tuple[str, str], list[str]]:
-        found: dict[tuple[str, str], list[str]] = {}
-        for name in names:
-            for alias, number in self._alias_map(name).items():
-                found.setdefault((name, number), []).append(alias)
-        return found
-
-    def _alias_map(self, name: str) -> dict[str, str]:
-        try:
-            aliases = self.client.get_registered_model(name).aliases or {}
-            return {alias: str(number) for alias, number in aliases.items()}
-        except MlflowException:
-            return {}
-
-    def by_alias(self, name: str, alias: str) -> ModelVersion | None:
-        """``models:/name@alias``, or None when the model or the alias does not exist."""
-        try:
-            mv = self.client.get_model_version_by_alias(name, alias)
-        except MlflowException as exc:
-            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-                return None
-            raise
-        return _version(mv) if model_store.VERSION_TAG in mv.tags else None
-
-    def production(self, name: str) -> ModelVersion | None:
-        return self.by_alias(name, ALIAS_OF_STAGE["Production"])
-
-    def latest(self, name: str, stage: str) -> ModelVersion | None:
-        stage = normalize_stage(stage)
-        if stage in ALIAS_OF_STAGE:
-            return self.by_alias(name, ALIAS_OF_STAGE[stage])
-        found = self.list(name, stage)
-        return max(found, key=lambda v: v.stage_changed_at) if found else None
-
-    def history(self, name: str) -> list[dict[str, Any]]:
-        """Every stage change of ``name``, oldest first."""
-        try:
-            model_store.check_name(name)  # it goes into a filter string
-        except model_store.ModelStoreError as exc:
-            raise RegistryError(str(exc)) from None
-        experiment = self.client.get_experiment_by_name(HISTORY_EXPERIMENT)
-        if experiment is None:
-            return []
-        rows, token = [], None
-        while True:
-            page = self.client.search_runs([experiment.experiment_id], f"tags.model = '{name}'",
-                                           max_results=1000, page_token=token)
-            for run in page:
-                t = run.data.tags
-                rows.append({"name": t["model"], "version": t["version"], "from_stage": t["from_stage"],
-                             "to_stage": t["to_stage"], "at": t["at"], "reason": t.get("reason", ""),
-                             "seq": int(t.get("seq_ns", "0")), "fence": int(t.get("fence", "0")),
-                             "run_id": run.info.run_id})
-            token = page.token
-            if not token:
-                break
-        rows.sort(key=lambda r: r["seq"])
-        return rows
-
-    def compare(self, name: str, versions: list[str]) -> dict[str, Any]:
-        found = [self.get(name, v) for v in versions]
-        metric_names = sorted({k for v in found for k in v.metrics})
-        param_names = sorted({k for v in found for k in v.params})
-        return {
-            "name": name,
-            "versions": [v.version for v in found],
-            "stages": {v.version: v.stage for v in found},
-            "metrics": {m: {v.version: v.metrics.get(m) for v in found} for m in metric_names},
-            "params": {p: {v.version: v.params.get(p) for v in found} for p in param_names
-                       if len({json.dumps(v.params.get(p)) for v in found}) > 1},
-            "training_data_hash": {v.version: v.training_data_hash for v in found},
-        }
 
     # -- the lock ---------------------------------------------------------------------------------
 
@@ -555,8 +398,3 @@ class Registry:
                 raise RegistryError(f"{name}:{to} is not registered")
             self._move(lease, target, "Production", reason, retire_reason=f"rolled back to {to}")
         return self.get(name, to), self.get(name, current.version)
-
-
-def _with_aliases(mv: MlflowVersion, aliases: dict[tuple[str, str], list[str]]) -> MlflowVersion:
-    mv._aliases = sorted(aliases.get((mv.name, str(mv.version)), []))  # search results carry no aliases
-    return mv

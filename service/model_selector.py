@@ -15,8 +15,8 @@ import threading
 import zlib
 from dataclasses import dataclass
 
-from lifecycle import model_store
-from lifecycle.registry import Registry
+from mlops import models
+from mlops.registry_read import RegistryReader
 from mlops.settings import Settings
 from service import metrics
 from service.onnx_predictor import OnnxPredictor
@@ -48,7 +48,7 @@ class ModelSelector:
         self.name = settings.model_name
         self.pinned = settings.model_version
         # MLflow's registry: MLOPS_MLFLOW_URI (a shared `mlflow server`), else the embedded SQLite store.
-        self.registry = Registry.from_settings(settings) if settings.follow_registry and not self.pinned else None
+        self.registry = RegistryReader.from_settings(settings) if settings.follow_registry and not self.pinned else None
         self._sessions: dict[str, OnnxPredictor] = {}
         self._seen_token: tuple[int, ...] | None = None
         self._stop = threading.Event()
@@ -68,7 +68,7 @@ class ModelSelector:
         if self.pinned:
             return self.pinned, None
         production = self.registry.production(self.name) if self.registry else None
-        prod_version = production.version if production else model_store.load(self.name).version
+        prod_version = production.version if production else models.load(self.name).version
         canary = None
         if self.registry is not None and self.settings.canary_share > 0:
             staging = self.registry.latest(self.name, "Staging")
@@ -77,7 +77,7 @@ class ModelSelector:
 
     def _session(self, version: str) -> OnnxPredictor:
         if version not in self._sessions:
-            self._sessions[version] = OnnxPredictor.load(model_store.load(self.name, version),
+            self._sessions[version] = OnnxPredictor.load(models.load(self.name, version),
                                                          self.settings.onnx_provider)
         return self._sessions[version]
 

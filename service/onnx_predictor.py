@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from lifecycle.model_store import StoredModel
+from mlops.models import StoredModel
 from mlops.onnx_contract import INPUT_NAME, positive_proba
 
 log = logging.getLogger(__name__)

@@ -40,11 +40,11 @@ class ProfileCache(Generic[T]):
 
 
 def _stored(name: str, version: str):
-    from lifecycle import model_store
+    from mlops import models
 
     try:
-        return model_store.load(name, version)
-    except model_store.ModelStoreError:
+        return models.load(name, version)
+    except models.ModelStoreError:
         return None
 
 
