@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import print_table, write_results
-from tools.readiness import wait_ready
+from harness.readiness import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlops-stack" / "bin"
@@ -101,7 +101,7 @@ def tools() -> dict[str, str]:
 
 
 def start(system: System, ws, port: int) -> Running:
-    from tools import server_process
+    from harness import server_process
     from tools.services import free_port
 
     env = {**ws.env, "MLOPS_WORKERS": str(system.workers), **system.env}
@@ -526,8 +526,8 @@ def bench_workspace() -> Iterator:
     root = Path(tempfile.mkdtemp(prefix="mlops-bench-"))
     os.environ["BENTOML_HOME"] = str(root / "bentoml")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    from harness import workspace
     from tools import services as svc
-    from tools import workspace
 
     run_dir = Path(".run/bench")
     svc.up(run_dir)

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export BENTOML_DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true
-exec .venv/bin/python -m tools.demo "$@"
+exec .venv/bin/python -m harness.demo "$@"

@@ -24,7 +24,7 @@ tempfile.tempdir = None  # recomputed from TMPDIR
 
 import pytest  # noqa: E402
 
-from tests.harness import MLFLOW_CREDENTIALS, Workspace, prepare_workspace, server_backend, start_server  # noqa: E402
+from tests.support import MLFLOW_CREDENTIALS, Workspace, prepare_workspace, server_backend, start_server  # noqa: E402
 
 # Helpers Python's multiprocessing starts for this pytest process itself; they end when it does.
 OWN_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")

@@ -21,7 +21,7 @@ from lifecycle import model_store
 from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import MODEL_FEATURES
 from streaming.state_store import PartitionCheckpoint, StateStore
-from tests.harness import Workspace
+from tests.support import Workspace
 from tools.services import create_topics
 
 WINDOW_ARGS = ("--slot-seconds", "1", "--window-seconds", "120", "--max-events", "600")

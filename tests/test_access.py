@@ -14,7 +14,7 @@ from mlops.settings import Settings
 from service.http_api import HttpApi
 from service.proto import fraud_pb2 as pb
 from service.proto import fraud_pb2_grpc
-from tests.harness import start_server
+from tests.support import start_server
 
 TOKEN = "s3cret-token-for-tests"
 BODY = {"customer_id": "C000001", "transaction_amount": 12.0}

@@ -35,7 +35,7 @@ from tests.drift_support import (
     producer,
     wait_assigned,
 )
-from tests.harness import Workspace, metric_value, start_consumer
+from tests.support import Workspace, metric_value, start_consumer
 
 KEY = ("fraud_detector", "v1", SHIFTED)
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.drift_support import SHIFTED, WINDOW_ARGS, make_events, new_topics, produce, wait_assigned, wait_consumed
-from tests.harness import start_consumer
+from tests.support import start_consumer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -29,7 +29,7 @@ from tests.drift_support import (
     wait_assigned,
     wait_consumed,
 )
-from tests.harness import Workspace, metric_value, start_consumer, start_server
+from tests.support import Workspace, metric_value, start_consumer, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

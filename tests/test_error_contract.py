@@ -11,8 +11,8 @@ import grpc
 import httpx
 import pytest
 
+from harness.kafka_read import read_events
 from service.proto import fraud_pb2
-from tools.kafka_read import read_events
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import pytest
 
 from mlops.schema import STORE_FEATURES
 from service.online_store import OnlineStore
-from tests.harness import feast_features
+from tests.support import feast_features
 from tools.feast_cli import feast as feast_cli
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,10 @@ import grpc
 import httpx
 import pytest
 
+from harness.kafka_read import read_events
 from service.proto import fraud_pb2 as pb
 from service.proto import fraud_pb2_grpc
-from tests.harness import LOOPBACK, listening_addresses
-from tools.kafka_read import read_events
+from tests.support import LOOPBACK, listening_addresses
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import pytest
 from service import port_guard
 from service.proto import fraud_pb2 as pb
 from service.proto import fraud_pb2_grpc
-from tests.harness import start_server
+from tests.support import start_server
 from tools.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

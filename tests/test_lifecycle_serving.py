@@ -11,14 +11,14 @@ from collections import Counter
 import httpx
 import pytest
 
+from harness.kafka_read import read_events
+from harness.traffic import Traffic
 from lifecycle import model_store
 from lifecycle.registry import Registry
 from lifecycle.tracking import Backend
 from lifecycle.train import register as store_model
 from lifecycle.train import train
-from tests.harness import MLFLOW_CREDENTIALS, metric_value, server_backend, start_server
-from tools.kafka_read import read_events
-from tools.traffic import Traffic
+from tests.support import MLFLOW_CREDENTIALS, metric_value, server_backend, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

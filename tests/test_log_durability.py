@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.kafka_read import read_events
 from service.prediction_log import LogRefused, PredictionLog
 from service.spool import Spool, SpoolInUse, SpoolWriteFailed, in_use
 from tests.test_prediction_log import event, settings, wait_for
 from tools import services as svc
-from tools.kafka_read import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from streaming.join import JoinConfig, JoinConsumer, judge, window_metrics
 from streaming.join_store import JoinSettings, JoinStore
 from streaming.model_files import ProfileCache
 from tests.drift_support import TopicReader, producer
-from tests.harness import metric_value, start_consumer
+from tests.support import metric_value, start_consumer
 from tools.services import create_topics
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
+from harness.kafka_read import read_events
 from mlops import outcomes
 from service.contract import OutcomesInvalid, RequestError, decode_outcomes
-from tests.harness import metric_value
-from tools.kafka_read import read_events
+from tests.support import metric_value
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 

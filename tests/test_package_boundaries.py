@@ -10,7 +10,7 @@ from itertools import combinations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("mlops", "service", "streaming", "lifecycle", "tools", "bench", "feature_repo")
+PACKAGES = ("mlops", "service", "streaming", "lifecycle", "tools", "harness", "bench", "feature_repo")
 # What each package may import from the others (besides itself); the harness and benchmarks drive everything.
 ALLOWED = {
     "mlops": set(),

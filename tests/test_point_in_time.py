@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from harness import workspace as wsmod
 from lifecycle import data as datamod
 from lifecycle.pipeline import definition, runner
 from lifecycle.registry import Registry
@@ -18,7 +19,6 @@ from mlops import offline
 from mlops.schema import STORE_FEATURES
 from tests.test_training import _history_case
 from tools import feast_cli
-from tools import workspace as wsmod
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

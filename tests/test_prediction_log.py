@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.kafka_read import read_events
 from mlops.settings import Settings
 from service.prediction_log import PredictionLog
 from service.spool import Spool
 from tools import services as svc
-from tools.kafka_read import read_events
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """A real Prometheus scrapes the running service and a drift consumer; its query API shows the key series.
 
-Prometheus (Debian's package, tools.prometheus) runs on a free loopback port with a 1 s scrape interval and
+Prometheus (Debian's package, harness.prometheus) runs on a free loopback port with a 1 s scrape interval and
 the project's alert rules; after real traffic through `bentoml serve` (reference-like, then shifted so the
 consumer's drift alert fires; the outcome join and the skew check running too) every series the operator
 relies on must exist with a sane value, every rule must evaluate without error, and every query of the Grafana
@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness import prometheus
 from lifecycle import data as datamod
-from tests.harness import Workspace, start_consumer
-from tools import prometheus
+from tests.support import Workspace, start_consumer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

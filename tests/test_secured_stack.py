@@ -26,14 +26,14 @@ from confluent_kafka.admin import AdminClient
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from harness.kafka_read import read_events
+from harness.workspace import Workspace
 from mlops.connections import kafka_config, redis_auth_command, redis_options, redis_ssl_context
 from mlops.settings import Settings
 from service.hmget import LookupFailed, PipelinedHmget
-from tests.harness import LOOPBACK, listening_addresses, metric_value, start_consumer, start_server
+from tests.support import LOOPBACK, listening_addresses, metric_value, start_consumer, start_server
 from tools import services as svc
 from tools.feast_cli import apply_and_materialize, feast_env
-from tools.kafka_read import read_events
-from tools.workspace import Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NO_RETRY = Retry(NoBackoff(), 0)  # a refusal at once (redis-py retries a connection error 3 times by default)

@@ -11,11 +11,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from harness.kafka_read import read_events
 from lifecycle import model_store
 from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import MODEL_FEATURES
-from tests.harness import feast_features, metric_value
-from tools.kafka_read import read_events
+from tests.support import feast_features, metric_value
 
 pytestmark = pytest.mark.integration
 

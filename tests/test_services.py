@@ -9,8 +9,8 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
+from harness.kafka_read import read_events
 from tools import services as svc
-from tools.kafka_read import read_events
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from mlops.connections import kafka_config, redis_options
 from mlops.schema import STORE_FEATURES
 from streaming import metrics, skew
 from tests.drift_support import TopicReader, producer
-from tests.harness import feast_features
+from tests.support import feast_features
 from tools.services import create_topics
 
 pytestmark = pytest.mark.integration

@@ -33,7 +33,7 @@ from tests.drift_support import (
     wait_assigned,
     wait_consumed,
 )
-from tests.harness import Workspace, metric_value, start_consumer
+from tests.support import Workspace, metric_value, start_consumer
 from tools import services as svc
 from tools.feast_cli import feast
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.kafka_read import read_events
+from harness.server_process import ROOT, SERVICE
+from harness.traffic import Traffic
 from mlops.events import PredictionEvent, encode
 from mlops.schema import STORE_FEATURES
 from service.spool import Spool, pending_on_disk
-from tests.harness import metric_value, start_consumer, start_server
+from tests.support import metric_value, start_consumer, start_server
 from tools import services as svc
-from tools.kafka_read import read_events
-from tools.server_process import ROOT, SERVICE
-from tools.traffic import Traffic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 

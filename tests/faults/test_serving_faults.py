@@ -14,11 +14,11 @@ import httpx
 import pytest
 import redis
 
-from tests.harness import start_server
+from harness.kafka_read import read_events
+from harness.traffic import Traffic
+from tests.support import start_server
 from tools import services as svc
 from tools.feast_cli import feast
-from tools.kafka_read import read_events
-from tools.traffic import Traffic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 FAST_CHECKS = {"MLOPS_KAFKA_RETRY_INTERVAL_S": "0.5", "MLOPS_ONLINE_STORE_CHECK_S": "0.5"}

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harness import server_process
+from harness import workspace as wsmod
+from harness.workspace import Workspace
 from lifecycle.tracking import Backend
 from mlops.connections import apply_mlflow_auth
 from mlops.settings import Settings
 from streaming import process as consumer_process
 from streaming.process import ConsumerProcess
-from tools import server_process
 from tools import services as svc
-from tools import workspace as wsmod
-from tools.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CUSTOMERS = 400

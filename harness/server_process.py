@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.readiness import http_ok, wait_ready
+from harness.readiness import http_ok, wait_ready
 from tools.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

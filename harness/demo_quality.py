@@ -19,12 +19,12 @@ import httpx
 import numpy as np
 import redis
 
+from harness.workspace import Workspace
 from lifecycle import data as datamod
 from mlops.connections import redis_options
 from streaming import process as consumer_process
 from streaming.join import window_metrics
 from streaming.join_store import JoinSettings, JoinStore
-from tools.workspace import Workspace
 
 SLOT_S, WINDOW_S = 2, 20
 DEMO_ENV = {"MLOPS_QUALITY_SLOT_SECONDS": str(SLOT_S), "MLOPS_QUALITY_WINDOW_SECONDS": str(WINDOW_S),

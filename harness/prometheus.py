@@ -1,6 +1,6 @@
 """Run a real Prometheus (Debian's package) against the locally running stack, with the project's alert rules.
 
-    python -m tools.prometheus --serving 127.0.0.1:3000 --drift 127.0.0.1:9108 [--port 9090] [--scrape-interval 5s]
+    python -m harness.prometheus --serving 127.0.0.1:3000 --drift 127.0.0.1:9108 [--port 9090] [--scrape-interval 5s]
 
 It writes a config scraping the serving tier as job `fraud-detector` and the drift consumer as job
 `drift-consumer` (the job names deploy/prometheus/alerts.yaml and prometheus.yml use), loads the alert
@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tools.readiness import http_ok, wait_ready
+from harness.readiness import http_ok, wait_ready
 from tools.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def start(targets: dict[str, list[str]], workdir: Path, port: int | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.prometheus", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.prometheus", description=__doc__.splitlines()[0])
     parser.add_argument("--serving", action="append", default=[], help="host:port of a bentoml serve (repeatable)")
     parser.add_argument("--drift", action="append", default=[], help="host:port of a drift consumer's metrics")
     parser.add_argument("--port", type=int, default=9090)

@@ -1,7 +1,7 @@
 """The whole path once, for real: services → data → train → store → Feast → serve → predict → Kafka → drift →
 outcomes and live quality → skew → pipeline, promotion and rollback.
 
-    python -m tools.demo [--keep-running]
+    python -m harness.demo [--keep-running]
 
 Stops what it started unless ``--keep-running`` is given (then `mlops-services down` and Ctrl+C on the
 printed server pid clean up).
@@ -18,17 +18,17 @@ from pathlib import Path
 
 import httpx
 
+from harness import server_process, workspace
+from harness.demo_quality import demo_quality, demo_skew
+from harness.kafka_read import new_events, read_events, tail
+from harness.traffic import Traffic
 from lifecycle import data as datamod
 from lifecycle.registry import Registry
 from lifecycle.tracking import Backend
 from mlops.connections import kafka_config
 from mlops.settings import Settings
 from streaming import process as consumer_process
-from tools import server_process, workspace
 from tools import services as svc
-from tools.demo_quality import demo_quality, demo_skew
-from tools.kafka_read import new_events, read_events, tail
-from tools.traffic import Traffic
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_REQUESTS = [
