@@ -16,10 +16,9 @@ import numpy as np
 from scipy import stats as sps
 
 from bench.common import print_table, write_results
-from mlops import stats
+from mlops import stats, stattests
 from mlops.profile import build_profile
 from streaming.absorb import Absorber
-from streaming.consumer import column_scores
 from streaming.events import decode_batch
 from streaming.state_store import PartitionCheckpoint
 from streaming.window import SlotHistograms, WindowSpec, merged_windows
@@ -79,7 +78,7 @@ def evaluation_cost(window_events: int, repeats: int = 200) -> dict:
     t0 = time.perf_counter()
     for _ in range(repeats):
         window = merged_windows([h], spec, now=(spec.n_slots - 1) * 10 + 1)[("m", "v1", "x")]
-        column_scores(profile, window.counts)
+        stattests.score_column(profile, window.counts)
     ours = (time.perf_counter() - t0) / repeats
     t0 = time.perf_counter()
     for _ in range(repeats):

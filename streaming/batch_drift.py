@@ -3,12 +3,16 @@
     drift --reference train.csv --current prod.csv [--columns a,b | --include a,b] [--threshold 0.2]
           [--ks-threshold 0.15] [--alpha 0.05] [--json] [--html report.html [--model NAME:VERSION]]
 
-Numeric columns: scipy's exact two-sample KS (statistic, p-value) and PSI over 10 reference-quantile bins.
-Categorical columns (non-numeric in the reference): chi-square of the current counts against the reference
-frequencies, and PSI over the categories. A column drifted when PSI > --threshold, or (numeric) KS >
---ks-threshold with p < --alpha, or (categorical) chi-square p < --alpha. A column holding a single category
-in both files has chi-square statistic 0 and p-value 1.0 (nothing can differ); JSON output never holds NaN or
-Infinity (a value that is not a finite number would be null).
+The reference file is profiled exactly as training profiles a model's data (mlops/profile.py: 40 quantile bins
+per numeric column, the categories plus an "unseen" bin per categorical one), the current file is binned into
+those bins, and every score comes from the one scoring function the streaming consumer uses (mlops/stattests:
+PSI over ~10 mass-balanced groups of the bins, histogram KS, Wasserstein, Jensen-Shannon; chi-square, Cramér's
+V, Jensen-Shannon), so the same data gets the same numbers here and in the stream (a test holds them equal).
+Numeric columns also get scipy's exact two-sample KS (statistic, p-value), which only raw values allow. A
+column drifted when PSI > --threshold, or (numeric) exact KS > --ks-threshold with p < --alpha, or
+(categorical) chi-square p < --alpha; `--json` lists every score under `scores`. A column holding a single
+category in both files has chi-square statistic 0 and p-value 1.0 (nothing can differ); JSON output never
+holds NaN or Infinity (a value that is not a finite number would be null).
 Identifier and timestamp columns (streaming/column_kinds.py: by name, unique-per-row strings, ISO dates) are
 skipped by default, and the output lists them with the reason; --include names some back in, --columns
 compares exactly the columns it names (nothing skipped); the two exclude each other.
@@ -33,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlops import stats
+from mlops import stats, stattests
 from mlops.cli_args import OneLineParser
+from mlops.profile import CategoricalProfile, ColumnProfile, NumericProfile
 from streaming import report as html_report
 from streaming.column_kinds import skip_reason
 
-PSI_BINS = 10
 TIME_COLUMNS = ("timestamp", "event_timestamp")
 
 
@@ -57,6 +61,7 @@ class ColumnResult:
     drifted: bool
     n_reference: int
     n_current: int
+    scores: dict[str, float]
 
 
 def read_csv(path: Path, role: str) -> pd.DataFrame:
@@ -84,25 +89,38 @@ def numeric_values(series: pd.Series, column: str, role: str) -> np.ndarray:
     return values
 
 
+def profile_of(reference: np.ndarray | pd.Series) -> ColumnProfile:
+    """The reference column profiled as training profiles it (the bins both drift paths score on)."""
+    if isinstance(reference, np.ndarray):
+        return NumericProfile.build(reference)
+    return CategoricalProfile.build(reference.to_numpy())
+
+
+def current_counts(profile: ColumnProfile, current: np.ndarray | pd.Series) -> np.ndarray:
+    """The current values counted into the profile's bins, as the stream's absorber counts events."""
+    if isinstance(profile, NumericProfile):
+        return stats.histogram(np.asarray(profile.edges), np.asarray(current, dtype=np.float64))
+    return np.bincount([profile.index(v) for v in current], minlength=profile.n_bins)
+
+
 def compare_numeric(column: str, ref: np.ndarray, cur: np.ndarray, args: argparse.Namespace) -> ColumnResult:
+    profile = profile_of(ref)
+    scores = stattests.score_column(profile, current_counts(profile, cur))
     ks, p = stats.ks_exact(ref, cur)
-    edges = stats.quantile_edges(ref, PSI_BINS)
-    psi = stats.psi(stats.histogram(edges, ref), stats.histogram(edges, cur))
-    drifted = psi > args.threshold or (ks > args.ks_threshold and p < args.alpha)
-    return ColumnResult(column, "numeric", "ks", ks, p, psi, drifted, len(ref), len(cur))
+    scores.update(ks_exact=ks, ks_pvalue=p)
+    drifted = scores["psi"] > args.threshold or (ks > args.ks_threshold and p < args.alpha)
+    return ColumnResult(column, "numeric", "ks", ks, p, scores["psi"], drifted, len(ref), len(cur), scores)
 
 
 def compare_categorical(column: str, ref: pd.Series, cur: pd.Series, args: argparse.Namespace) -> ColumnResult:
     ref, cur = ref.dropna().astype(str), cur.dropna().astype(str)
     if ref.empty or cur.empty:
         raise BadInput(f"column {column!r}: no values in {'reference' if ref.empty else 'current'}")
-    categories = sorted(set(ref) | set(cur))
-    ref_counts = ref.value_counts().reindex(categories, fill_value=0).to_numpy()
-    cur_counts = cur.value_counts().reindex(categories, fill_value=0).to_numpy()
-    chi2, p = stats.chi_square(ref_counts, cur_counts)
-    psi = stats.psi(ref_counts, cur_counts)
-    drifted = psi > args.threshold or p < args.alpha
-    return ColumnResult(column, "categorical", "chi2", chi2, p, psi, drifted, len(ref), len(cur))
+    profile = profile_of(ref)
+    scores = stattests.score_column(profile, current_counts(profile, cur))
+    drifted = scores["psi"] > args.threshold or scores["chi2_pvalue"] < args.alpha
+    return ColumnResult(column, "categorical", "chi2", scores["chi2"], scores["chi2_pvalue"], scores["psi"], drifted,
+                        len(ref), len(cur), scores)
 
 
 @dataclass
@@ -165,24 +183,21 @@ def verdict(result: ColumnResult, args: argparse.Namespace) -> tuple[html_report
 
 def report_column(result: ColumnResult, reference: pd.DataFrame, current: pd.DataFrame,
                   args: argparse.Namespace) -> html_report.ColumnDrift:
-    """The histogram the scores were computed on: reference-quantile bins, or the categories."""
+    """The histogram the scores were computed on: the profile's bins (reference quantiles, or the categories)."""
     name = result.column
     if result.type == "numeric":
         ref = numeric_values(reference[name], name, "reference")
-        cur = numeric_values(current[name], name, "current")
-        edges = stats.quantile_edges(ref, PSI_BINS)
-        bins, ref_counts, cur_counts = html_report.numeric_bin_labels(edges), stats.histogram(edges, ref), \
-            stats.histogram(edges, cur)
-        scores = {"psi": result.psi, "ks": result.statistic, "ks_pvalue": result.p_value}
+        profile = profile_of(ref)
+        counts = current_counts(profile, numeric_values(current[name], name, "current"))
+        bins = html_report.numeric_bin_labels(list(profile.edges))
+        ref_counts = profile.counts
     else:
-        ref_s, cur_s = reference[name].dropna().astype(str), current[name].dropna().astype(str)
-        bins = sorted(set(ref_s) | set(cur_s))
-        ref_counts = ref_s.value_counts().reindex(bins, fill_value=0).to_numpy()
-        cur_counts = cur_s.value_counts().reindex(bins, fill_value=0).to_numpy()
-        scores = {"psi": result.psi, "chi2": result.statistic, "chi2_pvalue": result.p_value}
+        profile = profile_of(reference[name].dropna().astype(str))
+        counts = current_counts(profile, current[name].dropna().astype(str))
+        bins, ref_counts = [*profile.categories, "(unseen)"], profile.counts_with_unseen()
     level, reason = verdict(result, args)
     return html_report.ColumnDrift(name, result.type, bins, [float(x) for x in ref_counts],
-                                   [float(x) for x in cur_counts], scores, level, reason)
+                                   [float(x) for x in counts], result.scores, level, reason)
 
 
 def time_range(frame: pd.DataFrame) -> tuple[str | None, str | None]:

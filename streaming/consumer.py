@@ -25,11 +25,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import redis
 
-from mlops import stats
-from mlops.profile import ColumnProfile, NumericProfile
+from mlops import stattests
 from streaming import metrics
 from streaming.absorb import Absorber
 from streaming.events import PoisonEvent
@@ -68,17 +66,6 @@ class ConsumerConfig:
     def runtime(self) -> RuntimeConfig:
         return RuntimeConfig(self.bootstrap, [self.topic], self.group_id, self.dlq_topic, self.eval_interval_s,
                              self.auto_offset_reset, self.batch_size, self.poll_timeout_s, self.backoff_max_s)
-
-
-def column_scores(profile: ColumnProfile, counts: np.ndarray) -> dict[str, float]:
-    if isinstance(profile, NumericProfile):
-        return {
-            "psi": stats.psi(stats.regroup(profile.counts, profile.psi_starts),
-                             stats.regroup(counts, profile.psi_starts)),
-            "ks": stats.ks_from_histograms(profile.counts, counts),
-        }
-    chi2, p = stats.chi_square(profile.counts_with_unseen(), counts)
-    return {"psi": stats.psi(profile.counts_with_unseen(), counts), "chi2": chi2, "chi2_pvalue": p}
 
 
 def _iso(ts: float) -> str:
@@ -162,7 +149,7 @@ class DriftConsumer(PartitionedConsumer):
             profile = self.profiles.get(name, version)
             if profile is None or column not in profile.columns:
                 continue
-            scores = column_scores(profile.columns[column], window.counts)
+            scores = stattests.score_column(profile.columns[column], window.counts, self.rules.tests.get(column))
             for metric, value in scores.items():
                 metrics.DRIFT_SCORE.labels(name, version, column, metric).set(value)
             metrics.WINDOW_SAMPLES.labels(name, version, column).set(window.n)

@@ -12,9 +12,9 @@ import time
 from collections import defaultdict
 from datetime import UTC, datetime
 
+from mlops import stattests
 from mlops.profile import CategoricalProfile, NumericProfile, ReferenceProfile
 from streaming import report as html_report
-from streaming.consumer import column_scores
 from streaming.rules import RuleSet
 from streaming.state_store import StateStore
 from streaming.window import Window, WindowSpec, merged_windows
@@ -26,7 +26,7 @@ class ReportError(ValueError):
 
 def column_drift(column: str, profile_column: NumericProfile | CategoricalProfile, window: Window,
                  rules: RuleSet) -> html_report.ColumnDrift:
-    scores = column_scores(profile_column, window.counts)
+    scores = stattests.score_column(profile_column, window.counts, rules.tests.get(column))
     verdict = rules.judge(column, scores, "ok")
     reason = (f"{verdict.rule.metric} {verdict.value:.3f} > {verdict.rule.threshold}"
               if verdict.rule is not None and verdict.value is not None else "")

@@ -27,7 +27,9 @@ MAX_BARS = 40  # categorical columns with more categories keep the largest ones 
 REF_COLOUR = "#4c78a8"
 CUR_COLOUR = "#f58518"
 VERDICT_COLOUR = {"ok": "#2e7d32", "warning": "#b26a00", "critical": "#c62828"}
-SCORE_LABELS = {"psi": "PSI", "ks": "KS", "ks_pvalue": "KS p", "chi2": "χ²", "chi2_pvalue": "χ² p"}
+SCORE_LABELS = {"psi": "PSI", "ks": "KS", "ks_exact": "KS (exact)", "ks_pvalue": "KS p", "chi2": "χ²",
+                "chi2_pvalue": "χ² p", "cramers_v": "Cramér's V", "wasserstein": "Wasserstein", "jensen_shannon": "JS",
+                "kl": "KL", "hellinger": "Hellinger"}
 
 
 @dataclass(frozen=True)

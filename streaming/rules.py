@@ -3,6 +3,10 @@
 A feature enters a drifted state (warning or critical) when a rule fires, and leaves it only when no
 rule of that severity would fire even with thresholds relaxed by ``resolve_ratio`` (hysteresis), so a
 score hovering at a threshold does not flap. Alerts are sent on state changes only, never per event.
+
+A rule reads any score the column has: ``psi``, ``ks``, ``chi2``, ``chi2_pvalue`` and the registry's tests
+(:mod:`mlops.stattests`: ``wasserstein``, ``jensen_shannon``, ``cramers_v``, ``kl``, ``hellinger``). The
+optional ``tests`` mapping (column -> test names) replaces the automatic choice of extra tests for a column.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from typing import Literal
 
 import yaml
 
+from mlops import stattests
+
 Severity = Literal["ok", "warning", "critical"]
 SEVERITY_RANK = {"ok": 0, "warning": 1, "critical": 2}
-METRICS = ("psi", "ks", "chi2", "chi2_pvalue")
+METRICS = ("psi", "ks", "chi2", "chi2_pvalue", *sorted(set(stattests.REGISTRY) - {"psi", "ks"}))
 
 
 class RulesError(ValueError):
@@ -53,6 +59,9 @@ class RuleSet:
     rules: list[Rule] = field(default_factory=list)
     min_samples: int = 500
     resolve_ratio: float = 0.8
+    # Per column, the registry's tests to score besides PSI/KS/chi-square (mlops.stattests); unlisted columns
+    # get the automatic choice by kind and reference size.
+    tests: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def default(cls) -> RuleSet:
@@ -81,8 +90,11 @@ class RuleSet:
                 if not math.isfinite(rule.threshold):  # NaN never fires: the rule would be silently off
                     raise ValueError(f"threshold must be a finite number in {raw}")
                 rules.append(rule)
+            tests = {str(column): tuple(names) for column, names in (body.get("tests") or {}).items()}
+            for name in {n for names in tests.values() for n in names}:
+                stattests.get(name)  # ValueError naming the known tests
             ruleset = cls(rules=rules or cls.default().rules, min_samples=int(body.get("min_samples", 500)),
-                          resolve_ratio=float(body.get("resolve_ratio", 0.8)))
+                          resolve_ratio=float(body.get("resolve_ratio", 0.8)), tests=tests)
         except (KeyError, TypeError, ValueError) as exc:
             raise RulesError(f"{source}: {exc}") from exc
         if ruleset.min_samples < 1 or not 0 < ruleset.resolve_ratio <= 1:

@@ -135,7 +135,7 @@ def test_drift_cli_writes_the_report(csvs, tmp_path, capsys):
     verdicts = dict(re.findall(r'<section class="feature" id="col-(\w+)" data-verdict="(\w+)"', html))
     assert verdicts == {"amount": "critical", "channel": "warning", "age": "ok"}
     assert list(verdicts) == ["amount", "channel", "age"]
-    assert html.count('class="bar ref"') == 10 + 3 + 10  # the 10 PSI bins of each numeric column, 3 categories
+    assert html.count('class="bar ref"') == 40 + 40 + 4  # 40 profile bins per numeric column; 3 categories + unseen
     assert "2 of 3 columns drifted" in capsys.readouterr().out
 
 
