@@ -21,7 +21,15 @@ import numpy as np
 
 from mlops import stats
 from mlops.events import EventView
-from mlops.profile import LABEL, PREDICTION, CategoricalProfile, ColumnProfile, NumericProfile, ReferenceProfile
+from mlops.profile import (
+    LABEL,
+    MULTIVARIATE,
+    PREDICTION,
+    CategoricalProfile,
+    ColumnProfile,
+    NumericProfile,
+    ReferenceProfile,
+)
 from streaming import metrics
 from streaming.dedupe import first_unseen, request_hashes
 from streaming.events import PoisonEvent, decode_batch
@@ -67,7 +75,7 @@ class Absorber:
                parts: np.ndarray, where: list[int], states: dict[int, PartitionCheckpoint],
                first_slot: int) -> list[tuple[int, PoisonEvent]]:
         n = len(events)
-        features = [c for c in profile.columns if c not in (PREDICTION, LABEL)]
+        features = [c for c in profile.columns if c not in (PREDICTION, LABEL, MULTIVARIATE)]
         values = {c: np.fromiter((e.features.get(c, math.nan) for e in events), np.float64, n) for c in features}
         poison: list[tuple[int, PoisonEvent]] = []
         keep = np.ones(n, dtype=bool)
@@ -79,6 +87,9 @@ class Absorber:
                 poison.append((where[k], PoisonEvent("missing_field", f"features lack {lacking}")))
         if PREDICTION in profile.columns or LABEL in profile.columns:
             values[PREDICTION] = np.fromiter((e.prediction for e in events), np.float64, n)
+        if profile.multivariate is not None and MULTIVARIATE in profile.columns:  # NaN rows are dropped below
+            values[MULTIVARIATE] = profile.multivariate.errors(
+                np.column_stack([values[c] for c in profile.multivariate.features]))
         if LABEL in profile.columns:
             labels = np.fromiter((-1 if e.label is None else e.label for e in events), np.int64, n)
             values[LABEL] = np.where(labels < 0, values[PREDICTION] >= self.threshold, labels).astype(np.int64)

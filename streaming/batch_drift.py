@@ -8,10 +8,12 @@ per numeric column, the categories plus an "unseen" bin per categorical one), th
 those bins, and every score comes from the one scoring function the streaming consumer uses (mlops/stattests:
 PSI over ~10 mass-balanced groups of the bins, histogram KS, Wasserstein, Jensen-Shannon; chi-square, Cramér's
 V, Jensen-Shannon), so the same data gets the same numbers here and in the stream (a test holds them equal).
-Numeric columns also get scipy's exact two-sample KS (statistic, p-value), which only raw values allow. A
-column drifted when PSI > --threshold, or (numeric) exact KS > --ks-threshold with p < --alpha, or
-(categorical) chi-square p < --alpha; `--json` lists every score under `scores`. A column holding a single
-category in both files has chi-square statistic 0 and p-value 1.0 (nothing can differ); JSON output never
+Numeric columns also get scipy's exact two-sample KS (statistic, p-value), which only raw values allow. A column
+drifted when PSI > --threshold, or (numeric) exact KS > --ks-threshold with p < --alpha, or (categorical) chi-
+square p < --alpha; `--json` lists every score under `scores`. With two numeric columns or more, the columns
+together too (mlops/profile.py's PCA reconstruction error, as the stream scores it; `multivariate` in JSON, a
+line of its own in the table, a section in the HTML report): it catches a broken correlation. A column holding a
+single category in both files has chi-square statistic 0 and p-value 1.0 (nothing can differ); JSON output never
 holds NaN or Infinity (a value that is not a finite number would be null).
 Identifier and timestamp columns (streaming/column_kinds.py: by name, unique-per-row strings, ISO dates) are
 skipped by default, and the output lists them with the reason; --include names some back in, --columns
@@ -39,7 +41,7 @@ import pandas as pd
 
 from mlops import stats, stattests
 from mlops.cli_args import OneLineParser
-from mlops.profile import CategoricalProfile, ColumnProfile, NumericProfile
+from mlops.profile import MULTIVARIATE, PREDICTION, CategoricalProfile, ColumnProfile, Multivariate, NumericProfile
 from streaming import report as html_report
 from streaming.column_kinds import skip_reason
 
@@ -169,6 +171,30 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, shared: list[str],
     return results
 
 
+def compare_multivariate(reference: pd.DataFrame, current: pd.DataFrame, shared: list[str],
+                         args: argparse.Namespace) -> ColumnResult | None:
+    """The columns together: their PCA reconstruction error scored like a numeric column (None: fewer than two
+    numeric columns)."""
+    errors = multivariate_errors(reference, current, shared)
+    return None if errors is None else compare_numeric(MULTIVARIATE, *errors, args)
+
+
+def multivariate_errors(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str]
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each complete row's PCA reconstruction error over the compared numeric columns (the model's score,
+    ``prediction``, left out as the stream leaves it out), the PCA fitted on the reference as training fits it
+    (mlops/profile.py); None with fewer than two such columns."""
+    numeric = [c for c in columns if c != PREDICTION and pd.api.types.is_numeric_dtype(reference[c])]
+    if len(numeric) < 2:
+        return None
+    ref = reference[numeric].apply(pd.to_numeric, errors="coerce").dropna().to_numpy(dtype=np.float64)
+    cur = current[numeric].apply(pd.to_numeric, errors="coerce").dropna().to_numpy(dtype=np.float64)
+    if not len(ref) or not len(cur):
+        return None
+    model = Multivariate.fit({c: ref[:, i] for i, c in enumerate(numeric)})
+    return model.errors(ref), model.errors(cur)
+
+
 def verdict(result: ColumnResult, args: argparse.Namespace) -> tuple[html_report.Verdict, str]:
     if result.psi > args.threshold:
         return "critical", f"PSI {result.psi:.3f} > {args.threshold:g}"
@@ -182,10 +208,17 @@ def verdict(result: ColumnResult, args: argparse.Namespace) -> tuple[html_report
 
 
 def report_column(result: ColumnResult, reference: pd.DataFrame, current: pd.DataFrame,
-                  args: argparse.Namespace) -> html_report.ColumnDrift:
+                  args: argparse.Namespace, columns: list[str]) -> html_report.ColumnDrift:
     """The histogram the scores were computed on: the profile's bins (reference quantiles, or the categories)."""
     name = result.column
-    if result.type == "numeric":
+    if name == MULTIVARIATE and name not in reference.columns:
+        errors = multivariate_errors(reference, current, [c for c in columns if c != MULTIVARIATE])
+        assert errors is not None
+        profile = profile_of(errors[0])
+        counts = current_counts(profile, errors[1])
+        bins = html_report.numeric_bin_labels(list(profile.edges))
+        ref_counts = profile.counts
+    elif result.type == "numeric":
         ref = numeric_values(reference[name], name, "reference")
         profile = profile_of(ref)
         counts = current_counts(profile, numeric_values(current[name], name, "current"))
@@ -215,7 +248,7 @@ def build_report(results: list[ColumnResult], reference: pd.DataFrame, current: 
     start, end = time_range(current)
     return html_report.DriftReport(
         title=f"Drift report: {args.current.name} against {args.reference.name}",
-        columns=[report_column(r, reference, current, args) for r in results],
+        columns=[report_column(r, reference, current, args, [x.column for x in results]) for r in results],
         model_name=model_name or None, model_version=model_version or None, window_start=start, window_end=end,
         thresholds={"psi": args.threshold, "ks": args.ks_threshold, "ks_pvalue": args.alpha},
         source=f"batch: reference {args.reference} ({len(reference):,} rows), current {args.current} "
@@ -223,7 +256,7 @@ def build_report(results: list[ColumnResult], reference: pd.DataFrame, current: 
     )
 
 
-def render_table(results: list[ColumnResult], skipped: list[Skipped]) -> str:
+def render_table(results: list[ColumnResult], skipped: list[Skipped], together: ColumnResult | None = None) -> str:
     header = f"{'column':<24} {'type':<12} {'test':<5} {'statistic':>10} {'p_value':>10} {'psi':>8}  drifted"
     lines = [header, "-" * len(header)]
     for r in results:
@@ -231,6 +264,10 @@ def render_table(results: list[ColumnResult], skipped: list[Skipped]) -> str:
                      f"{r.psi:>8.4f}  {'yes' if r.drifted else 'no'}")
     drifted = [r.column for r in results if r.drifted]
     lines.append(f"\n{len(drifted)} of {len(results)} columns drifted" + (f": {', '.join(drifted)}" if drifted else ""))
+    if together is not None:
+        verdict_text = "drifted" if together.drifted else "no drift"
+        lines.append(f"the numeric columns together (PCA reconstruction error): PSI {together.psi:.4f}, KS "
+                     f"{together.statistic:.4f} (p {together.p_value:.4g}): {verdict_text}")
     if skipped:
         lines.append(f"skipped, not compared (--include NAME,... compares them): {describe(skipped)}")
     return "\n".join(lines)
@@ -287,22 +324,25 @@ def main(argv: list[str] | None = None) -> int:
         reference, current = read_csv(args.reference, "reference"), read_csv(args.current, "current")
         chosen, skipped = select_columns(reference, current, columns, include)
         results = compare(reference, current, chosen, args)
+        together = compare_multivariate(reference, current, chosen, args)
         if args.html:
-            html_report.write_html(build_report(results, reference, current, args, skipped), args.html)
+            html_report.write_html(build_report([*results, *([together] if together else [])], reference, current,
+                                                args, skipped), args.html)
     except BadInput as exc:
         print(f"drift: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"drift: cannot write the HTML report {args.html}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    drifted = any(r.drifted for r in results)
+    drifted = any(r.drifted for r in results) or bool(together and together.drifted)
     if args.json:
         body = {"drifted": drifted, "columns": [asdict(r) for r in results],
+                "multivariate": asdict(together) if together else None,
                 "skipped": [asdict(s) for s in skipped],
                 "thresholds": {"psi": args.threshold, "ks": args.ks_threshold, "alpha": args.alpha}}
         print(json.dumps(finite_or_none(body), indent=2, allow_nan=False))
     else:
-        print(render_table(results, skipped))
+        print(render_table(results, skipped, together))
     return 1 if drifted else 0
 
 

@@ -48,6 +48,9 @@ def test_drift_exits_1_and_json_has_exact_ks_and_chi2(csvs, capsys):
     by_col = {c["column"]: c for c in report["columns"]}
     assert report["drifted"] is True
     assert by_col["amount"]["drifted"] and by_col["channel"]["drifted"] and not by_col["age"]["drifted"]
+    together = report["multivariate"]  # amount and age together (their PCA reconstruction error)
+    assert together["column"] == "multivariate_reconstruction_error" and together["drifted"]
+    assert {"psi", "ks", "wasserstein", "ks_exact", "ks_pvalue"} <= set(together["scores"])
     ref, cur = pd.read_csv(csvs["ref"]), pd.read_csv(csvs["shifted"])
     exact = sps.ks_2samp(ref["amount"], cur["amount"])
     assert by_col["amount"]["test"] == "ks"

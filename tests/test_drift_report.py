@@ -133,9 +133,13 @@ def test_drift_cli_writes_the_report(csvs, tmp_path, capsys):
     html = out.read_text()
     assert "fraud_detector v3" in html and "2026-11-01T00:00:00+00:00" in html and "2026-11-02T00:59:00+00:00" in html
     verdicts = dict(re.findall(r'<section class="feature" id="col-(\w+)" data-verdict="(\w+)"', html))
-    assert verdicts == {"amount": "critical", "channel": "warning", "age": "ok"}
-    assert list(verdicts) == ["amount", "channel", "age"]
-    assert html.count('class="bar ref"') == 40 + 40 + 4  # 40 profile bins per numeric column; 3 categories + unseen
+    assert verdicts == {"amount": "critical", "multivariate_reconstruction_error": "critical", "channel": "warning",
+                        "age": "ok"}  # amount moved, so did the numeric columns together
+    assert [v for v in verdicts if v != "multivariate_reconstruction_error"] == ["amount", "channel", "age"]
+    bars = {re.search(r'id="col-(\w+)"', part).group(1): part.count('class="bar ref"')
+            for part in html.split('<section class="feature"')[1:]}
+    assert (bars["amount"], bars["age"], bars["channel"]) == (40, 40, 4)  # 40 profile bins; 3 categories + unseen
+    assert 10 <= bars["multivariate_reconstruction_error"] <= 40  # quantile bins of the errors, ties merged
     assert "2 of 3 columns drifted" in capsys.readouterr().out
 
 
