@@ -59,8 +59,13 @@ def features_as_of(repo: Path, entities: pd.DataFrame, redis_address: str = "127
     that time, in the rows' order; NaN where it has no snapshot within the ttl. What training would have seen
     for a served prediction: the reference of the row-level skew check."""
     store = open_store(repo, redis_address)
-    entity_df = entities[[ENTITY, TIMESTAMP]].assign(**{ROW: np.arange(len(entities))})
-    job = store.get_historical_features(entity_df=entity_df,
+    keys = entities[[ENTITY, TIMESTAMP]].reset_index(drop=True)
+    # Feast answers a repeated (customer, time) pair once (a batch's predictions share their time): ask for each
+    # pair once and give every row its pair's answer.
+    unique = keys.drop_duplicates().reset_index(drop=True)
+    unique[ROW] = np.arange(len(unique))
+    row_of = keys.merge(unique, on=[ENTITY, TIMESTAMP], how="left")[ROW].to_numpy()
+    job = store.get_historical_features(entity_df=unique,
                                         features=[f"{FEATURE_VIEW}:{name}" for name in STORE_FEATURES])
-    frame = job.to_df().sort_values(ROW).reset_index(drop=True)
-    return frame[list(STORE_FEATURES)].astype(float)
+    frame = job.to_df().set_index(ROW)[list(STORE_FEATURES)].astype(float)
+    return frame.reindex(row_of).reset_index(drop=True)

@@ -191,7 +191,7 @@ def decode_outcomes(body: bytes, max_rows: int, now: datetime | None = None) -> 
     latest = now + FUTURE_SLACK
     events: list[OutcomeEvent] = []
     refused: list[RowRefusal] = []
-    first: dict[str, int] = {}
+    first: dict[str, tuple[int, OutcomeEvent]] = {}
     for i, raw in enumerate(raws):
         try:
             row = _outcome_decoder.decode(raw)
@@ -212,12 +212,14 @@ def decode_outcomes(body: bytes, max_rows: int, now: datetime | None = None) -> 
         if timestamp < EPOCH:
             refused.append(RowRefusal(i, f"timestamp {row.timestamp.isoformat()} is before 1970"))
             continue
-        j = first.setdefault(row.request_id, i)
-        if j != i:
-            refused.append(RowRefusal(i, f"request_id {row.request_id!r} repeats outcomes[{j}]'s"))
+        event = OutcomeEvent(request_id=row.request_id, label=row.label, timestamp=timestamp,
+                             outcome_value=row.outcome_value)
+        j, seen = first.setdefault(row.request_id, (i, event))
+        if j != i and seen != event:  # the same outcome twice is harmless (the join counts it once)
+            refused.append(RowRefusal(i, f"request_id {row.request_id!r} repeats outcomes[{j}]'s with another "
+                                         "outcome"))
             continue
-        events.append(OutcomeEvent(request_id=row.request_id, label=row.label, timestamp=timestamp,
-                                   outcome_value=row.outcome_value))
+        events.append(event)
     if refused:
         raise OutcomesInvalid(f"{len(refused)} of {len(raws)} outcomes refused, none accepted: "
                               f"outcomes[{refused[0].index}]: {refused[0].detail}", refused)
@@ -282,7 +284,7 @@ def openapi(title: str, version: str, max_rows: int) -> dict[str, Any]:
                      "properties": {"outcomes": {"type": "array", "items": outcome_ref, "minItems": 1,
                                                  "maxItems": max_rows}},
                      "description": "True labels of past predictions, all accepted or none. A `request_id` names "
-                                    "one prediction: no two rows may share one."}
+                                    "one prediction: two rows with one `request_id` must say the same."}
     outcomes = operation("Record the true labels of past predictions (to prediction-outcomes)", outcomes_body,
                          accepted_ref, ["413", "415", "503"], done="every row accepted")
     outcomes["post"]["responses"]["400"] = {

@@ -251,6 +251,9 @@ def show_skew(args: argparse.Namespace, settings: Settings) -> int:
             except (skew.SkewError, redis.RedisError) as exc:  # an outage: try again next round
                 metrics.SKEW_CHECK_FAILURES.inc()
                 logging.warning("skew check failed: %s", exc)
+            except Exception:  # a bug must not stop the checks (the failures metric and the log say so)
+                metrics.SKEW_CHECK_FAILURES.inc()
+                logging.exception("skew check failed")
             stop.wait(args.every if deadline is None else max(0.0, min(args.every, deadline - time.monotonic())))
         return 0
     try:

@@ -1,9 +1,10 @@
 """Schemathesis hooks (SCHEMATHESIS_HOOKS=tests.schemathesis_hooks): the rules of the API that JSON Schema
 cannot state, so that every generated body the schema calls valid is valid.
 
-- A batch's rows (predictions or outcomes) name distinct `request_id`s (each names one prediction event); JSON
-  Schema's `uniqueItems` compares whole rows, not one property of them. The OpenAPI document says so in the
-  bodies' descriptions.
+- A prediction batch's rows name distinct `request_id`s (each names one prediction event), and an outcomes
+  request's rows with one `request_id` say the same; JSON Schema's `uniqueItems` compares whole rows, not one
+  property of them. The OpenAPI document says so in the bodies' descriptions. (The coverage phase does not
+  run these hooks; it repeats one row to reach `maxItems`, which both rules accept.)
 - An outcome's `timestamp` lies between 1970 and five minutes from now (a date-time format cannot bound it);
   the field's description says so.
 """
@@ -25,10 +26,16 @@ def filter_body(context, body) -> bool:
     if not isinstance(rows, list):
         return True
     rows = [row for row in rows if isinstance(row, dict)]
+    if "outcomes" in body:  # one request_id, one outcome: repeats must be the same row
+        seen: dict[str, str] = {}
+        for row in rows:
+            if seen.setdefault(str(row.get("request_id")), repr(sorted(row.items()))) != repr(sorted(row.items())):
+                return False
+        return all(_in_range(row.get("timestamp")) for row in rows)
     given = [row["request_id"] for row in rows if row.get("request_id") is not None]
     if len(given) != len(set(map(str, given))):
         return False
-    return all(_in_range(row.get("timestamp")) for row in rows) if "outcomes" in body else True
+    return True
 
 
 def _in_range(timestamp: object) -> bool:

@@ -31,6 +31,13 @@ def test_rows_become_outcome_events_with_a_default_time():
     assert outcomes.decode(b'{"request_id": "x", "label": 0, "timestamp": "2026-12-02T07:00:00Z"}').schema_version == 1
 
 
+def test_the_same_outcome_twice_is_accepted_and_two_different_ones_for_one_request_are_not():
+    same = {"request_id": "a", "label": 1, "timestamp": "2026-12-02T08:00:00Z"}
+    assert [e.request_id for e in decode_outcomes(body(same, same), 10, now=NOW)] == ["a", "a"]  # joined once
+    with pytest.raises(OutcomesInvalid, match=r"outcomes\[1\]: request_id 'a' repeats outcomes\[0\]'s with another"):
+        decode_outcomes(body(same, {**same, "label": 0}), 10, now=NOW)
+
+
 def test_any_bad_row_refuses_all_and_each_bad_row_is_named():
     rows = [{"request_id": "ok", "label": 1},
             {"request_id": "two", "label": 2},

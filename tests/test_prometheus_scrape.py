@@ -64,7 +64,7 @@ def stack(workspace: Workspace, server, tmp_path):
                                  "outcome-join": [f"127.0.0.1:{joiner.metrics_port}"],
                                  "skew-check": [f"127.0.0.1:{skew_check.metrics_port}"]},
                                 tmp_path / "prometheus", scrape_interval="1s")
-        yield server, consumer, prom
+        yield server, consumer, prom, skew_check
     finally:
         if prom is not None:
             prom.stop()
@@ -111,7 +111,7 @@ def send_traffic(ws: Workspace, url: str) -> None:
 
 
 def test_prometheus_scrapes_the_stack_and_every_dashboard_query_has_data(workspace, stack):
-    server, consumer, prom = stack
+    server, consumer, prom, skew_check = stack
     jobs = ("fraud-detector", "drift-consumer", "outcome-join")
     wait_scrapes(prom, dict.fromkeys(jobs, 1))  # both targets seen before the traffic starts
     send_traffic(workspace, server.url)
@@ -124,7 +124,12 @@ def test_prometheus_scrapes_the_stack_and_every_dashboard_query_has_data(workspa
     wait_for(prom, 'max(mlops_quality{kind="realised", metric="labelled"})', SINGLE_REQUESTS)
     assert 0.5 < prom.value('max(mlops_quality{kind="realised", metric="accuracy"})') < 1  # a seventh flipped
     assert prom.value('max(mlops_quality_baseline{metric="auc"})') > 0.8  # the holdout's, from MLflow
-    wait_for(prom, "min(mlops_skew_rows)", 1)  # the skew check compared served rows with the offline store
+    try:  # the skew check compared served rows with the offline store
+        wait_for(prom, "min(mlops_skew_rows)", 1)
+    except BaseException:
+        print(skew_check.log()[-5000:])
+        raise
+    assert skew_check.process.poll() is None, skew_check.log()[-3000:]
 
     assert prom.value('up{job="fraud-detector"}') == 1 and prom.value('up{job="drift-consumer"}') == 1
     assert prom.value("sum(mlops_predictions_total)") >= total
@@ -162,5 +167,6 @@ def test_prometheus_scrapes_the_stack_and_every_dashboard_query_has_data(workspa
                 empty.append(f"{panel['title']}: {target['expr']}")
             elif not all(math.isfinite(v) for _, v in result):
                 not_finite.append(f"{panel['title']}: {target['expr']} = {result}")
+    assert skew_check.process.poll() is None, skew_check.log()[-3000:]
     assert not empty, f"dashboard queries without data: {empty}"
     assert not not_finite, not_finite

@@ -124,11 +124,13 @@ def test_broker_killed_for_a_minute_under_the_drift_consumer_and_the_outcome_joi
     keeps producing through it) and after, joins every pair exactly once."""
     run_dir, _ = services
     outcomes_topic, join_dlq, join_group = f"{topics.predictions}-outcomes", f"{topics.dlq}-join", f"{topics.group}-j"
-    svc.create_topics(workspace.settings.kafka_bootstrap, {outcomes_topic: PARTITIONS, join_dlq: 1})
+    svc.create_topics(workspace.settings.kafka_bootstrap, {outcomes_topic: PARTITIONS, join_dlq: 1,
+                                                           f"{topics.alerts}-join": 1})
     consumer = start_consumer(workspace, {**topics.env, **ENV}, "--group", topics.group, *ARGS)
     joiner = start_consumer(workspace, {**topics.env, **ENV, "MLOPS_OUTCOMES_TOPIC": outcomes_topic,
                                         "MLOPS_OUTCOMES_DLQ_TOPIC": join_dlq, "MLOPS_QUALITY_GROUP_ID": join_group,
-                                        "MLOPS_QUALITY_EVAL_INTERVAL_S": "0.5"}, command="join")
+                                        "MLOPS_QUALITY_EVAL_INTERVAL_S": "0.5",  # its performance alerts apart:
+                                        "MLOPS_ALERTS_TOPIC": f"{topics.alerts}-join"}, command="join")
     outcomes_producer = producer(workspace)
 
     def send_outcomes(ids: list[str]) -> None:
