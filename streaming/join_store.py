@@ -36,7 +36,7 @@ from streaming.alert_state import AlertStates
 from streaming.runtime import Part, SaveResult
 
 # KEYS[1] prefix (keys are built in the script: the join touches request ids nobody can list up front).
-# ARGV[1]: msgpack {parts = [[topic, partition, owner, reseed], ...], items = [[part index, offset, kind, ...]],
+# ARGV[1]: msgpack {parts = [[topic, partition, owner, reseed], ...], items = [[[offset, kind, ...], ...] per part],
 #                   horizon_ms, slot_s, keep_s, threshold, bins...}
 # Returns {fenced part indexes, lost part indexes, joined, duplicates}.
 SAVE_SCRIPT = """
@@ -112,34 +112,37 @@ local function joined(pred, out)
   if value then add(key, 'value_' .. cell, value) end
   count('joined')
 end
-for _, it in ipairs(a.items) do
-  local i = it[1] + 1
-  if ok[i] and it[2] >= from[i] then
-    local xkey = prefix .. ':x:' .. it[4]
-    local kind = it[3]
-    local mine = {it[5], it[6], it[7]}
-    -- One call places this side if the request id is new, or returns what is there (Redis >= 7.0).
-    local held = redis.call('SET', xkey, kind .. cmsgpack.pack(mine), 'NX', 'PX', horizon, 'GET')
-    if kind == 'P' then
-      if not held then
-        add(slot_key(mine[1], mine[3]), 'predictions', 1)
-        estimate(mine, it[8])
-      elseif string.sub(held, 1, 1) == 'O' then
-        add(slot_key(mine[1], mine[3]), 'predictions', 1)
-        estimate(mine, it[8])
-        joined(mine, cmsgpack.unpack(string.sub(held, 2)))
-        redis.call('SET', xkey, 'M', 'PX', horizon)
-      else
-        count('duplicate_predictions')
-      end
-    else
-      if not held then
-        count('outcomes_waiting')
-      elseif string.sub(held, 1, 1) == 'P' then
-        joined(cmsgpack.unpack(string.sub(held, 2)), mine)
-        redis.call('SET', xkey, 'M', 'PX', horizon)
-      else
-        count('duplicate_outcomes')
+for i, its in ipairs(a.items) do
+  if ok[i] then
+    for _, it in ipairs(its) do
+      if it[1] >= from[i] then
+        local xkey = prefix .. ':x:' .. it[3]
+        local kind = it[2]
+        local mine = {it[4], it[5], it[6]}
+        -- One call places this side if the request id is new, or returns what is there (Redis >= 7.0).
+        local held = redis.call('SET', xkey, kind .. cmsgpack.pack(mine), 'NX', 'PX', horizon, 'GET')
+        if kind == 'P' then
+          if not held then
+            add(slot_key(mine[1], mine[3]), 'predictions', 1)
+            estimate(mine, it[7])
+          elseif string.sub(held, 1, 1) == 'O' then
+            add(slot_key(mine[1], mine[3]), 'predictions', 1)
+            estimate(mine, it[7])
+            joined(mine, cmsgpack.unpack(string.sub(held, 2)))
+            redis.call('SET', xkey, 'M', 'PX', horizon)
+          else
+            count('duplicate_predictions')
+          end
+        else
+          if not held then
+            count('outcomes_waiting')
+          elseif string.sub(held, 1, 1) == 'P' then
+            joined(cmsgpack.unpack(string.sub(held, 2)), mine)
+            redis.call('SET', xkey, 'M', 'PX', horizon)
+          else
+            count('duplicate_outcomes')
+          end
+        end
       end
     end
   end
@@ -223,7 +226,7 @@ class JoinStore:
         s = self.settings
         body = {
             "parts": [[p[0], p[1], f"{c.epoch}:{self.token}", int(p in reseed), c.offset] for p, c in todo.items()],
-            "items": [[k, *item] for k, p in enumerate(parts) for item in todo[p].items],
+            "items": [todo[p].items for p in parts],  # per part, as read: no copy per item
             "horizon_ms": int(s.horizon_s * 1000), "slot_s": s.slot_s,
             "keep_s": int(s.horizon_s + s.slot_s * s.window_slots), "threshold": s.threshold,
             "nbins": s.bins, "logit_lo": s.logit_lo, "logit_hi": s.logit_hi,
