@@ -1,9 +1,9 @@
 """The gRPC front door (mlops.fraud.v1.FraudDetector) plus the standard grpc.health.v1 service.
 
-Served from each serving worker on gRPC's asyncio server (``grpc.aio``), in the worker's own event loop: a call
-joins the same adaptive batches, validation (the same msgspec types, so the same messages) and prediction log
-as HTTP, with no hand-off between threads. The health service says SERVING exactly when /readyz would say
-ready, and NOT_SERVING while the worker drains on shutdown.
+Served from each serving worker: gRPC's threads hand each call to the worker's event loop, where it joins
+the same adaptive batches, validation (the same msgspec types, so the same messages) and prediction log
+as HTTP. The health service says SERVING exactly when /readyz would say ready, and NOT_SERVING while the
+worker drains on shutdown.
 
 All workers of one server share the port (SO_REUSEPORT, the kernel spreads connections);
 ``service.port_guard`` makes sure no *other* process can join it. A request that is not a valid protobuf
@@ -21,13 +21,13 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import msgspec
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service import port_guard
 from service.contract import (
@@ -103,59 +103,63 @@ def to_message(prediction: Prediction) -> fraud_pb2.Prediction:
 
 
 class FraudDetectorServicer:
-    def __init__(self, service: PredictionService, max_rows: int, authorization: bytes | None = None,
-                 outcomes: OutcomesEndpoint | None = None) -> None:
+    def __init__(self, service: PredictionService, loop: asyncio.AbstractEventLoop, max_rows: int,
+                 authorization: bytes | None = None, outcomes: OutcomesEndpoint | None = None) -> None:
         self.service = service
         self.outcomes = outcomes
+        self.loop = loop
         self.max_rows = max_rows
         self.authorization = authorization  # the `authorization` metadata every call must carry, when set
 
-    async def _admit(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        """The token, then a message that parsed: UNAUTHENTICATED or INVALID_ARGUMENT otherwise."""
-        if self.authorization is not None:
-            given = next((value for key, value in context.invocation_metadata() if key == "authorization"), "")
-            if not hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.authorization):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token "
-                                                                     "(metadata authorization: Bearer <token>)")
-        if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+    def _check_token(self, context) -> None:
+        if self.authorization is None:
+            return
+        given = next((value for key, value in context.invocation_metadata() if key == "authorization"), "")
+        if not hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.authorization):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token "
+                                                           "(metadata authorization: Bearer <token>)")
 
-    async def _run(self, requests: list[PredictRequest], context: grpc.aio.ServicerContext
-                   ) -> list[Prediction | RowError]:
+    def _run(self, requests: list[PredictRequest], context) -> list[Prediction | RowError]:
+        future = asyncio.run_coroutine_threadsafe(self.service.predict(requests, time.perf_counter()), self.loop)
         try:
-            return await asyncio.wait_for(self.service.predict(requests, time.perf_counter()), TIMEOUT_S)
+            return future.result(timeout=TIMEOUT_S)
         except Unavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc.code}: {exc.detail}")
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc.code}: {exc.detail}")
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {TIMEOUT_S:.0f}s")
+            future.cancel()
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {TIMEOUT_S:.0f}s")
         raise AssertionError("unreachable")
 
-    async def Predict(self, request, context):  # noqa: N802 (gRPC method name)
-        await self._admit(request, context)
+    def Predict(self, request, context):  # noqa: N802 (gRPC method name)
+        self._check_token(context)
+        if isinstance(request, Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         try:
             parsed = to_request(request)
         except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        (answer,) = await self._run([parsed], context)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        (answer,) = self._run([parsed], context)
         if isinstance(answer, RowError):
             code = grpc.StatusCode.NOT_FOUND if answer.error == UNKNOWN_ENTITY else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, answer.detail)
+            context.abort(code, answer.detail)
         return to_message(answer)
 
-    async def PredictBatch(self, request, context):  # noqa: N802
-        await self._admit(request, context)
+    def PredictBatch(self, request, context):  # noqa: N802
+        self._check_token(context)
+        if isinstance(request, Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         parsed = []
         for i, message in enumerate(request.requests):
             try:
                 parsed.append(to_request(message))
             except RequestError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests[{i}]: {exc}")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests[{i}]: {exc}")
         try:
             check_batch(parsed, self.max_rows)
         except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         results = []
-        for answer in await self._run(parsed, context):
+        for answer in self._run(parsed, context):
             if isinstance(answer, Prediction):
                 results.append(fraud_pb2.BatchResult(prediction=to_message(answer),
                                                      customer_id=answer.customer_id or ""))
@@ -164,11 +168,13 @@ class FraudDetectorServicer:
                                                      customer_id=answer.customer_id or ""))
         return fraud_pb2.PredictBatchResponse(results=results)
 
-    async def Outcomes(self, request, context):  # noqa: N802
+    def Outcomes(self, request, context):  # noqa: N802
         """The same checks as POST /outcomes (the rows go through its decoder as JSON), the same log."""
-        await self._admit(request, context)
+        self._check_token(context)
+        if isinstance(request, Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         if self.outcomes is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server takes no outcomes")
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server takes no outcomes")
         rows = [{"request_id": o.request_id, **({"label": o.label} if o.HasField("label") else {}),
                  **({"timestamp": o.timestamp} if o.HasField("timestamp") else {}),
                  **({"outcome_value": o.outcome_value} if o.HasField("outcome_value") else {})}
@@ -176,16 +182,18 @@ class FraudDetectorServicer:
         try:
             events = decode_outcomes(_json.encode({"outcomes": rows}), self.max_rows)
         except OutcomesInvalid as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "; ".join([str(exc), *(f"outcomes[{r.index}]: {r.detail}" for r in exc.rows[1:])]))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "; ".join([str(exc), *(f"outcomes[{r.index}]: {r.detail}" for r in exc.rows[1:])]))
         except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        future = asyncio.run_coroutine_threadsafe(self.outcomes.publish(events), self.loop)
         try:
-            accepted = await asyncio.wait_for(self.outcomes.publish(events), TIMEOUT_S)
+            accepted = future.result(timeout=TIMEOUT_S)
         except (HttpError, LogRefused) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {TIMEOUT_S:.0f}s")
+            future.cancel()
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {TIMEOUT_S:.0f}s")
         return fraud_pb2.OutcomesResponse(accepted=accepted)
 
 
@@ -199,7 +207,7 @@ def http_host(default: str = "127.0.0.1") -> str:
         return default
 
 
-def add_servicer(servicer: FraudDetectorServicer, server: grpc.aio.Server) -> None:
+def add_servicer(servicer: FraudDetectorServicer, server: grpc.Server) -> None:
     """The generated registration, with deserialisers that turn a malformed message into INVALID_ARGUMENT."""
     handlers = {
         "Predict": grpc.unary_unary_rpc_method_handler(
@@ -217,16 +225,15 @@ def add_servicer(servicer: FraudDetectorServicer, server: grpc.aio.Server) -> No
 
 
 class GrpcServer:
-    """Bound when made (a port another process holds raises :class:`PortInUse`); serves once :meth:`start` ran
-    in the worker's event loop."""
-
-    def __init__(self, service: PredictionService, host: str, port: int, max_rows: int,
-                 authorization: bytes | None = None, outcomes: OutcomesEndpoint | None = None) -> None:
+    def __init__(self, service: PredictionService, loop: asyncio.AbstractEventLoop, host: str, port: int,
+                 max_rows: int, workers: int = 16, authorization: bytes | None = None,
+                 outcomes: OutcomesEndpoint | None = None) -> None:
         owner = os.getppid()  # the BentoML arbiter: the server this worker belongs to
         port_guard.claim(host, port, owner)
-        self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-        add_servicer(FraudDetectorServicer(service, max_rows, authorization, outcomes), self.server)
+        self.health = health.HealthServicer()
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+                                  options=[("grpc.so_reuseport", 1)])
+        add_servicer(FraudDetectorServicer(service, loop, max_rows, authorization, outcomes), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         try:
             bound = self.server.add_insecure_port(f"{host}:{port}")
@@ -239,28 +246,15 @@ class GrpcServer:
             port_guard.refuse(owner, reason)
             raise PortInUse(reason)
         self.address = f"{host}:{port}"
-        self._serving: bool | None = None
-        self._status_tasks: set[asyncio.Task] = set()
-
-    async def start(self) -> None:
-        await self._set(False)
-        await self.server.start()
+        self.set_serving(False)
+        self.server.start()
         log.info("gRPC listening on %s", self.address)
 
-    async def _set(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        self._serving = serving
-        await self.health.set("", status)
-        await self.health.set(SERVICE_NAME, status)
-
     def set_serving(self, serving: bool) -> None:
-        """From the worker's event loop (its once-a-second export): the health status, changed when it changes."""
-        if serving != self._serving:
-            self._serving = serving
-            task = asyncio.get_running_loop().create_task(self._set(serving))
-            self._status_tasks.add(task)
-            task.add_done_callback(self._status_tasks.discard)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", status)
+        self.health.set(SERVICE_NAME, status)
 
-    async def stop(self, grace_s: float = 5.0) -> None:
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace=grace_s)
+    def stop(self, grace_s: float = 5.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace=grace_s).wait()

@@ -161,15 +161,15 @@ class Runtime:
         if self.settings.grpc_port:
             host = self.settings.grpc_host or http_host()
             try:
-                self.grpc = GrpcServer(self.service, host, self.settings.grpc_port, self.settings.max_request_rows,
-                                       authorization=http.authorization, outcomes=outcomes_endpoint)
+                self.grpc = GrpcServer(self.service, asyncio.get_running_loop(), host, self.settings.grpc_port,
+                                       self.settings.max_request_rows, authorization=http.authorization,
+                                       outcomes=outcomes_endpoint)
             except PortInUse as exc:
                 # A server that cannot serve its gRPC port must not run at all: stop the whole `bentoml serve`
                 # (this worker's parent, which then exits with status 2) instead of restarting this worker forever.
                 log.error("%s", exc)
                 os.kill(os.getppid(), signal.SIGTERM)
                 raise
-            await self.grpc.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._export_forever()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch_loop_lag()))
         # The imported heap (~300,000 objects: BentoML, Feast, pandas, onnxruntime...) is never garbage; frozen,
@@ -181,7 +181,7 @@ class Runtime:
     async def stop(self) -> None:
         metrics.flush()
         if self.grpc is not None:
-            await self.grpc.stop()
+            await asyncio.to_thread(self.grpc.stop)
         for task in self._tasks:
             task.cancel()
         self.selector.stop()
