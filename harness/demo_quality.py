@@ -148,7 +148,7 @@ def demo_skew(ws: Workspace, url: str, alerts: Callable[[], list[dict]]) -> list
         httpx.post(f"{url}/predict_batch", json=body, timeout=60).raise_for_status()
         time.sleep(1)
         result = skew.check(kafka_config(ws.settings), ws.settings.predictions_topic, ws.feature_repo,
-                            ws.settings.redis_address, 200, ws.settings.skew_tolerance, ws.settings.skew_threshold)
+                            ws.settings.redis_address, 400, ws.settings.skew_tolerance, ws.settings.skew_threshold)
     finally:
         time.sleep(1.1)  # Feast's Redis store keeps a row only over an older one (by the second)
         write(current)  # the original values, newer: the online store is whole again
@@ -156,7 +156,7 @@ def demo_skew(ws: Workspace, url: str, alerts: Callable[[], list[dict]]) -> list
         print(f"  {f.feature:<24} {f.differing:>4} of {f.rows} rows differ from the offline store "
               f"(share {f.share:.3f}, max abs diff {f.max_abs_diff:.4g})")
     print(f"  {result.sampled} predictions checked; skewed: {', '.join(result.skewed) or 'none'} "
-          "(20 of 200 rows were broken)")
+          "(the newest 400: 20 of the 200 just sent were broken)")
     recorder = skew.SkewRecorder(redis.Redis(**redis_options(ws.settings)), ws.settings.predictions_topic,
                                  kafka_config(ws.settings), ws.settings.alerts_topic, ws.settings.skew_min_rows)
     recorder.record(result)
