@@ -35,7 +35,7 @@ from mlops.connections import kafka_config, redis_options
 from mlops.settings import ENV_PREFIX, Settings, SettingsError
 from streaming import metrics
 from streaming.consumer import ConsumerConfig, DriftConsumer
-from streaming.join import JoinConfig, JoinConsumer, window_metrics
+from streaming.join import BASELINE_METRICS, JoinConfig, JoinConsumer, window_metrics
 from streaming.join_store import JoinSettings, JoinStore
 from streaming.model_files import (
     ProfileCache,
@@ -167,13 +167,14 @@ def join(args: argparse.Namespace, settings: Settings) -> int:
 
 
 QUALITY_COLUMNS = (("realised", "labelled"), ("realised", "label_coverage"), ("realised", "accuracy"),
-                   ("estimated", "accuracy"), ("realised", "auc"), ("estimated", "auc"), ("realised", "f1"),
+                   ("estimated", "accuracy"), ("holdout", "accuracy"), ("realised", "auc"), ("estimated", "auc"),
+                   ("holdout", "auc"), ("realised", "f1"),
                    ("realised", "brier"), ("realised", "ece"), ("realised", "label_delay_p50_s"), ("skew", "share"))
 
 
 def show_quality(args: argparse.Namespace, settings: Settings) -> int:
     """Realised and estimated quality per model version over the last --since seconds, from the join's store,
-    with the latest skew check's share per version."""
+    beside the version's holdout metrics and the latest skew check's share."""
     from streaming import skew
 
     s = join_settings(settings)
@@ -188,8 +189,11 @@ def show_quality(args: argparse.Namespace, settings: Settings) -> int:
               file=sys.stderr)
         return 2
     table = window_metrics(slots, s.bins)
-    for version, kinds in table.items():  # the largest share of skewed rows over the features, per version
-        kinds["skew"] = {"share": last.versions.get(version) if last else None,
+    for version, kinds in table.items():
+        name, _, label = version.partition(":")
+        holdout = load_holdout_metrics(name, label) or {}  # the version's own training-run metrics
+        kinds["holdout"] = {metric: holdout.get(metric) for metric in BASELINE_METRICS}
+        kinds["skew"] = {"share": last.versions.get(version) if last else None,  # largest share over features
                          "checked_at": last.checked_at if last else None}
     if args.version:
         table = {k: v for k, v in table.items() if args.version in (k, k.split(":", 1)[1])}
@@ -199,7 +203,8 @@ def show_quality(args: argparse.Namespace, settings: Settings) -> int:
     if not table:
         print(f"no predictions in the last {since:g} s")
         return 0
-    names = [{"estimated": "est ", "skew": "skew "}.get(kind, "") + metric for kind, metric in QUALITY_COLUMNS]
+    names = [{"estimated": "est ", "holdout": "holdout ", "skew": "skew "}.get(kind, "") + metric
+             for kind, metric in QUALITY_COLUMNS]
     print("version".ljust(22) + "predictions".rjust(12) + "".join(n.rjust(max(10, len(n) + 2)) for n in names))
     for version, kinds in table.items():
         cells = []

@@ -325,3 +325,28 @@ def test_a_performance_alert_fires_below_the_holdout_and_resolves_on_the_alerts_
     finally:
         reader.close()
         consumer.close()
+
+
+def test_the_quality_command_shows_realised_estimated_and_holdout_per_version(workspace, client):
+    """`mlops-drift quality --json` over the join's store: the window's pairs, the version's holdout metrics
+    from its training run, and the table's columns."""
+    import subprocess
+    import sys
+
+    group = f"join-{uuid.uuid4().hex[:8]}"
+    store = JoinStore(client, group, JoinSettings())  # the command's own slot width
+    parts = {PREDS: store.claim(PREDS), OUTS: store.claim(OUTS)}
+    now = time.time()
+    save(store, parts, {PREDS: [pred(i, f"r{i}", 0.9 if i % 2 else 0.1, now - 60) for i in range(10)],
+                        OUTS: [outcome(i, f"r{i}", i % 2, now) for i in range(10)]})
+    env = {**workspace.env, "MLOPS_QUALITY_GROUP_ID": group}
+    run = subprocess.run([sys.executable, "-m", "streaming", "quality", "--json"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    versions = json.loads(run.stdout)["versions"]
+    realised, holdout = versions[VERSION]["realised"], versions[VERSION]["holdout"]
+    assert (realised["labelled"], realised["accuracy"]) == (10, 1.0)
+    assert 0.5 < holdout["accuracy"] <= 1 and 0.5 < holdout["auc"] <= 1  # fraud_detector v1's training run
+    table = subprocess.run([sys.executable, "-m", "streaming", "quality"], capture_output=True, text=True, env=env,
+                           timeout=120).stdout
+    assert "holdout accuracy" in table and "skew share" in table and VERSION in table
