@@ -131,6 +131,7 @@ class OnlineStore:
         except (TimeoutError, RedisError, OSError):
             return True  # the lookup itself worked; the next check decides
         self._sentinel = None  # the background check finds a new one if the store still holds rows
+        self._seen_in_pass = False  # a SCAN pass begun before the loss must not vouch for the rows it saw then
         return False
 
     # -- health ----------------------------------------------------------------------------------------

@@ -181,8 +181,13 @@ def test_rows_lost_since_the_last_check_mean_an_empty_store_not_unknown_customer
         assert reader.fetch(["nobody"]) == [None] and not reader.store.empty  # unknown: the store still has rows
         target.flushall()
         target.set("drift:checkpoint", b"x")  # another tenant of the same Redis
+        reader.store._seen_in_pass = True  # a background SCAN pass saw rows before the flush, and goes on
+        reader.store._scan_cursor = 7
         assert reader.fetch(ids) == [None, None, None]
         assert reader.store.empty, "rows lost since the last check were taken for unknown customers"
+        reader.loop.run_until_complete(reader.store.check())  # that pass ends, having seen rows only before
+        assert reader.store.empty, "a SCAN pass begun before the loss vouched for rows that are gone"
+        assert reader.fetch(["nobody"]) == [None] and reader.store.empty
         reader.close()
     finally:
         svc.down(run_dir, purge=True)
