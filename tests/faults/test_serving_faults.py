@@ -178,9 +178,8 @@ def test_emptied_online_store_is_detected_and_the_documented_command_restores_it
         wait_until(lambda: ready(fault_server), 20, "readiness to recover after materialize")
         time.sleep(1)
     assert empty_answers and all(r.version == "online_store_empty" for r in empty_answers)
-    # Between the flush and the restore, a miss is "empty" (503), never "unknown" (404), whoever it was for.
-    # (Before the flush, a customer the session's store lacks is a true 404: earlier tests on this worker may
-    # have flushed and restored the store's newest two days only.)
+    # Between the flush and the restore, a miss is "empty" (503), never "unknown" (404), whoever it was for
+    # (a SCAN pass begun before the flush once made it 404s: service/online_store.py).
     emptied = [r for r in traffic.results if flushed_at <= r.at - r.seconds and r.at < restoring_at]
     assert emptied and not [r for r in emptied if r.status == 404], "an emptied store must not turn customers unknown"
     assert traffic.results[-1].status == 200
