@@ -214,11 +214,11 @@ def demo_drift(ws: workspace.Workspace, url: str, run_dir: Path) -> list[dict]:
         while time.monotonic() < deadline and not any(a["feature"] == "transaction_amount" for a in received):
             received.extend(new_events(alerts_reader))
         for a in received:
-            if a.get("consumer_group") == group:
+            if a.get("consumer_group") == group and a.get("type") == "drift_alert":
                 print(f"ALERT {a['status']:<8} {a['severity']:<8} {a['model_name']}:{a['model_version']} "
                       f"feature={a['feature']:<20} {a['metric']}={a['value']:.3f} (threshold {a['threshold']}) "
                       f"n={a['sample_size']}")
-        return [a for a in received if a.get("consumer_group") == group]
+        return [a for a in received if a.get("consumer_group") == group and a.get("type") == "drift_alert"]
     finally:
         alerts_reader.close()
         consumer.stop()

@@ -151,6 +151,14 @@ class Settings(BaseSettings):
     drift_batch_size: int = Field(10_000, ge=1, le=1_000_000,
                                   description="most messages per poll: one decode/bin pass and one checkpoint each")
     drift_backoff_max_s: float = Field(5.0, gt=0, description="longest wait between retries through an outage")
+    drift_change_detector: Literal["page_hinkley", "adwin", "off"] = Field(
+        "page_hinkley", description="river detector on each feature's drift score (drift_change_point events)")
+    drift_change_metric: str = Field("psi", description="the score the change detectors watch (a stat test name)")
+    drift_change_min_evaluations: int = Field(30, ge=1, description="evaluations before Page-Hinkley may signal")
+    drift_change_threshold: float = Field(1.0, gt=0, description="Page-Hinkley threshold, in units of the "
+                                          "metric's drift threshold")
+    drift_change_cooldown_s: float | None = Field(None, gt=0, description="one change-point event per feature in "
+                                                  "this time for the group; unset: the window length")
 
     # Outcome join and realised quality (`mlops-drift join`).
     quality_group_id: str = "outcome-join"

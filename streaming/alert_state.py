@@ -8,7 +8,8 @@ back (:meth:`AlertStates.revert`), so the next evaluation announces it again. Af
 a process puts back the states it knew with set-if-absent (:meth:`AlertStates.restore`): a state written
 since is newer and stays. "ok" is the default and has no key.
 
-Keys: ``<prefix>:alert:<part>:<part>...`` (the key tuple joined by ``:``).
+Keys: ``<prefix>:alert:<part>:<part>...`` (the key tuple joined by ``:``); one-off claims (:meth:`claim_once`,
+events without a state, such as change points) ``<prefix>:once:<part>...`` with a time-to-live.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class AlertStates:
         (another process made the change)."""
         previous = self._cas(keys=[self._key(key)], args=[severity])
         return previous.decode() if isinstance(previous, bytes) else previous or None
+
+    def claim_once(self, key: AlertKey, ttl_s: float) -> bool:
+        """True for the first process to claim ``key`` in ``ttl_s`` seconds (set-if-absent with expiry): the one
+        that publishes a stateless event many processes detect at about the same time."""
+        return bool(self.client.set(f"{self.prefix}:once:{':'.join(key)}", "1", nx=True,
+                                    px=max(1, int(ttl_s * 1000))))
 
     def revert(self, key: AlertKey, severity: str) -> None:
         self.client.set(self._key(key), severity)

@@ -34,6 +34,7 @@ from mlops.cli_args import OneLineParser
 from mlops.connections import kafka_config, redis_options
 from mlops.settings import ENV_PREFIX, Settings, SettingsError
 from streaming import metrics
+from streaming.change_points import ChangePointConfig
 from streaming.consumer import ConsumerConfig, DriftConsumer
 from streaming.join import BASELINE_METRICS, JoinConfig, JoinConsumer, window_metrics
 from streaming.join_store import JoinSettings, JoinStore
@@ -101,6 +102,16 @@ def serve_metrics(port: int, addr: str, from_flag: bool) -> None:
                            f"--metrics-port (from {source}; 0 turns metrics off)") from None
 
 
+def change_point_config(settings: Settings, window: WindowSpec) -> ChangePointConfig:
+    try:
+        return ChangePointConfig(
+            detector=settings.drift_change_detector, metric=settings.drift_change_metric,
+            min_instances=settings.drift_change_min_evaluations, threshold=settings.drift_change_threshold,
+            cooldown_s=settings.drift_change_cooldown_s or window.window_seconds)
+    except ValueError as exc:
+        raise StartupError(f"{ENV_PREFIX}DRIFT_CHANGE_*: {exc}") from None
+
+
 def consume(args: argparse.Namespace, settings: Settings) -> int:
     try:
         rules_file = args.rules or settings.drift_rules_file
@@ -120,7 +131,7 @@ def consume(args: argparse.Namespace, settings: Settings) -> int:
         dlq_topic=settings.dlq_topic, group_id=args.group or settings.drift_group_id, window=window,
         eval_interval_s=settings.drift_eval_interval_s, auto_offset_reset=settings.drift_auto_offset_reset,
         batch_size=settings.drift_batch_size, backoff_max_s=settings.drift_backoff_max_s,
-        decision_threshold=settings.decision_threshold,
+        decision_threshold=settings.decision_threshold, change_points=change_point_config(settings, window),
     )
     port = settings.drift_metrics_port if args.metrics_port is None else args.metrics_port
     if port:

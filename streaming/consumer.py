@@ -30,12 +30,13 @@ import redis
 from mlops import stattests
 from streaming import metrics
 from streaming.absorb import Absorber
+from streaming.change_points import ChangePointConfig, ChangePoints
 from streaming.events import PoisonEvent
 from streaming.model_files import ProfileCache
 from streaming.rules import SEVERITY_RANK, RuleSet
 from streaming.runtime import Part, PartitionedConsumer, RuntimeConfig, RuntimeMetrics, SaveResult
 from streaming.state_store import PartitionCheckpoint, StateStore
-from streaming.window import Key, SlotHistograms, WindowSpec, merged_windows
+from streaming.window import Key, SlotHistograms, Window, WindowSpec, merged_windows
 
 log = logging.getLogger(__name__)
 RUNTIME_METRICS = RuntimeMetrics(
@@ -62,6 +63,7 @@ class ConsumerConfig:
     poll_timeout_s: float = 0.5
     backoff_max_s: float = 5.0
     decision_threshold: float = 0.5
+    change_points: ChangePointConfig = field(default_factory=ChangePointConfig)
 
     def runtime(self) -> RuntimeConfig:
         return RuntimeConfig(self.bootstrap, [self.topic], self.group_id, self.dlq_topic, self.eval_interval_s,
@@ -83,6 +85,7 @@ class DriftConsumer(PartitionedConsumer):
         self.profiles = profiles
         self.absorber = Absorber(profiles.get, config.window, config.decision_threshold)
         self.alert_memory: dict[Key, str] = {}  # last alert state seen or set: re-seeds the store after a flush
+        self.change_points = ChangePoints(config.change_points)
         super().__init__(config.runtime(), RUNTIME_METRICS)
 
     # -- the runtime's hooks ----------------------------------------------------------------------
@@ -153,7 +156,10 @@ class DriftConsumer(PartitionedConsumer):
             for metric, value in scores.items():
                 metrics.DRIFT_SCORE.labels(name, version, column, metric).set(value)
             metrics.WINDOW_SAMPLES.labels(name, version, column).set(window.n)
-            if window.n < self.rules.min_samples or (name, version, column) in self.alerts_in_flight:
+            if window.n < self.rules.min_samples:
+                continue
+            self._change_point((name, version, column), scores, window, now)
+            if (name, version, column) in self.alerts_in_flight:
                 continue
             current = self._alert_state((name, version, column))
             verdict = self.rules.judge(column, scores, current)  # type: ignore[arg-type]
@@ -182,6 +188,34 @@ class DriftConsumer(PartitionedConsumer):
             self.publish_alert(self.config.alerts_topic, (name, version, column), alert, previous, _sent)
             sent.append(alert)
         return sent
+
+    def _change_point(self, key: Key, scores: dict[str, float], window: Window, now: float) -> None:
+        """Feed the score to the feature's change detector; a change becomes one ``drift_change_point`` event
+        per ``cooldown_s`` for the whole group (:mod:`streaming.change_points`)."""
+        scaled = self.change_points.update(key, scores)
+        if scaled is None:
+            return
+        name, version, column = key
+        config = self.config.change_points
+        metrics.CHANGE_POINTS.labels(name, version, column).inc()
+        if not self.store.alerts.claim_once(("change", *key), config.cooldown_s):
+            return  # another consumer of the group announced it
+        event = {
+            "type": "drift_change_point", "status": "info", "severity": "info",
+            "model_name": name, "model_version": version, "feature": column,
+            "detector": config.detector, "metric": config.metric, "value": scores[config.metric],
+            "scaled_value": scaled, "sample_size": window.n,
+            "window_start": _iso(window.first_slot * self.config.window.slot_seconds),
+            "window_end": _iso((window.last_slot + 1) * self.config.window.slot_seconds),
+            "timestamp": _iso(now), "consumer_group": self.config.group_id,
+        }
+
+        def done(ok: bool) -> None:
+            if ok:
+                metrics.CHANGE_POINT_EVENTS.labels(name, version, column).inc()
+                log.info("drift change point: %s", event)
+
+        self.publish_event(self.config.alerts_topic, ("change", *key), event, done)
 
     def _alert_state(self, key: Key) -> str:
         """The stored state; one this consumer knew but the store lost (a flush) is put back first, set-if-absent,

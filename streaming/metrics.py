@@ -15,6 +15,11 @@ LATE_EVENTS = Counter("mlops_drift_late_events_total", "Events older than the wi
 DUPLICATES = Counter("mlops_drift_duplicate_events_total",
                      "Events whose request_id was already counted in the window (the log delivers at least once)")
 ALERTS = Counter("mlops_drift_alerts_emitted_total", "Alerts published", ["severity", "status"])
+CHANGE_POINTS = Counter("mlops_drift_change_points_total", "Changes of a feature's drift score level found by this "
+                        "consumer's detector (streaming/change_points.py)", ["model_name", "model_version", "feature"])
+CHANGE_POINT_EVENTS = Counter("mlops_drift_change_point_events_total", "drift_change_point events this consumer "
+                              "published (one per feature per cooldown for the group)",
+                              ["model_name", "model_version", "feature"])
 LAG = Gauge("mlops_drift_consumer_lag", "Messages behind the end of the partition", ["partition"])
 STATE_CELLS = Gauge("mlops_drift_state_cells", "Histogram cells held by this consumer (bounded by slots x bins)")
 

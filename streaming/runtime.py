@@ -183,20 +183,30 @@ class PartitionedConsumer:
         again. ``sent`` is called once the broker has it. While in flight, ``key`` is in ``alerts_in_flight``
         (evaluations leave it alone)."""
 
-        def delivered(err, _msg) -> None:
+        def delivered(ok: bool) -> None:
             self.alerts_in_flight.pop(key, None)
-            if err is not None:
-                log.error("could not publish alert (%s); will retry", err)
+            if not ok:
                 self.revert_alert(key, previous)
                 return
             sent(alert)
 
         self.alerts_in_flight[key] = previous
+        self.publish_event(topic, key, alert, delivered)
+
+    def publish_event(self, topic: str, key: tuple[str, ...], event: dict[str, Any],
+                      done: Callable[[bool], None]) -> None:
+        """Produce ``event`` (JSON, keyed by ``key`` joined by ``:``) without blocking; ``done(True)`` once the
+        broker has it, ``done(False)`` on a permanent failure or a full producer queue."""
+
+        def delivered(err, _msg) -> None:
+            if err is not None:
+                log.error("could not publish %s (%s); will retry", event.get("type", "event"), err)
+            done(err is None)
+
         try:
-            self.producer.produce(topic, _json.encode(alert), key=":".join(key).encode(), on_delivery=delivered)
+            self.producer.produce(topic, _json.encode(event), key=":".join(key).encode(), on_delivery=delivered)
         except BufferError:
-            self.alerts_in_flight.pop(key, None)
-            self.revert_alert(key, previous)
+            done(False)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

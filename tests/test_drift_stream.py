@@ -62,7 +62,8 @@ def test_serving_traffic_shift_alerts_once_then_resolves(workspace, topics):
         alerts.poll(3.0)
         assert len(firing(alerts.messages, SHIFTED)) == 1, alerts.messages
         unshifted_inputs = set(MODEL_FEATURES) - {SHIFTED}
-        assert not [a for a in alerts.messages if a["feature"] in unshifted_inputs], alerts.messages
+        assert not [a for a in alerts.messages if a["feature"] in unshifted_inputs and a["type"] == "drift_alert"], \
+            alerts.messages
         assert alert["model_name"] == "fraud_detector" and alert["model_version"] == "v1"
         assert alert["severity"] == "critical" and alert["metric"] == "psi" and alert["value"] > 0.2
         assert alert["threshold"] == 0.2 and alert["sample_size"] >= 500 and alert["previous_severity"] == "ok"
@@ -166,6 +167,37 @@ def test_two_consumers_share_partitions_and_alert_once(workspace, topics):
         counts = [metric_value(httpx.get(f"http://127.0.0.1:{c.metrics_port}/metrics").text,
                                "mlops_drift_events_consumed_total") for c in (a, b)]
         assert sum(counts) == len(events) and min(counts) > 0, counts  # both consumers did part of the work
+    finally:
+        alerts.close()
+        a.stop()
+        b.stop()
+
+
+def test_a_rise_of_the_score_is_one_change_point_event_for_the_group(workspace, topics):
+    """Two consumers run their own Page-Hinkley detectors on the same topic-wide windows; the Redis claim lets
+    one ``drift_change_point`` per feature through."""
+    env = {**topics.env, "MLOPS_DRIFT_CHANGE_MIN_EVALUATIONS": "4", "MLOPS_DRIFT_CHANGE_COOLDOWN_S": "600"}
+    a = start_consumer(workspace, env, "--group", topics.group, *WINDOW_ARGS)
+    b = start_consumer(workspace, env, "--group", topics.group, *WINDOW_ARGS)
+    alerts = TopicReader(workspace.settings.kafka_bootstrap, topics.alerts)
+    try:
+        wait_assigned(a, b)
+        produce(workspace, topics.predictions, make_events(workspace, 900, seed=11))
+        wait_consumed(workspace, topics, 900)
+        time.sleep(4)  # >= 4 evaluations (every 0.5 s) of the steady window per consumer
+        assert not [m for m in alerts.poll(0.5) if m["feature"] == SHIFTED], alerts.messages
+        produce(workspace, topics.predictions, make_events(workspace, 900, seed=12, amount_factor=4.0), pause=0.2)
+        event = alerts.wait_for(lambda m: m["type"] == "drift_change_point" and m["feature"] == SHIFTED, 30,
+                                "change point")
+        alerts.poll(3.0)
+        changes = [m for m in alerts.messages if m["type"] == "drift_change_point" and m["feature"] == SHIFTED]
+        assert len(changes) == 1, changes
+        assert (event["detector"], event["metric"], event["status"]) == ("page_hinkley", "psi", "info")
+        assert event["scaled_value"] == pytest.approx(event["value"] / 0.2) and event["sample_size"] >= 500
+        texts = [httpx.get(f"http://127.0.0.1:{c.metrics_port}/metrics").text for c in (a, b)]
+        label = f'feature="{SHIFTED}"'
+        assert sum(metric_value(t, "mlops_drift_change_point_events_total", label) for t in texts) == 1
+        assert sum(metric_value(t, "mlops_drift_change_points_total", label) for t in texts) >= 1
     finally:
         alerts.close()
         a.stop()
