@@ -1,9 +1,9 @@
-"""The README's serving tables, generated from the committed result files (never typed by hand).
+"""The benchmark page's serving tables, generated from the committed result files (never typed by hand).
 
-    python -m bench.report [--runs serving-run1,serving-run2] [--check README.md]
+    python -m bench.report [--runs serving-run1,serving-run2] [--check | --write]
 
-Prints the Markdown that sits between ``<!-- bench:serving:begin -->`` and ``<!-- bench:serving:end -->`` in the
-README; ``--check`` exits 1 when the README's copy differs (a test runs it), ``--write`` replaces it.
+Prints the Markdown that sits between ``<!-- bench:serving:begin -->`` and ``<!-- bench:serving:end -->`` in
+``docs/benchmarks.md``; ``--check`` exits 1 when the page's copy differs (a test runs it), ``--write`` replaces it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from bench.common import RESULTS, ROOT
 BEGIN, END = "<!-- bench:serving:begin -->", "<!-- bench:serving:end -->"
 DEFAULT_RUNS = "serving-run1,serving-run2"
 PROFILE = "where-time-goes"
+PAGE = "docs/benchmarks.md"
 
 
 def load(names: list[str]) -> list[dict[str, Any]]:
@@ -205,7 +206,7 @@ def render(names: list[str]) -> str:
                       *(["", *durable] if durable else []), *(["", *profile] if profile else [])])
 
 
-def readme_section(readme: str) -> str:
+def page_section(readme: str) -> str:
     start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
     return readme[start:end].strip("\n")
 
@@ -213,15 +214,15 @@ def readme_section(readme: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="result files (bench/results/<name>.json), comma-sep.")
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md's tables differ")
-    parser.add_argument("--write", action="store_true", help="replace README.md's tables")
+    parser.add_argument("--check", action="store_true", help=f"exit 1 if {PAGE}'s tables differ")
+    parser.add_argument("--write", action="store_true", help=f"replace {PAGE}'s tables")
     args = parser.parse_args(argv)
     text = render(args.runs.split(","))
-    readme_path = ROOT / "README.md"
+    readme_path = ROOT / PAGE
     readme = readme_path.read_text()
     if args.check:
-        if readme_section(readme) != text:
-            print("bench.report: README.md's serving tables differ from the result files; run "
+        if page_section(readme) != text:
+            print(f"bench.report: {PAGE}'s serving tables differ from the result files; run "
                   "`python -m bench.report --write`", file=sys.stderr)
             return 1
         return 0

@@ -8,7 +8,7 @@ GIL (`--gil`: the event loop's thread doing Python work, what bounds a worker's 
 is put in one category by its innermost recognisable frame, and a category's microseconds per request are
 its samples x the sampling period / the 2xx answers of that run. The CPU per request from /proc is printed
 beside it (that one also counts librdkafka's threads and the time outside the GIL). Rows go to
-bench/results/<name>.json; `python -m bench.report` turns them into the README's table.
+bench/results/<name>.json; `python -m bench.report` turns them into the benchmark page's table (docs/benchmarks.md).
 """
 
 from __future__ import annotations

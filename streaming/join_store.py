@@ -4,7 +4,7 @@ counted per model version and time slot — written in one Lua script per poll, 
 Why Redis: the join's state must outlive any consumer (a ``kill -9``, a rebalance) and be shared by the
 whole group (a prediction and its outcome arrive on different partitions, read by different consumers), and
 the horizon (default 7 days) bounds it by time, which Redis key TTLs do for free. Measured sizes are in the
-README ("Outcomes and live quality"). A Redis that loses its data loses the pending join state with it: run it
+docs/quality.md. A Redis that loses its data loses the pending join state with it: run it
 with persistence (AOF), as for the online store.
 
 Keys under ``mlops:join:<group>``:

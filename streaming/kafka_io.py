@@ -1,6 +1,6 @@
 """confluent-kafka (librdkafka) settings and helpers for the drift consumer: configs, backoff, statistics.
 
-Why librdkafka: on this repo's benchmark (bench/kafka_clients.py, README "Benchmarks") it consumes and
+Why librdkafka: on this repo's benchmark (bench/kafka_clients.py, docs/benchmarks.md) it consumes and
 produces several times more events per CPU second than kafka-python, and it reconnects by itself with
 backoff through a broker outage of any length instead of raising from ``commit()``.
 """

@@ -1,4 +1,4 @@
-"""The README's benchmark tables are the committed result files, rendered (never typed by hand)."""
+"""The benchmark page's tables (docs/benchmarks.md) are the committed result files, rendered (never typed by hand)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from bench import report
 from bench.common import RESULTS
 
 
-def test_readme_tables_are_generated_from_the_committed_results():
-    assert report.main(["--check"]) == 0, "README.md's serving tables differ: run `python -m bench.report --write`"
+def test_benchmark_tables_are_generated_from_the_committed_results():
+    assert report.main(["--check"]) == 0, f"{report.PAGE}'s serving tables differ: run `python -m bench.report --write`"
 
 
 def test_the_committed_runs_name_a_clean_commit_and_lose_no_event():

@@ -238,7 +238,7 @@ def test_consumer_killed_and_restarted(workspace, topics, shifted_events):
 
 
 def restore_online_store(ws: Workspace) -> None:
-    """A FLUSHALL also empties Feast's online store: load it again (the README's restore command) so the tests
+    """A FLUSHALL also empties Feast's online store: load it again (the restore command of docs/faults.md) so the tests
     after this one find their customers."""
     fmt = "%Y-%m-%dT%H:%M:%S"
     now = time.time()

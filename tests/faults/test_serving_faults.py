@@ -168,7 +168,7 @@ def test_emptied_online_store_is_detected_and_the_documented_command_restores_it
         empty_answers = [r for r in traffic.results if r.status == 503]
         info = httpx.get(f"{fault_server.url}/info").json()
         assert info["not_ready_because"] == "online_store_empty"
-        # The README's restore command: materialize the whole TTL window again. While it writes, the store
+        # The restore command of docs/faults.md: materialize the whole TTL window again. While it writes, the store
         # holds some customers and not yet others: a 404 for one not written yet is the truth of that moment.
         restoring_at = time.monotonic()
         now = time.time()
