@@ -270,6 +270,41 @@ def test_a_join_consumer_killed_mid_join_loses_nothing_and_counts_nothing_twice(
     assert metric_value(text, "mlops_quality_join_totals", 'kind="joined"') == n
 
 
+def test_a_second_join_consumer_takes_partitions_over_and_nothing_is_joined_twice(workspace, client):
+    """The runtime's rebalance on the join: a second consumer of the group arrives mid-stream, partitions move
+    to it with their checkpoints, both join part of the rest, and every pair is joined exactly once."""
+    preds, outs, dlq, group = join_topics(workspace)
+    env = {"MLOPS_PREDICTIONS_TOPIC": preds, "MLOPS_OUTCOMES_TOPIC": outs, "MLOPS_OUTCOMES_DLQ_TOPIC": dlq,
+           "MLOPS_QUALITY_GROUP_ID": group, "MLOPS_QUALITY_EVAL_INTERVAL_S": "0.5", "MLOPS_DRIFT_BATCH_SIZE": "500"}
+    first_half, second_half = [uuid.uuid4().hex for _ in range(3000)], [uuid.uuid4().hex for _ in range(3000)]
+    store = new_store(client, group)
+    first = start_consumer(workspace, env, command="join")
+    second = None
+    try:
+        assert first.wait_assigned(60), first.log()[-2000:]
+        send(workspace, preds, [(r, prediction_event(r, 0.7)) for r in first_half])
+        send(workspace, outs, [(r, outcome_event(r, 1)) for r in first_half])
+        wait_joined(store, len(first_half), 60)
+        second = start_consumer(workspace, env, command="join")
+        assert second.wait_assigned(60), second.log()[-2000:]
+        time.sleep(3)  # let the group settle on its final assignment
+        send(workspace, preds, [(r, prediction_event(r, 0.7)) for r in second_half])
+        send(workspace, outs, [(r, outcome_event(r, 1)) for r in second_half])
+        wait_joined(store, len(first_half) + len(second_half), 120)
+        time.sleep(2)  # anything counted twice would show now
+        texts = [httpx.get(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=10).text for c in (first, second)]
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert store.counts() == {"joined": 6000}, store.counts()
+    reads = [metric_value(t, "mlops_quality_events_total", 'kind="prediction"') for t in texts]
+    assert reads[0] >= len(first_half) and reads[1] > 0, reads  # both did part of it
+    assert metric_value(texts[0], "mlops_quality_rebalances_total") >= 2  # assigned, then revoked/reassigned
+    assert first.process.returncode == 0 and second.process.returncode == 0, (first.log()[-2000:],
+                                                                              second.log()[-2000:])
+
+
 def test_the_alert_state_enters_below_the_threshold_and_leaves_only_well_above_it():
     assert judge("ok", 0.86, 0.9, 0.05, "critical") is None  # 4.4 % below: not yet
     assert judge("ok", 0.85, 0.9, 0.05, "critical") == "critical"  # 5.6 % below
