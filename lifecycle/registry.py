@@ -281,6 +281,10 @@ class Registry(RegistryReader):
         lease.check()
         self.client.delete_registered_model_alias(lease.name, alias)
 
+    def _model_tag(self, lease: Lease, key: str, value: str) -> None:
+        lease.check()
+        self.client.set_registered_model_tag(lease.name, key, value)
+
     def _record(self, lease: Lease, version: str, from_stage: str, to_stage: str, reason: str, at: str) -> None:
         experiment = self.backend.experiment_id(HISTORY_EXPERIMENT)
         name = lease.name
@@ -398,3 +402,8 @@ class Registry(RegistryReader):
                 raise RegistryError(f"{name}:{to} is not registered")
             self._move(lease, target, "Production", reason, retire_reason=f"rolled back to {to}")
         return self.get(name, to), self.get(name, current.version)
+
+    # The rollout (lifecycle/rollout/state.py) writes through these, under the same lock and fence.
+    locked = _locked
+    move = _move
+    model_tag = _model_tag

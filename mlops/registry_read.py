@@ -17,6 +17,8 @@ from mlflow.exceptions import MlflowException
 
 from mlops import models
 from mlops.mlflow_backend import HISTORY_EXPERIMENT, Backend
+from mlops.rollout import DECISIONS_EXPERIMENT, RolloutState, RolloutStateError
+from mlops.rollout import TAG as ROLLOUT_TAG
 from mlops.settings import Settings
 
 STAGES = ("None", "Staging", "Production", "Archived")
@@ -178,6 +180,48 @@ class RegistryReader:
                 rows.append({"name": t["model"], "version": t["version"], "from_stage": t["from_stage"],
                              "to_stage": t["to_stage"], "at": t["at"], "reason": t.get("reason", ""),
                              "seq": int(t.get("seq_ns", "0")), "fence": int(t.get("fence", "0")),
+                             "run_id": run.info.run_id})
+            token = page.token
+            if not token:
+                break
+        rows.sort(key=lambda r: r["seq"])
+        return rows
+
+    def rollout(self, name: str) -> RolloutState | None:
+        """The model's rollout (active or the last one ended), None when it never had one."""
+        try:
+            tags = self.client.get_registered_model(name).tags or {}
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                return None
+            raise
+        if ROLLOUT_TAG not in tags:
+            return None
+        try:
+            return RolloutState.from_tag(tags[ROLLOUT_TAG])
+        except RolloutStateError as exc:
+            raise RegistryError(f"{name}: {exc}") from None
+
+    def rollout_decisions(self, name: str, rollout_id: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded rollout decision of ``name`` (or of one rollout), oldest first, with its statistics."""
+        try:
+            models.check_name(name)
+        except models.ModelStoreError as exc:
+            raise RegistryError(str(exc)) from None
+        experiment = self.client.get_experiment_by_name(DECISIONS_EXPERIMENT)
+        if experiment is None:
+            return []
+        query = f"tags.model = '{name}'" + (f" and tags.rollout_id = '{rollout_id}'" if rollout_id else "")
+        rows, token = [], None
+        while True:
+            page = self.client.search_runs([experiment.experiment_id], query, max_results=1000, page_token=token)
+            for run in page:
+                t = run.data.tags
+                rows.append({"model": t["model"], "rollout_id": t["rollout_id"], "candidate": t["candidate"],
+                             "baseline": t["baseline"], "step": int(t["step"]), "action": t["action"],
+                             "status": t["status"], "actor": t["actor"], "reason": t.get("reason", ""),
+                             "at": t["at"], "seq": int(t.get("seq_ns", "0")),
+                             "checks": json.loads(t.get("checks", "[]")), "metrics": dict(run.data.metrics),
                              "run_id": run.info.run_id})
             token = page.token
             if not token:
