@@ -6,6 +6,8 @@
     registry compare  --name N --versions V1 V2 [...]
     registry rollback --name N [--to VERSION] [--reason R]
     registry history  --name N
+    registry rollout  start|status|history|pause|resume|abort --name N ...   (lifecycle/rollout/cli.py)
+    registry experiment plan --baseline-rate R --mde D ...
 
 Every verb takes ``--json``. ``--mlflow-uri`` (or ``--registry``) names the MLflow backend: a server URL, a
 database URI, or a path taken as an embedded SQLite file; default ``MLOPS_MLFLOW_URI``, else the embedded store.
@@ -31,6 +33,7 @@ from lifecycle import model_store
 from lifecycle.cli_backend import BackendUnavailable, fail_fast, open_backend
 from lifecycle.onnx_export import InvalidModelError, check_servable
 from lifecycle.registry import Registry, RegistryError, check_metrics, normalize_stage, register_stage
+from lifecycle.rollout import cli as rollout_cli
 from lifecycle.tracking import TrackingError
 from mlops.cli_args import OneLineParser, settings_error
 from mlops.schema import MODEL_FEATURES
@@ -102,6 +105,10 @@ def check_args(args: argparse.Namespace) -> None:
         normalize_stage(args.stage)
     if args.command == "compare" and len(args.versions) < 2:
         raise UsageError("--versions needs at least two versions")
+    try:
+        rollout_cli.check(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.command == "register":
         args.stage = register_stage(args.stage)
         args.metrics, args.params = json_arg(args.metrics, "--metrics"), json_arg(args.params, "--params")
@@ -231,17 +238,20 @@ def parser() -> OneLineParser:
     rb.add_argument("--reason", default="rollback")
     h = verb("history", "every stage change with time and reason")
     h.add_argument("--name", required=True)
+    rollout_cli.add_verbs(sub, verb)
     return root
 
 
 COMMANDS = {"register": register, "promote": promote, "list": show_list, "compare": compare, "rollback": rollback,
-            "history": history}
+            "history": history, "rollout": rollout_cli.rollout}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         check_args(args)
+        if args.command == "experiment":  # arithmetic only: no backend
+            return rollout_cli.experiment(args)
         settings = Settings.load()
         create = args.command == "register" and args.content is not None
         with fail_fast():

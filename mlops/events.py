@@ -8,7 +8,12 @@ new version number.
     {"schema_version": 1, "request_id": "…", "timestamp": "2026-11-25T07:01:57.535295+00:00",
      "model_name": "fraud_detector", "model_version": "v1", "customer_id": "C000002",
      "features": {"total_purchases": 28.0, …, "transaction_amount": 1250.0},
-     "request_features": ["transaction_amount"], "prediction": 0.98, "label": 1, "latency_ms": 0.8}
+     "request_features": ["transaction_amount"], "prediction": 0.98, "label": 1, "latency_ms": 0.8,
+     "model_ms": 0.05, "shadow": null}
+
+``model_ms`` is the model call that scored the row (its version's rows of the batch, one ONNX call);
+``shadow``, during a rollout's shadow step, is what the candidate said about the same row (its version,
+score and call time) without answering it. Both are optional additions to version 1.
 """
 
 from __future__ import annotations
@@ -19,6 +24,12 @@ from typing import Literal
 import msgspec
 
 SCHEMA_VERSION = 1
+
+
+class ShadowScore(msgspec.Struct, kw_only=True):
+    model_version: str
+    prediction: float
+    model_ms: float
 
 
 class PredictionEvent(msgspec.Struct, kw_only=True, omit_defaults=False):
@@ -32,6 +43,8 @@ class PredictionEvent(msgspec.Struct, kw_only=True, omit_defaults=False):
     request_features: list[str] = []
     label: int | None = None
     latency_ms: float | None = None
+    model_ms: float | None = None
+    shadow: ShadowScore | None = None
     schema_version: int = SCHEMA_VERSION
 
 

@@ -94,6 +94,7 @@ class RolloutState:
     status: str = "running"
     started_at: str = ""
     step_started_at: str = ""
+    previous_step_started_at: str = ""  # the 100 % step compares with Production's arm of the step before
     updated_at: str = ""
     actor: str = ""
     reason: str = ""

@@ -113,6 +113,16 @@ MODEL_RELOAD_FAILURES = bentoml.metrics.Counter(
     name="mlops_model_reload_failures_total",
     documentation="Failed attempts to follow the registry (the current version keeps serving)",
 )
+ROLLOUT_SHARE = bentoml.metrics.Gauge(
+    name="mlops_rollout_candidate_share",
+    documentation="The rollout candidate's share of traffic this worker applies (0 in shadow and without one)",
+    labelnames=["model_name", "candidate"],
+    multiprocess_mode="livemax",
+)
+SHADOW_FAILURES = bentoml.metrics.Counter(
+    name="mlops_shadow_failures_total",
+    documentation="Batches the shadow candidate failed to score (Production answered them anyway)",
+)
 
 # The prediction log: where every accepted event is (see service/prediction_log.py).
 KAFKA_CONNECTED = bentoml.metrics.Gauge(

@@ -1,6 +1,9 @@
 """Which model version(s) serve, following the registry without dropping a request.
 
-A background thread polls the registry. When Production (or, with a canary share, Staging) changes, the
+A background thread polls the registry. While a rollout is active (:mod:`mlops.rollout`, the registry's
+``rollout`` tag) its step decides: the candidate scores its share of customers, or, in the shadow step, every
+row beside Production without answering. Without one, ``MLOPS_CANARY_SHARE`` > 0 sends that share to the
+Staging version (a manual canary). When any of this changes, the
 new ONNX session is created and warmed up off the request path, then a new immutable ``Serving`` replaces
 the old one in a single reference assignment. A batch takes the ``Serving`` it started with, so in-flight
 requests finish on the old session while new ones use the new. Sessions stay cached by version, so a
@@ -12,11 +15,11 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import zlib
 from dataclasses import dataclass
 
 from mlops import models
 from mlops.registry_read import RegistryReader
+from mlops.rollout import in_share
 from mlops.settings import Settings
 from service import metrics
 from service.onnx_predictor import OnnxPredictor
@@ -25,21 +28,37 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Targets:
+    """What the registry says should serve: compared at every poll, built into a :class:`Serving` on change."""
+
+    production: str
+    canary: str | None = None
+    canary_share: float = 0.0
+    shadow: str | None = None
+
+
+@dataclass(frozen=True)
 class Serving:
     production: OnnxPredictor
     canary: OnnxPredictor | None = None
     canary_share: float = 0.0
+    shadow: OnnxPredictor | None = None
 
     def route(self, entity_id: str | None) -> OnnxPredictor:
         """Canary rows are chosen by a stable hash of the entity, so one customer sees one version."""
         if self.canary is None or self.canary_share <= 0:
             return self.production
-        draw = (zlib.crc32(entity_id.encode()) % 10_000) / 10_000 if entity_id else random.random()
-        return self.canary if draw < self.canary_share else self.production
+        chosen = in_share(entity_id, self.canary_share) if entity_id else random.random() < self.canary_share
+        return self.canary if chosen else self.production
 
     @property
     def versions(self) -> tuple[str, str | None]:
         return self.production.model.version, self.canary.model.version if self.canary else None
+
+    @property
+    def targets(self) -> Targets:
+        return Targets(self.production.model.version, self.canary.model.version if self.canary else None,
+                       self.canary_share, self.shadow.model.version if self.shadow else None)
 
 
 class ModelSelector:
@@ -52,7 +71,7 @@ class ModelSelector:
         self._sessions: dict[str, OnnxPredictor] = {}
         self._seen_token: tuple[int, ...] | None = None
         self._stop = threading.Event()
-        self.current = self._build(*self._targets())
+        self.current = self._build(self._targets())
         self._publish_info(None, self.current)
         self._thread: threading.Thread | None = None
         if self.registry is not None:
@@ -62,18 +81,25 @@ class ModelSelector:
     def stop(self) -> None:
         self._stop.set()
 
-    def _targets(self) -> tuple[str, str | None]:
-        """(production version, canary version or None) as the registry says now: the versions behind
-        ``models:/<name>@production`` and, with a canary share, ``models:/<name>@staging``."""
+    def _targets(self) -> Targets:
+        """What should serve as the registry says now: ``models:/<name>@production``; an active rollout's
+        candidate at its step's share (or as shadow); else, with ``MLOPS_CANARY_SHARE``, ``@staging``."""
         if self.pinned:
-            return self.pinned, None
+            return Targets(self.pinned)
         production = self.registry.production(self.name) if self.registry else None
         prod_version = production.version if production else models.load(self.name).version
-        canary = None
-        if self.registry is not None and self.settings.canary_share > 0:
+        if self.registry is None:
+            return Targets(prod_version)
+        rollout = self.registry.rollout(self.name)
+        if rollout is not None and rollout.active and rollout.candidate != prod_version:
+            if rollout.shadow:
+                return Targets(prod_version, shadow=rollout.candidate)
+            return Targets(prod_version, rollout.candidate, rollout.share)
+        if self.settings.canary_share > 0:
             staging = self.registry.latest(self.name, "Staging")
-            canary = staging.version if staging and staging.version != prod_version else None
-        return prod_version, canary
+            if staging and staging.version != prod_version:
+                return Targets(prod_version, staging.version, self.settings.canary_share)
+        return Targets(prod_version)
 
     def _session(self, version: str) -> OnnxPredictor:
         if version not in self._sessions:
@@ -81,9 +107,11 @@ class ModelSelector:
                                                          self.settings.onnx_provider)
         return self._sessions[version]
 
-    def _build(self, production: str, canary: str | None) -> Serving:
-        return Serving(self._session(production), self._session(canary) if canary else None,
-                       self.settings.canary_share if canary else 0.0)
+    def _build(self, targets: Targets) -> Serving:
+        return Serving(self._session(targets.production),
+                       self._session(targets.canary) if targets.canary else None,
+                       targets.canary_share if targets.canary else 0.0,
+                       self._session(targets.shadow) if targets.shadow else None)
 
     def refresh(self) -> bool:
         """Swap to what the registry says if it changed; True when a swap happened.
@@ -97,13 +125,13 @@ class ModelSelector:
             return False
         targets = self._targets()
         self._seen_token = token
-        if targets == self.current.versions:
+        if targets == self.current.targets:
             return False
-        new = self._build(*targets)  # loads and warms up before anyone sees it
+        new = self._build(targets)  # loads and warms up before anyone sees it
         old, self.current = self.current, new
         self._publish_info(old, new)
         metrics.MODEL_SWAPS.inc()
-        log.info("now serving %s (canary %s), was %s", new.versions[0], new.versions[1], old.versions)
+        log.info("now serving %s, was %s", new.targets, old.targets)
         return True
 
     def _follow(self) -> None:
@@ -116,9 +144,13 @@ class ModelSelector:
 
     def _publish_info(self, old: Serving | None, new: Serving) -> None:
         def predictors(s: Serving | None) -> set[OnnxPredictor]:
-            return {p for p in (s.production, s.canary) if p is not None} if s else set()
+            return {p for p in (s.production, s.canary, s.shadow) if p is not None} if s else set()
 
         for p in predictors(old) - predictors(new):
             metrics.MODEL_INFO.labels(p.model.name, p.model.version, p.provider).set(0)
         for p in predictors(new):
             metrics.MODEL_INFO.labels(p.model.name, p.model.version, p.provider).set(1)
+        if old is not None and old.targets.canary and old.targets.canary != new.targets.canary:
+            metrics.ROLLOUT_SHARE.labels(self.name, old.targets.canary).set(0)
+        if new.targets.canary:
+            metrics.ROLLOUT_SHARE.labels(self.name, new.targets.canary).set(new.canary_share)

@@ -133,7 +133,9 @@ class PredictionService:
                         model_version=result.model_version, customer_id=request.customer_id,
                         features={name: result.features[name] for name in MODEL_FEATURES},  # type: ignore[index]
                         request_features=REQUEST_FEATURE_LIST, prediction=result.prediction, label=label,
-                        latency_ms=latency_ms,
+                        latency_ms=latency_ms, model_ms=result.model_ms,
+                        shadow=events.ShadowScore(model_version=result.shadow[0], prediction=result.shadow[1],
+                                                  model_ms=result.shadow[2]) if result.shadow else None,
                     )
                     # No customer: keyed by the request id, so a repeat lands on the original's partition (the
                     # drift consumer de-duplicates per partition).

@@ -34,6 +34,8 @@ class Scored:
     features: dict[str, float] | None = None  # the model input as served, for the prediction log
     error: str | None = None
     detail: str | None = None
+    model_ms: float | None = None  # the call that scored this row (its version's rows of the batch)
+    shadow: tuple[str, float, float] | None = None  # rollout shadow step: candidate's version, score, call ms
 
 
 class Scorer:
@@ -83,14 +85,37 @@ class Scorer:
             by_predictor.setdefault(id(predictor), (predictor, []))[1].append(len(results) - 1)
 
         for predictor, indices in by_predictor.values():
-            names = predictor.features
-            x = np.array([[results[i].features[f] for f in names] for i in indices], dtype=np.float32)  # type: ignore[index]
+            x = self._matrix(predictor, results, indices)
             started = time.perf_counter()
             proba = predictor.predict(x)
-            metrics.INFERENCE_LATENCY.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics.INFERENCE_LATENCY.observe(elapsed)
+            model_ms = round(elapsed * 1000.0, 4)
             for i, p in zip(indices, proba.tolist(), strict=True):
                 results[i].prediction = p
+                results[i].model_ms = model_ms
+            if serving.shadow is not None:
+                self._shadow(serving.shadow, results, indices)
         return results
+
+    @staticmethod
+    def _matrix(predictor: OnnxPredictor, results: list[Scored], indices: list[int]) -> np.ndarray:
+        names = predictor.features
+        return np.array([[results[i].features[f] for f in names] for i in indices], dtype=np.float32)  # type: ignore[index]
+
+    def _shadow(self, shadow: OnnxPredictor, results: list[Scored], indices: list[int]) -> None:
+        """The candidate scores the same rows; its answer is logged, never returned. A failing shadow costs
+        the logged comparison, never the request."""
+        started = time.perf_counter()
+        try:
+            proba = shadow.predict(self._matrix(shadow, results, indices))
+        except Exception:  # noqa: BLE001 - the candidate must not break Production's answers
+            metrics.SHADOW_FAILURES.inc()
+            return
+        model_ms = round((time.perf_counter() - started) * 1000.0, 4)
+        version = shadow.model.version
+        for i, p in zip(indices, proba.tolist(), strict=True):
+            results[i].shadow = (version, p, model_ms)
 
     def _observe_age(self, found: list[Row]) -> None:
         if not found:

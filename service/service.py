@@ -176,7 +176,7 @@ class Runtime:
         # CPython's full collections stop walking it. Measured: without this, P99 ~170 ms at P50 ~4 ms.
         gc.freeze()
         gc.callbacks.append(_time_collections())
-        log.info("worker %d serving %s (canary %s)", self.index, *self.selector.current.versions)
+        log.info("worker %d serving %s", self.index, self.selector.current.targets)
 
     async def stop(self) -> None:
         metrics.flush()
@@ -256,6 +256,7 @@ class Runtime:
             "metrics": model.metadata.get("metrics", {}),
             "canary_version": serving.versions[1],
             "canary_share": serving.canary_share,
+            "shadow_version": serving.shadow.model.version if serving.shadow else None,
             "follows_registry": self.selector.registry is not None,
             "worker": self.index,
             "workers": self.settings.workers,

@@ -111,6 +111,14 @@ def server(workspace: Workspace):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def trained(workspace: Workspace):
+    """Two visibly different models on the workspace's data (registry and rollout tests)."""
+    from lifecycle.train import train
+
+    return train(workspace.dataset), train(workspace.dataset, params={"n_estimators": 30, "max_depth": 2})
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def mlflow_backend(request, tmp_path):
     """The same lifecycle test on the embedded SQLite store and on the MLflow server backed by PostgreSQL."""

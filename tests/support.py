@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 from harness import server_process
@@ -19,7 +21,8 @@ N_CUSTOMERS = 400
 N_TRANSACTIONS = 8_000
 
 __all__ = ["ConsumerProcess", "Workspace", "prepare_workspace", "start_server", "start_consumer", "metric_value",
-           "feast_features", "server_backend", "MLFLOW_CREDENTIALS", "LOOPBACK", "listening_addresses"]
+           "feast_features", "server_backend", "MLFLOW_CREDENTIALS", "LOOPBACK", "listening_addresses", "stored",
+           "follower_env"]
 
 
 # Credentials of the secured MLflow server, as a deployment hands them to the stack (conftest's mlflow_server).
@@ -87,3 +90,20 @@ def feast_features(ws: Workspace, customers: list[str]) -> list[dict | None]:
         entity_rows=[{ENTITY: c} for c in customers]).to_dict()
     rows = [{name: table[name][i] for name in STORE_FEATURES} for i in range(len(customers))]
     return [None if any(v is None for v in row.values()) else row for row in rows]
+
+
+def stored(backend: Backend, trained) -> str:
+    """A fresh registered model (its own name, so each test starts from an empty registry) with v1 and v2."""
+    from lifecycle.train import register as store_model
+
+    name = f"fraud_{uuid.uuid4().hex[:8]}"
+    for version, model in zip(("v1", "v2"), trained, strict=True):
+        store_model(model, name, version, backend=backend)
+    return name
+
+
+def follower_env(backend: Backend, name: str, **extra: str) -> dict[str, str]:
+    """A server that follows ``name`` in this registry (its poll every 0.5 s)."""
+    credentials = {k: os.environ[k] for k in MLFLOW_CREDENTIALS if k in os.environ}  # a secured server's
+    return {"MLOPS_MODEL_VERSION": "", "MLOPS_MODEL_NAME": name, "MLOPS_MLFLOW_URI": backend.uri,
+            "MLOPS_REGISTRY_POLL_S": "0.5", **credentials, **extra}

@@ -39,11 +39,13 @@ def alert_rules() -> dict[str, dict[str, Any]]:
 
 
 def declared_metrics() -> set[str]:
+    from lifecycle.rollout import metrics as rollout_metrics
     from service import metrics as serving_metrics
     from streaming import metrics as drift_metrics
 
-    names = {m._name for m in vars(serving_metrics).values() if hasattr(m, "_name")}
-    names |= {m._name for m in vars(drift_metrics).values() if hasattr(m, "_name")}
+    names = set()
+    for module in (serving_metrics, drift_metrics, rollout_metrics):
+        names |= {m._name for m in vars(module).values() if hasattr(m, "_name")}
     return names | {f"{n}_total" for n in names}  # prometheus_client keeps counters' names without _total
 
 
@@ -79,6 +81,9 @@ def test_promtool_unit_tests_pass():
                                                                            'kind="realised", metric=~'))),
     ("TrainingServingSkew", lambda r: r.update(expr=r["expr"].split(" and ")[0])),  # skew of a handful of rows
     ("TrainingServingSkew", lambda r: r.pop("for")),  # one check's sample would page
+    ("RolloutRolledBack", lambda r: r.update(expr=r["expr"].replace("[15m]", "[1h]"))),  # pages for an hour
+    ("RolloutStuck", lambda r: r.pop("for")),  # a step that catches up within minutes would page
+    ("RolloutPausedForAnHour", lambda r: r.update(expr=r["expr"].replace('status="paused"', 'status=~".+"'))),
 ])
 def test_the_unit_tests_catch_a_broken_rule(tmp_path, alert, change):
     rules = yaml.safe_load(RULES.read_text())
@@ -90,7 +95,8 @@ def test_the_unit_tests_catch_a_broken_rule(tmp_path, alert, change):
     tests_dir = tmp_path / "tests"
     tests_dir.mkdir()
     name = ("model_quality_test.yaml" if alert.startswith("ModelQuality")
-            else "skew_test.yaml" if alert.startswith("TrainingServing") else "alerts_test.yaml")
+            else "skew_test.yaml" if alert.startswith("TrainingServing")
+            else "rollout_test.yaml" if alert.startswith("Rollout") else "alerts_test.yaml")
     unit_tests = PROM / "tests" / name
     (tests_dir / unit_tests.name).write_text(unit_tests.read_text())
     result = promtool("test", "rules", str(tests_dir / unit_tests.name))

@@ -3,9 +3,7 @@ replicas following one registry on the MLflow server (PostgreSQL)."""
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections import Counter
 
 import httpx
@@ -15,32 +13,9 @@ from harness.kafka_read import read_events
 from harness.traffic import Traffic
 from lifecycle import model_store
 from lifecycle.registry import Registry
-from lifecycle.tracking import Backend
-from lifecycle.train import register as store_model
-from lifecycle.train import train
-from tests.support import MLFLOW_CREDENTIALS, metric_value, server_backend, start_server
+from tests.support import follower_env, metric_value, server_backend, start_server, stored
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def trained(workspace):
-    """Two visibly different models on the workspace's data."""
-    return train(workspace.dataset), train(workspace.dataset, params={"n_estimators": 30, "max_depth": 2})
-
-
-def stored(backend: Backend, trained) -> str:
-    """A fresh registered model (its own name, so each test starts from an empty registry) with v1 and v2."""
-    name = f"fraud_{uuid.uuid4().hex[:8]}"
-    for version, model in zip(("v1", "v2"), trained, strict=True):
-        store_model(model, name, version, backend=backend)
-    return name
-
-
-def follower_env(backend: Backend, name: str, **extra: str) -> dict[str, str]:
-    credentials = {k: os.environ[k] for k in MLFLOW_CREDENTIALS if k in os.environ}  # a secured server's
-    return {"MLOPS_MODEL_VERSION": "", "MLOPS_MODEL_NAME": name, "MLOPS_MLFLOW_URI": backend.uri,
-            "MLOPS_REGISTRY_POLL_S": "0.5", **credentials, **extra}
 
 
 def takeover(traffic: Traffic, since: float, version: str) -> float:

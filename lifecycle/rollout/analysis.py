@@ -18,8 +18,11 @@ before (the controller reads it back from the prediction log), so the candidate 
   variable, so 0.2 is out of reach of chance from 200 per arm on (at 100 it happens at one look in forty,
   which the A/A simulation showed before this rule). In the shadow step, where both scored the same rows, also
   the agreement of their labels and the paired mean difference.
-* ``latency`` — Mann-Whitney's AUC by mSPRT on the model time per arm: significantly slower *and* a P95 ratio
-  above ``max_latency_ratio`` → *rollback* (a significant but tiny slowdown is not worth one).
+* ``latency`` — in the shadow step, Mann-Whitney's AUC by mSPRT on the model call times of the two versions
+  on the same batches: significantly slower *and* a P95 ratio above ``max_latency_ratio`` → *rollback* (a
+  significant but tiny slowdown is not worth one). Only there: in the traffic steps a batch mixes both
+  versions' rows, so they share the request latency, and each version's call covers a different number of
+  rows (the candidate's few rows would look cheap per call and dear per row).
 * ``quality`` — realised accuracy per arm where outcomes were joined: significantly worse by more than
   ``max_quality_drop`` → *rollback*.
 
@@ -184,6 +187,8 @@ def _predictions(state: RolloutState, data: StepData, alpha: float) -> Check:
 
 
 def _latency(state: RolloutState, data: StepData, alpha: float) -> Check:
+    if not state.shadow:
+        return Check("latency", "skip", "judged in the shadow step, where both versions score the same rows")
     cand, base = data.candidate.model_ms, data.baseline.model_ms
     if len(cand) < 2 or len(base) < 2:
         return Check("latency", "skip", "no model times")

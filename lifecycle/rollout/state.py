@@ -101,7 +101,8 @@ class Rollouts:
                 self.registry.move(lease, mv, "Production", f"rollout {state.id} completed",
                                    retire_reason=f"replaced by {state.candidate} (rollout {state.id})")
             else:
-                new = state.moved(step_index=state.step_index + 1, step_started_at=now, updated_at=now, actor=actor,
+                new = state.moved(step_index=state.step_index + 1, step_started_at=now,
+                                  previous_step_started_at=state.step_started_at, updated_at=now, actor=actor,
                                   reason=reason)
             if new is not state:
                 self.registry.model_tag(lease, TAG, new.to_tag())
