@@ -187,6 +187,25 @@ def where_time_goes() -> list[str]:
     return lines
 
 
+GRPC_SERVERS = {"thread pool (kept)": "grpc-server-sync", "grpc.aio (tried, reverted)": "grpc-server-aio"}
+
+
+def grpc_servers() -> list[str]:
+    """gRPC's two servers, each measured twice from its own commit, alternating (bench/results/grpc-server-*)."""
+    runs = {label: [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{stem}-*.json"))]
+            for label, stem in GRPC_SERVERS.items()}
+    if not all(runs.values()):
+        return []
+    lines = ["gRPC server, 2 workers, `ghz`, 2xx/s, run 1 / run 2 (each from its own commit, the two alternated: "
+             "`git worktree add` the commit, `python -m bench.serving --workers 2 --connections 32 --peers batching "
+             "--quick`):", "", "| server | commit | 1 connection | 32 connections |", "|---|---|---|---|"]
+    for label, found in runs.items():
+        cells = [" / ".join(_num((_one(run, protocol="grpc", connections=c) or {}).get("rps")) for run in found)
+                 for c in (1, 32)]
+        lines.append(f"| {label} | `{found[0]['git']['sha'][:10]}` | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def render(names: list[str]) -> str:
     runs = load(names)
     for name, run in zip(names, runs, strict=True):  # POST /outcomes measured on its own (--outcomes-only)
@@ -202,8 +221,10 @@ def render(names: list[str]) -> str:
              f"(`MLOPS_LOG_DURABILITY=async`); its default, `ack`, is measured beside it below.")
     profile = where_time_goes()
     durable = durability(runs)
+    servers = grpc_servers()
     return "\n".join([intro, "", *closed_loop(runs), "", *latency_and_cpu(runs), "", *other_measures(runs),
-                      *(["", *durable] if durable else []), *(["", *profile] if profile else [])])
+                      *(["", *durable] if durable else []), *(["", *profile] if profile else []),
+                      *(["", *servers] if servers else [])])
 
 
 def page_section(readme: str) -> str:

@@ -9,11 +9,12 @@ new version number.
      "model_name": "fraud_detector", "model_version": "v1", "customer_id": "C000002",
      "features": {"total_purchases": 28.0, …, "transaction_amount": 1250.0},
      "request_features": ["transaction_amount"], "prediction": 0.98, "label": 1, "latency_ms": 0.8,
-     "model_ms": 0.05, "shadow": null}
+     "model_ms": 0.05, "shadow": null, "rollout": null}
 
 ``model_ms`` is the model call that scored the row (its version's rows of the batch, one ONNX call);
 ``shadow``, during a rollout's shadow step, is what the candidate said about the same row (its version,
-score and call time) without answering it. Both are optional additions to version 1.
+score and call time) without answering it; ``rollout``, while a rollout runs, the step whose routing served
+it (``<rollout id>:<step index>``). All three are optional additions to version 1.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class PredictionEvent(msgspec.Struct, kw_only=True, omit_defaults=False):
     latency_ms: float | None = None
     model_ms: float | None = None
     shadow: ShadowScore | None = None
+    rollout: str | None = None
     schema_version: int = SCHEMA_VERSION
 
 

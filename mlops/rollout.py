@@ -41,6 +41,10 @@ def in_share(entity_id: str, share: float) -> bool:
     return bucket(entity_id) < share * HASH_BUCKETS
 
 
+def step_key(rollout_id: str, step_index: int) -> str:
+    return f"{rollout_id}:{step_index}"
+
+
 def parse_steps(text: str) -> tuple[int, ...]:
     """``"shadow,5,25,50,100"`` → (0, 5, 25, 50, 100): strictly increasing percentages ending at 100."""
     steps = []
@@ -120,6 +124,12 @@ class RolloutState:
     @property
     def last_step(self) -> bool:
         return self.step_index == len(self.steps) - 1
+
+    @property
+    def step_key(self) -> str:
+        """What each prediction served under this step carries (``rollout`` in the event): the controller counts
+        only those, so a replica still on the step before cannot skew the comparison or the split."""
+        return step_key(self.id, self.step_index)
 
     def to_tag(self) -> str:
         body = asdict(self)

@@ -35,6 +35,7 @@ class Targets:
     canary: str | None = None
     canary_share: float = 0.0
     shadow: str | None = None
+    rollout: str | None = None  # the rollout step this routing serves (mlops.rollout.RolloutState.step_key)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Serving:
     canary: OnnxPredictor | None = None
     canary_share: float = 0.0
     shadow: OnnxPredictor | None = None
+    rollout: str | None = None
 
     def route(self, entity_id: str | None) -> OnnxPredictor:
         """Canary rows are chosen by a stable hash of the entity, so one customer sees one version."""
@@ -58,7 +60,7 @@ class Serving:
     @property
     def targets(self) -> Targets:
         return Targets(self.production.model.version, self.canary.model.version if self.canary else None,
-                       self.canary_share, self.shadow.model.version if self.shadow else None)
+                       self.canary_share, self.shadow.model.version if self.shadow else None, self.rollout)
 
 
 class ModelSelector:
@@ -93,8 +95,8 @@ class ModelSelector:
         rollout = self.registry.rollout(self.name)
         if rollout is not None and rollout.active and rollout.candidate != prod_version:
             if rollout.shadow:
-                return Targets(prod_version, shadow=rollout.candidate)
-            return Targets(prod_version, rollout.candidate, rollout.share)
+                return Targets(prod_version, shadow=rollout.candidate, rollout=rollout.step_key)
+            return Targets(prod_version, rollout.candidate, rollout.share, rollout=rollout.step_key)
         if self.settings.canary_share > 0:
             staging = self.registry.latest(self.name, "Staging")
             if staging and staging.version != prod_version:
@@ -111,7 +113,7 @@ class ModelSelector:
         return Serving(self._session(targets.production),
                        self._session(targets.canary) if targets.canary else None,
                        targets.canary_share if targets.canary else 0.0,
-                       self._session(targets.shadow) if targets.shadow else None)
+                       self._session(targets.shadow) if targets.shadow else None, targets.rollout)
 
     def refresh(self) -> bool:
         """Swap to what the registry says if it changed; True when a swap happened.

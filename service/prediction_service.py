@@ -136,6 +136,7 @@ class PredictionService:
                         latency_ms=latency_ms, model_ms=result.model_ms,
                         shadow=events.ShadowScore(model_version=result.shadow[0], prediction=result.shadow[1],
                                                   model_ms=result.shadow[2]) if result.shadow else None,
+                        rollout=result.rollout,
                     )
                     # No customer: keyed by the request id, so a repeat lands on the original's partition (the
                     # drift consumer de-duplicates per partition).

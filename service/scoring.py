@@ -36,6 +36,7 @@ class Scored:
     detail: str | None = None
     model_ms: float | None = None  # the call that scored this row (its version's rows of the batch)
     shadow: tuple[str, float, float] | None = None  # rollout shadow step: candidate's version, score, call ms
+    rollout: str | None = None  # the rollout step whose routing scored it
 
 
 class Scorer:
@@ -65,7 +66,7 @@ class Scorer:
         by_predictor: dict[int, tuple[OnnxPredictor, list[int]]] = {}
         for row, stats, need in zip(rows, given, needs_lookup, strict=True):
             predictor = serving.route(row.customer_id)
-            scored = Scored(predictor.model.name, predictor.model.version)
+            scored = Scored(predictor.model.name, predictor.model.version, rollout=serving.rollout)
             results.append(scored)
             if need:
                 if lookup_error is not None:

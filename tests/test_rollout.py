@@ -165,7 +165,7 @@ def wait_info(url: str, predicate, timeout: float = 15) -> dict:
 
 def test_the_service_follows_shadow_then_share_then_rollback_with_no_failed_request(workspace, rollout):
     reg, rollouts, name = rollout
-    customers = [f"C{i:06d}" for i in range(300)]
+    customers = [f"C{i:06d}" for i in range(250)]  # a batch may hold 256 rows
     body = {"requests": [{"customer_id": c, "transaction_amount": 75.0} for c in customers]}
     server = start_server(workspace, follower_env(reg.backend, name))
     restarted = None
@@ -189,6 +189,7 @@ def test_the_service_follows_shadow_then_share_then_rollback_with_no_failed_requ
         assert len(logged) == 50
         assert all(e["shadow"]["model_version"] == "v2" and 0 <= e["shadow"]["prediction"] <= 1
                    and e["shadow"]["model_ms"] > 0 and e["model_ms"] > 0 for e in logged), logged[0]
+        assert {e["rollout"] for e in logged} == {f"{state.id}:0"}  # the step whose routing served them
 
         # A replica started mid-rollout serves the same step.
         restarted = start_server(workspace, follower_env(reg.backend, name))

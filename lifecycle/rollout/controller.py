@@ -83,15 +83,16 @@ class Controller:
             self._open(state)
             self.key = key
         assert self.reader is not None
-        while self.reader.poll() >= 10_000:  # catch up on a long step before judging it
-            pass
+        self.reader.poll()
         baseline = None
         if self.before is not None:
-            while self.before.poll() >= 10_000:
-                pass
+            self.before.poll()
             baseline = self.before.baseline.arm()
         elapsed = time.time() - _seconds(state.step_started_at)
-        decision = decide(state, self.reader.data(elapsed, baseline))
+        data = self.reader.data(elapsed, baseline)
+        decision = decide(state, data)
+        log.debug("look at step %d after %.1fs: %d / %d predictions -> %s (%s)", state.step_index + 1, elapsed,
+                  data.candidate.predictions, data.baseline.predictions, decision.action, decision.reason)
         STUCK.labels(self.name).set(1 if decision.reason.startswith("stuck") else 0)
         self._apply(state, decision)
         return decision
@@ -103,7 +104,8 @@ class Controller:
         self.reader = StepReader(self.kafka, state, *topics, since, threshold=self.settings.decision_threshold)
         if state.share >= 1 and state.previous_step_started_at:
             self.before = StepReader(self.kafka, state, *topics, int(_seconds(state.previous_step_started_at) * 1000),
-                                     until_ms=since, threshold=self.settings.decision_threshold)
+                                     until_ms=since, threshold=self.settings.decision_threshold,
+                                     step_index=state.step_index - 1)
         self.last_hold = None
         log.info("judging rollout %s of %s, step %d (%s %%) since %s", state.id, self.name, state.step_index + 1,
                  state.step, state.step_started_at)

@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from lifecycle.rollout.analysis import Arm, StepData
 from mlops import events, outcomes
-from mlops.rollout import RolloutState
+from mlops.rollout import RolloutState, step_key
 
 log = logging.getLogger(__name__)
 KEEP = 5000  # values kept per arm (scores, model times, shadow pairs)
@@ -63,8 +63,12 @@ class StepReader:
     """Reads ``predictions`` (and ``outcomes``) from ``since_ms`` (up to ``until_ms`` if given) for one step."""
 
     def __init__(self, kafka: Mapping[str, Any], state: RolloutState, predictions_topic: str, outcomes_topic: str,
-                 since_ms: int, until_ms: int | None = None, threshold: float = 0.5) -> None:
+                 since_ms: int, until_ms: int | None = None, threshold: float = 0.5, step_index: int | None = None
+                 ) -> None:
+        """``step_index``: the step whose predictions count (default: the state's; the 100 % step reads
+        Production's arm of the step before)."""
         self.state, self.since_ms, self.until_ms, self.threshold = state, since_ms, until_ms, threshold
+        self.step = step_key(state.id, state.step_index if step_index is None else step_index)
         self.candidate, self.baseline = ArmReader(state.candidate), ArmReader(state.baseline)
         self.pairs = Reservoir(seed=3)  # shadow: (candidate score, production score) on the same row
         self.pending: dict[str, tuple[ArmReader, int]] = {}
@@ -86,11 +90,12 @@ class StepReader:
     def close(self) -> None:
         self.consumer.close()
 
-    def poll(self, max_messages: int = 10_000, timeout: float = 0.5) -> int:
-        """Read what is there (up to ``max_messages``); returns how many messages were read."""
+    def poll(self, max_messages: int = 100_000, timeout: float = 0.5) -> int:
+        """Read what is there now, up to ``max_messages`` (a long backlog is caught up over several looks; a
+        look judges the step's prefix read so far, which the anytime-valid tests allow); returns how many."""
         read = 0
         while read < max_messages:
-            batch = self.consumer.consume(min(1000, max_messages - read), timeout if read == 0 else 0.05)
+            batch = self.consumer.consume(1000, timeout if read == 0 else 0)
             if not batch:
                 break
             for message in batch:
@@ -107,11 +112,13 @@ class StepReader:
                         self._outcome(outcomes.decode(message.value()))
                 except (msgspec.DecodeError, msgspec.ValidationError, TypeError):
                     continue  # the drift consumer dead-letters these; the rollout only skips them
+            if len(batch) < 1000:  # caught up with the end of the log
+                break
         return read
 
     def _prediction(self, event: events.PredictionEvent) -> None:
-        if event.model_name != self.state.model:
-            return
+        if event.model_name != self.state.model or event.rollout != self.step:
+            return  # another model, or served under another step's routing (a replica not there yet)
         if event.model_version == self.state.candidate:
             arm = self.candidate
         elif event.model_version == self.state.baseline:
