@@ -1,5 +1,5 @@
 """The whole path once, for real: services → data → train → store → Feast → serve → predict → Kafka → drift →
-outcomes and live quality → skew → pipeline, promotion and rollback.
+outcomes and live quality → skew → pipeline, promotion and rollback → rollouts judged by the controller.
 
     python -m harness.demo [--keep-running]
 
@@ -20,6 +20,7 @@ import httpx
 
 from harness import server_process, workspace
 from harness.demo_quality import demo_quality, demo_skew
+from harness.demo_rollout import demo_rollout
 from harness.kafka_read import new_events, read_events, tail
 from harness.traffic import Traffic
 from lifecycle import data as datamod
@@ -129,9 +130,14 @@ def main(argv: list[str] | None = None) -> int:
              "rollback under traffic")
         if not demo_lifecycle(registry, ws.model.name, server.url, settings):
             return 1
+        step("rollouts: the controller (`mlops-rollout`) judges each step on the prediction log; a candidate "
+             "trained on flipped labels, then a retrained one, under traffic")
+        if not demo_rollout(registry, ws, server.url, settings):
+            print("the rollouts did not end as expected (flipped: rolled back; retrained: completed)", file=sys.stderr)
+            return 1
         step(f"done: {len(ids)} predictions served, {len(events)} events read back from Kafka, "
              f"{len(alerts)} drift alerts, {len(performance)} performance alerts, promotion and rollback with no "
-             "failed request")
+             "failed request, a bad candidate rolled back and a good one rolled out by the controller")
         print(f"browse the training runs and the registry: .venv/bin/mlflow ui --backend-store-uri "
               f"{backend.display_uri} --port 5000   (then http://127.0.0.1:5000)")
         if args.keep_running:
