@@ -75,7 +75,11 @@ class Policy:
     min_step_s: float = 60.0
     max_step_s: float = 3600.0  # a step still undecided after this is "stuck" (an alert), never promoted blindly
     alpha: float = 0.05  # false-rollback probability of a good candidate, over the whole rollout
-    max_psi: float = 0.2  # prediction-distribution PSI between the arms above which the candidate is rolled back
+    # A retrained, better model moves the score distribution too (PSI 0.6 against its predecessor in the demo),
+    # so PSI is only a gross guard (a broken or inverted model: > 3); in shadow, where both score the same rows,
+    # the candidate must take the same decision as Production on at least min_agreement of them.
+    max_psi: float = 1.0
+    min_agreement: float = 0.8
     max_latency_ratio: float = 1.5  # canary P95 / Production P95 above which (significantly) it is rolled back
     max_quality_drop: float = 0.05  # realised accuracy drop (absolute) tolerated before a rollback
 
@@ -83,8 +87,9 @@ class Policy:
         if self.min_samples < 1 or self.min_step_s < 0 or self.max_step_s < self.min_step_s:
             raise ValueError("policy: min_samples >= 1, 0 <= min_step_s <= max_step_s")
         if (not 0 < self.alpha < 1 or self.max_psi <= 0 or self.max_latency_ratio <= 1
-                or not 0 < self.max_quality_drop < 1):
-            raise ValueError("policy: 0 < alpha < 1, max_psi > 0, max_latency_ratio > 1, 0 < max_quality_drop < 1")
+                or not 0 < self.max_quality_drop < 1 or not 0 <= self.min_agreement <= 1):
+            raise ValueError("policy: 0 < alpha < 1, max_psi > 0, max_latency_ratio > 1, 0 < max_quality_drop < 1, "
+                             "0 <= min_agreement <= 1")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,13 @@ def test_a_thousand_aa_rollouts_are_rolled_back_at_most_alpha_of_the_time():
     assert ends.count("completed") >= 1000 * (1 - POLICY.alpha) - 10
 
 
-@pytest.mark.parametrize("label", [k for k in CANDIDATES if k != "same (A/A)"])
+def test_a_better_retrain_with_other_scores_goes_through_every_step():
+    rng = np.random.default_rng(4)
+    ends = [simulate(CANDIDATES["better retrain"], rng, POLICY)["end"] for _ in range(50)]
+    assert ends == ["completed"] * 50, ends
+
+
+@pytest.mark.parametrize("label", [k for k in CANDIDATES if k not in ("same (A/A)", "better retrain")])
 def test_a_bad_candidate_is_rolled_back_at_its_first_step(label):
     rng = np.random.default_rng(5)
     ends = [simulate(CANDIDATES[label], rng, POLICY) for _ in range(50)]

@@ -84,7 +84,8 @@ def test_a_candidate_trained_on_corrupted_labels_is_rolled_back_at_its_first_ste
     record = reg.rollout_decisions(name, state.id)
     assert final.status == "rolled_back" and final.step_index == 0, final
     assert [r["action"] for r in record if r["action"] != "hold"] == ["start", "rollback"]
-    assert "predictions" in record[-1]["reason"] and record[-1]["metrics"]["predictions.psi"] > POLICY.max_psi
+    assert "predictions" in record[-1]["reason"]
+    assert record[-1]["metrics"]["predictions.agreement"] < POLICY.min_agreement
     assert reg.production(name).version == "v1" and reg.get(name, "v2").stage == "Archived"
     assert traffic.statuses() == Counter({200: len(traffic.results)}), traffic.statuses()
     assert set(traffic.versions()) == {"v1"}  # in shadow it answered nobody

@@ -12,12 +12,15 @@ before (the controller reads it back from the prediction log), so the candidate 
   (:func:`~lifecycle.rollout.stats.sample_ratio_mismatch`) at a strict 0.001: a broken split makes every other
   comparison untrustworthy, so the rollout is *paused* for a person, never promoted or rolled back on it.
 * ``errors`` — failed requests per arm where counted, a rate difference by mSPRT: worse → *rollback*.
-* ``predictions`` — PSI between the arms' score distributions (bins: deciles of Production's scores) above
-  ``max_psi`` → *rollback*, judged once both arms hold ``min_samples``: PSI is a distance, not a test, and
+* ``predictions`` — in the shadow step, where both versions scored the same rows, the share of rows on which
+  the candidate takes Production's decision below ``min_agreement`` (0.8) → *rollback*; in every step, PSI
+  between the two score distributions (bins: deciles of Production's scores) above ``max_psi`` (1.0) →
+  *rollback*. A better model moves the distribution too (a retrained one scored PSI 0.6 against its
+  predecessor in the demo), so PSI is only a gross guard against a broken or inverted model (> 3), judged
+  once both arms hold ``min_samples``: PSI is a distance, not a test, and
   between two samples of one distribution it is about (bins - 1)(1/n1 + 1/n0) times a chi-square(bins - 1)
   variable, so 0.2 is out of reach of chance from 200 per arm on (at 100 it happens at one look in forty,
-  which the A/A simulation showed before this rule). In the shadow step, where both scored the same rows, also
-  the agreement of their labels and the paired mean difference.
+  which the A/A simulation showed before this rule). The paired mean difference is reported beside them.
 * ``latency`` — in the shadow step, Mann-Whitney's AUC by mSPRT on the model call times of the two versions
   on the same batches: significantly slower *and* a P95 ratio above ``max_latency_ratio`` → *rollback* (a
   significant but tiny slowdown is not worth one). Only there: in the traffic steps a batch mixes both
@@ -168,10 +171,10 @@ def _predictions(state: RolloutState, data: StepData, alpha: float) -> Check:
         if len(cand) < policy.min_samples:
             return Check("predictions", "wait", f"shadow on {len(cand)} rows: PSI {psi:.3f}, judged from "
                          f"{policy.min_samples} rows", values)
-        bad = psi > policy.max_psi
+        bad = psi > policy.max_psi or agreement < policy.min_agreement
         return Check("predictions", "fail" if bad else "pass",
-                     f"shadow on {len(cand)} rows: PSI {psi:.3f} (max {policy.max_psi:g}), label agreement "
-                     f"{agreement:.3f}, mean score difference {e.estimate:+.4f}", values)
+                     f"shadow on {len(cand)} rows: label agreement {agreement:.3f} (min {policy.min_agreement:g}), "
+                     f"PSI {psi:.3f} (max {policy.max_psi:g}), mean score difference {e.estimate:+.4f}", values)
     cand, base = data.candidate.scores, data.baseline.scores
     if len(cand) < 2 or len(base) < 2:
         return Check("predictions", "wait", "too few scores")

@@ -62,6 +62,8 @@ def add_verbs(sub: Any, verb: Callable[..., OneLineParser]) -> None:
     start.add_argument("--max-step-seconds", type=finite, default=Policy.max_step_s)
     start.add_argument("--alpha", type=finite, default=Policy.alpha, help="false-rollback rate of the whole rollout")
     start.add_argument("--max-psi", type=finite, default=Policy.max_psi)
+    start.add_argument("--min-agreement", type=finite, default=Policy.min_agreement,
+                       help="shadow: share of rows on which the candidate decides as Production")
     start.add_argument("--max-latency-ratio", type=finite, default=Policy.max_latency_ratio)
     start.add_argument("--max-quality-drop", type=finite, default=Policy.max_quality_drop)
     start.add_argument("--reason", default="")
@@ -92,7 +94,7 @@ def check(args: argparse.Namespace) -> None:
         args.steps = parse_steps(args.steps)
         args.policy = Policy(min_samples=args.min_samples, min_step_s=args.min_step_seconds,
                              max_step_s=args.max_step_seconds, alpha=args.alpha, max_psi=args.max_psi,
-                             max_latency_ratio=args.max_latency_ratio, max_quality_drop=args.max_quality_drop)
+                             min_agreement=args.min_agreement, max_latency_ratio=args.max_latency_ratio, max_quality_drop=args.max_quality_drop)
     if args.command == "experiment":
         args.plan = power.plan(args.baseline_rate, args.mde, args.alpha, args.power, args.share, args.relative,
                                args.daily_traffic)
