@@ -94,7 +94,8 @@ def check(args: argparse.Namespace) -> None:
         args.steps = parse_steps(args.steps)
         args.policy = Policy(min_samples=args.min_samples, min_step_s=args.min_step_seconds,
                              max_step_s=args.max_step_seconds, alpha=args.alpha, max_psi=args.max_psi,
-                             min_agreement=args.min_agreement, max_latency_ratio=args.max_latency_ratio, max_quality_drop=args.max_quality_drop)
+                             min_agreement=args.min_agreement, max_latency_ratio=args.max_latency_ratio,
+                             max_quality_drop=args.max_quality_drop)
     if args.command == "experiment":
         args.plan = power.plan(args.baseline_rate, args.mde, args.alpha, args.power, args.share, args.relative,
                                args.daily_traffic)
