@@ -4,6 +4,7 @@ Production by the controller under traffic; prints each rollout's timeline from 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from datetime import datetime
@@ -49,6 +50,7 @@ def demo_rollout(registry: Registry, ws: Workspace, url: str, settings: Settings
     rollouts = Rollouts(registry)
     controller = Controller(settings, registry, name, record_every_s=600)
     thread = threading.Thread(target=controller.run, args=(0.5,), daemon=True)
+    logging.getLogger("lifecycle.rollout.controller").setLevel(logging.ERROR)  # the timelines below say it
     thread.start()
     ended: dict[str, str] = {}
     try:
