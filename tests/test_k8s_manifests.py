@@ -197,6 +197,15 @@ def test_skew_check_reads_the_offline_data_and_checks_every_five_minutes(rendere
     assert any(m["name"] == "offline-data" and m["readOnly"] for m in c["volumeMounts"])
 
 
+def test_the_rollout_controller_runs_the_controller_with_registry_and_kafka_access(rendered):
+    deployment = by_name(rendered["production"], "Deployment", "rollout-controller")
+    c = container(deployment)
+    assert c["command"][:3] == ["python", "-m", "lifecycle.rollout.controller"] and "9111" in c["command"]
+    policy = by_name(rendered["production"], "NetworkPolicy", "rollout-controller")
+    ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert {9092, 5000} <= ports and 6379 not in ports  # Kafka and MLflow; no Redis
+
+
 def test_config_map_holds_only_real_settings(rendered):
     for overlay, objects in rendered.items():
         config = by_name(objects, "ConfigMap", "mlops-config")["data"]

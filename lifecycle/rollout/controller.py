@@ -197,3 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("watching the rollouts of %s every %gs", name, args.interval)
     controller.run(args.interval, args.max_seconds)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
