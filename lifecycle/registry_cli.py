@@ -7,7 +7,7 @@
     registry rollback --name N [--to VERSION] [--reason R]
     registry history  --name N
     registry rollout  start|status|history|pause|resume|abort --name N ...   (lifecycle/rollout/cli.py)
-    registry experiment plan --baseline-rate R --mde D ...
+    registry experiment plan|start|status|conclude ...
 
 Every verb takes ``--json``. ``--mlflow-uri`` (or ``--registry``) names the MLflow backend: a server URL, a
 database URI, or a path taken as an embedded SQLite file; default ``MLOPS_MLFLOW_URI``, else the embedded store.
@@ -243,15 +243,15 @@ def parser() -> OneLineParser:
 
 
 COMMANDS = {"register": register, "promote": promote, "list": show_list, "compare": compare, "rollback": rollback,
-            "history": history, "rollout": rollout_cli.rollout}
+            "history": history, "rollout": rollout_cli.rollout, "experiment": rollout_cli.experiment}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         check_args(args)
-        if args.command == "experiment":  # arithmetic only: no backend
-            return rollout_cli.experiment(args)
+        if args.command == "experiment" and args.action == "plan":  # arithmetic only: no backend
+            return rollout_cli.plan_experiment(args)
         settings = Settings.load()
         create = args.command == "register" and args.content is not None
         with fail_fast():

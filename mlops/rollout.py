@@ -108,6 +108,8 @@ class RolloutState:
     actor: str = ""
     reason: str = ""
     policy: Policy = field(default_factory=Policy)
+    kind: str = "rollout"  # or "experiment": the split is held until `registry experiment conclude`
+    experiment: dict[str, Any] = field(default_factory=dict)  # metric, design, planned sample per arm
 
     @property
     def active(self) -> bool:
@@ -150,7 +152,8 @@ class RolloutState:
             check_steps(state.steps)
         except (ValueError, TypeError, KeyError) as exc:
             raise RolloutStateError(f"unreadable rollout state: {exc}") from None
-        if state.status not in STATUSES or not 0 <= state.step_index < len(state.steps):
+        if (state.status not in STATUSES or not 0 <= state.step_index < len(state.steps)
+                or state.kind not in ("rollout", "experiment")):
             raise RolloutStateError(f"unreadable rollout state: status {state.status!r}, step {state.step_index}")
         return state
 

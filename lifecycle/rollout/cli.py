@@ -7,6 +7,10 @@
     registry rollout pause|resume|abort --name N [--reason R]
     registry experiment plan --baseline-rate 0.02 --mde 0.1 [--relative] [--alpha 0.05] [--power 0.8]
                              [--share 0.5] [--daily-traffic N]
+    registry experiment start    --name N --version V --samples N [--share 0.5] [--metric accuracy|caught]
+                                 [--design sequential|fixed] [--alpha 0.05]
+    registry experiment status   --name N
+    registry experiment conclude --name N [--force]
 """
 
 from __future__ import annotations
@@ -17,13 +21,18 @@ import json
 import math
 import socket
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
-from lifecycle.registry import Registry
+from lifecycle.registry import Registry, RegistryError
+from lifecycle.rollout import experiment as experiment_mod
 from lifecycle.rollout import power
 from lifecycle.rollout.state import Rollouts
+from lifecycle.rollout.step_data import ArmReader, StepReader
 from mlops.cli_args import OneLineParser, positive_int
-from mlops.rollout import Policy, RolloutState, parse_steps
+from mlops.connections import kafka_config
+from mlops.rollout import Policy, RolloutState, check_steps, parse_steps
+from mlops.settings import Settings
 
 
 def actor() -> str:
@@ -87,6 +96,26 @@ def add_verbs(sub: Any, verb: Callable[..., OneLineParser]) -> None:
     plan.add_argument("--share", type=finite, default=0.5, help="the candidate's share of traffic")
     plan.add_argument("--daily-traffic", type=positive_int, help="predictions per day, for the duration")
 
+    def ex_action(name: str, help_text: str) -> OneLineParser:
+        p = ex_actions.add_parser(name, help=help_text)
+        p.add_argument("--mlflow-uri", "--registry", dest="mlflow_uri", default=argparse.SUPPRESS)
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+        p.add_argument("--name", required=True)
+        return p
+
+    es = ex_action("start", "split traffic between Production and --version until concluded")
+    es.add_argument("--version", required=True)
+    es.add_argument("--samples", type=positive_int, required=True, help="labelled predictions per arm (from plan)")
+    es.add_argument("--share", type=finite, default=0.5, help="the candidate's share of customers")
+    es.add_argument("--metric", choices=experiment_mod.METRICS, default="accuracy")
+    es.add_argument("--design", choices=experiment_mod.DESIGNS, default="sequential")
+    es.add_argument("--alpha", type=finite, default=0.05)
+    es.add_argument("--reason", default="")
+    ex_action("status", "the read-out: sequential and Bayesian, and the stopping rule's verdict")
+    ec = ex_action("conclude", "promote the winner through the rollout, or keep Production")
+    ec.add_argument("--force", action="store_true", help="conclude before the stopping rule says so (keeps "
+                    "Production)")
+
 
 def check(args: argparse.Namespace) -> None:
     """Argument checks before any backend is opened (ValueError: a usage error)."""
@@ -96,12 +125,18 @@ def check(args: argparse.Namespace) -> None:
                              max_step_s=args.max_step_seconds, alpha=args.alpha, max_psi=args.max_psi,
                              min_agreement=args.min_agreement, max_latency_ratio=args.max_latency_ratio,
                              max_quality_drop=args.max_quality_drop)
-    if args.command == "experiment":
+    if args.command == "experiment" and args.action == "plan":
         args.plan = power.plan(args.baseline_rate, args.mde, args.alpha, args.power, args.share, args.relative,
                                args.daily_traffic)
+    if args.command == "experiment" and args.action == "start":
+        if not 0 < args.share < 1:
+            raise ValueError(f"--share must be in (0, 1), got {args.share:g}")
+        args.steps = (round(args.share * 100), 100)
+        check_steps(args.steps)
+        args.policy = Policy(min_samples=args.samples, alpha=args.alpha, max_step_s=30 * 86400.0)
 
 
-def experiment(args: argparse.Namespace) -> int:
+def plan_experiment(args: argparse.Namespace) -> int:
     p = args.plan
     if args.json:
         print(json.dumps(p.to_dict(), indent=2))
@@ -149,4 +184,77 @@ def rollout(reg: Registry, args: argparse.Namespace) -> int:
         print(json.dumps({**json.loads(state.to_tag()), "share": state.share, "shadow": state.shadow}, indent=2))
     else:
         print(describe(state))
+    return 0
+
+
+def _experiment_state(reg: Registry, name: str) -> RolloutState:
+    state = reg.rollout(name)
+    if state is None or state.kind != "experiment" or not state.active:
+        raise RegistryError(f"{name} has no experiment running")
+    return state
+
+
+def read_out(reg: Registry, state: RolloutState, settings: Settings) -> experiment_mod.Readout:
+    """The experiment's arms read back from Kafka since its split began, and their read-out."""
+    reader = StepReader(kafka_config(settings), state, settings.predictions_topic, settings.outcomes_topic,
+                        int(datetime.fromisoformat(state.step_started_at).timestamp() * 1000),
+                        threshold=settings.decision_threshold)
+    try:
+        reader.catch_up()
+    finally:
+        reader.close()
+    metric = state.experiment["metric"]
+
+    def counts(arm: ArmReader) -> experiment_mod.ArmCounts:
+        return experiment_mod.ArmCounts(arm.labelled, arm.correct if metric == "accuracy" else arm.caught)
+
+    return experiment_mod.readout(metric, state.experiment["design"], counts(reader.candidate),
+                                  counts(reader.baseline), state.experiment["samples"], state.policy.alpha)
+
+
+def experiment(reg: Registry, args: argparse.Namespace) -> int:
+    if args.action == "start":
+        spec = {"metric": args.metric, "design": args.design, "samples": args.samples}
+        state = Rollouts(reg).start(args.name, args.version, args.steps, args.policy, actor(),
+                                    args.reason or f"experiment on {args.metric}", kind="experiment",
+                                    experiment=spec)
+        if args.json:
+            print(json.dumps({**json.loads(state.to_tag()), "share": state.share}, indent=2))
+        else:
+            print(f"experiment {state.id}: {args.version} on {state.share:.0%} of customers against "
+                  f"{state.baseline}, {args.metric}, {args.design}, {args.samples:,} labelled predictions per arm")
+        return 0
+    state = _experiment_state(reg, args.name)
+    r = read_out(reg, state, Settings.load())
+    if args.action == "status":
+        if args.json:
+            print(json.dumps({"experiment": state.id, **r.to_dict()}, indent=2))
+            return 0
+        print(f"experiment {state.id}: {state.candidate} vs {state.baseline} on {r.metric} ({r.design}, "
+              f"{r.planned:,} per arm planned)")
+        print(f"  candidate {r.candidate.rate:.4f} ({r.candidate.successes:,}/{r.candidate.labelled:,})   "
+              f"baseline {r.baseline.rate:.4f} ({r.baseline.successes:,}/{r.baseline.labelled:,})")
+        print(f"  sequential: difference {r.estimate:+.4f}, {1 - state.policy.alpha:.0%} confidence sequence "
+              f"[{r.lower:+.4f}, {r.upper:+.4f}], always-valid p {r.p_value:.3g}")
+        print(f"  Bayesian:   P(candidate better) {r.prob_candidate_better:.3f}, expected loss choosing it "
+              f"{r.expected_loss_candidate:.5f}, choosing the baseline {r.expected_loss_baseline:.5f}")
+        print(f"  stopping rule: {r.verdict}")
+        return 0
+    rollouts = Rollouts(reg)
+    if r.verdict == "candidate":
+        new = rollouts.apply(args.name, state.id, state.step_index, "promote", actor(),
+                             f"experiment concluded: candidate better on {r.metric} ({r.estimate:+.4f}, "
+                             f"CS [{r.lower:+.4f}, {r.upper:+.4f}])")
+        text = f"{state.candidate} won: rolling out from {state.step} % to 100 % (the controller takes it from here)"
+    elif r.verdict == "continue" and not args.force:
+        raise RegistryError(f"experiment {state.id} has not reached a verdict (sequential: no difference excluded "
+                            f"yet; fixed: {r.planned:,} per arm planned); --force keeps Production")
+    else:
+        new = rollouts.apply(args.name, state.id, state.step_index, "rollback", actor(),
+                             f"experiment concluded: {r.verdict} on {r.metric} ({r.estimate:+.4f}); Production kept")
+        text = f"{state.baseline} stays in Production ({r.verdict}); {state.candidate} archived"
+    if args.json:
+        print(json.dumps({"readout": r.to_dict(), "state": json.loads(new.to_tag())}, indent=2))
+    else:
+        print(text)
     return 0

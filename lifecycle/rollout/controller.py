@@ -91,6 +91,8 @@ class Controller:
         elapsed = time.time() - _seconds(state.step_started_at)
         data = self.reader.data(elapsed, baseline)
         decision = decide(state, data)
+        if state.kind == "experiment" and decision.action == "promote":  # the split holds until concluded
+            decision = Decision("hold", "experiment: until `registry experiment conclude`", decision.checks)
         log.debug("look at step %d after %.1fs: %d / %d predictions -> %s (%s)", state.step_index + 1, elapsed,
                   data.candidate.predictions, data.baseline.predictions, decision.action, decision.reason)
         STUCK.labels(self.name).set(1 if decision.reason.startswith("stuck") else 0)

@@ -49,7 +49,8 @@ class Rollouts:
         return self.registry.rollout(name)
 
     def start(self, name: str, candidate: str, steps: Sequence[int] = DEFAULT_STEPS, policy: Policy | None = None,
-              actor: str = "cli", reason: str = "") -> RolloutState:
+              actor: str = "cli", reason: str = "", kind: str = "rollout",
+              experiment: dict[str, Any] | None = None) -> RolloutState:
         check_steps(tuple(steps))
         with self.registry.locked(name) as lease:
             current = self.registry.rollout(name)
@@ -72,7 +73,8 @@ class Rollouts:
             state = RolloutState(id=uuid.uuid4().hex[:12], model=name, candidate=candidate,
                                  baseline=production.version, steps=tuple(steps), step_index=0, status="running",
                                  started_at=now, step_started_at=now, updated_at=now, actor=actor,
-                                 reason=reason or "started", policy=policy or Policy())
+                                 reason=reason or "started", policy=policy or Policy(), kind=kind,
+                                 experiment=experiment or {})
             if stage != "Staging":
                 self.registry.move(lease, mv, "Staging", f"rollout {state.id} started")
             self.registry.model_tag(lease, TAG, state.to_tag())
@@ -100,10 +102,10 @@ class Rollouts:
                 mv = self.registry._mlflow_version(name, state.candidate)
                 self.registry.move(lease, mv, "Production", f"rollout {state.id} completed",
                                    retire_reason=f"replaced by {state.candidate} (rollout {state.id})")
-            else:
+            else:  # a concluded experiment continues as a rollout from its split
                 new = state.moved(step_index=state.step_index + 1, step_started_at=now,
                                   previous_step_started_at=state.step_started_at, updated_at=now, actor=actor,
-                                  reason=reason)
+                                  reason=reason, kind="rollout")
             if new is not state:
                 self.registry.model_tag(lease, TAG, new.to_tag())
             self._record(lease, state if action == "hold" else new, action, actor, reason, checks)

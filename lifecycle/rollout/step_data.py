@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,7 +53,7 @@ class ArmReader:
         self.predictions = 0
         self.customers: set[str] = set()
         self.scores, self.model_ms = Reservoir(seed=1), Reservoir(seed=2)
-        self.labelled = self.correct = 0
+        self.labelled = self.correct = self.caught = 0
 
     def arm(self) -> Arm:
         return Arm(self.version, self.predictions, len(self.customers), self.scores.array(), self.model_ms.array(),
@@ -163,6 +164,13 @@ class StepReader:
     def _judge(arm: ArmReader, predicted: int, actual: int) -> None:
         arm.labelled += 1
         arm.correct += int(predicted == actual)
+        arm.caught += int(predicted == 1 and actual == 1)
+
+    def catch_up(self, seconds: float = 30.0) -> None:
+        """Read until the end of the log (a one-off read-out), at most ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while self.poll(timeout=1.0) and time.monotonic() < deadline:
+            pass
 
     def data(self, elapsed_s: float, baseline: Arm | None = None) -> StepData:
         pairs = np.asarray(self.pairs.items, dtype=np.float64).reshape(-1, 2)
