@@ -38,6 +38,10 @@ def test_bentoml_build_packs_service_code_and_model(workspace):
     bento_dir = Path(os.environ["BENTOML_HOME"]) / "bentos" / tag.replace(":", "/")
     assert (bento_dir / "src" / "service" / "service.py").exists()
     assert (bento_dir / "src" / "feature_repo" / "feature_store.yaml").exists()
+    needed: set[Path] = set()  # every project file the image's entry points import (subpackages too)
+    third_party_imports(ENTRY_POINTS, needed)
+    missing = sorted(str(p) for p in needed if not (bento_dir / "src" / p).exists())
+    assert not missing, f"imported by an entry point but not packed (bentofile.yaml include): {missing}"
     assert (bento_dir / "env" / "docker" / "Dockerfile").exists()
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime==1.32.0" in requirements and "feast" in requirements
@@ -90,9 +94,14 @@ def module_level(tree: ast.Module) -> list[ast.stmt]:
     return out
 
 
-def third_party_imports(entry_modules: list[str]) -> set[str]:
+# What the image runs (bentofile.yaml, deploy/k8s): the service, the stream consumers, the rollout controller.
+ENTRY_POINTS = ["service.service", "streaming.__main__", "streaming.cli", "lifecycle.rollout.controller"]
+
+
+def third_party_imports(entry_modules: list[str], local_files: set[Path] | None = None) -> set[str]:
     """Top-level third-party modules that the entry modules, and the project modules they import, import when
-    they load (imports inside functions run later, if ever, and are left out)."""
+    they load (imports inside functions run later, if ever, and are left out); ``local_files`` collects the
+    project's files on the way."""
     local = {"service", "streaming", "mlops", "lifecycle", "tools", "feature_repo"}
     seen: set[str] = set()
     found: set[str] = set()
@@ -106,6 +115,8 @@ def third_party_imports(entry_modules: list[str]) -> set[str]:
         path = base / "__init__.py" if (base / "__init__.py").exists() else base.with_suffix(".py")
         if not path.exists():
             continue
+        if local_files is not None:
+            local_files.add(path.relative_to(ROOT))
         for node in module_level(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -160,11 +171,11 @@ def test_bento_packs_every_package_its_entry_points_import():
 
     bento = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     included = " ".join(bento["include"])
-    assert "service/*.py" in included and "streaming/*.py" in included and "mlops/*.py" in included
+    assert "service/**/*.py" in included and "streaming/**/*.py" in included and "mlops/**/*.py" in included
     available = installed_closure(bento["python"]["packages"])
     providers = metadata.packages_distributions()
     missing = []
-    for module in sorted(third_party_imports(["service.service", "streaming.__main__", "streaming.cli"])):
+    for module in sorted(third_party_imports(ENTRY_POINTS)):
         dists = {canonicalize_name(d) for d in providers.get(module, [module])}
         if not dists & available:
             missing.append(f"{module} ({', '.join(sorted(dists))})")
