@@ -52,16 +52,21 @@ def finite(text: str) -> float:
     return value
 
 
+def _model_action(actions: Any, name: str, help_text: str) -> OneLineParser:
+    """An action on one registered model, taking the registry's common options after it too."""
+    p = actions.add_parser(name, help=help_text)
+    p.add_argument("--mlflow-uri", "--registry", dest="mlflow_uri", default=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    p.add_argument("--name", required=True)
+    return p
+
+
 def add_verbs(sub: Any, verb: Callable[..., OneLineParser]) -> None:
     ro = verb("rollout", "progressive rollout of a candidate: shadow, then growing shares of traffic")
     actions = ro.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
 
     def action(name: str, help_text: str) -> OneLineParser:
-        p = actions.add_parser(name, help=help_text)
-        p.add_argument("--mlflow-uri", "--registry", dest="mlflow_uri", default=argparse.SUPPRESS)
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-        p.add_argument("--name", required=True)
-        return p
+        return _model_action(actions, name, help_text)
 
     start = action("start", "start rolling out --version against Production")
     start.add_argument("--version", required=True)
@@ -97,11 +102,7 @@ def add_verbs(sub: Any, verb: Callable[..., OneLineParser]) -> None:
     plan.add_argument("--daily-traffic", type=positive_int, help="predictions per day, for the duration")
 
     def ex_action(name: str, help_text: str) -> OneLineParser:
-        p = ex_actions.add_parser(name, help=help_text)
-        p.add_argument("--mlflow-uri", "--registry", dest="mlflow_uri", default=argparse.SUPPRESS)
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-        p.add_argument("--name", required=True)
-        return p
+        return _model_action(ex_actions, name, help_text)
 
     es = ex_action("start", "split traffic between Production and --version until concluded")
     es.add_argument("--version", required=True)
