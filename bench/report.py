@@ -206,6 +206,32 @@ def grpc_servers() -> list[str]:
     return lines
 
 
+GPU_BATCHES = (1, 32, 256, 1024, 8192, 65536)
+
+
+def gpu() -> list[str]:
+    """The CUDA provider path on a lent GPU (`python -m bench.gpu`, bench/results/gpu-run*.json)."""
+    found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu-run*.json"))]
+    if not found:
+        return []
+    env = found[0]["environment"]
+    lines = [f"GPU: the model alone, one call per batch, numpy in and out, P50 ms, run 1 / run 2 "
+             f"(`python -m bench.gpu`, {env['gpu'].split(',')[0]}, {env['cpu_count']} CPUs, "
+             f"onnxruntime-gpu {env['onnxruntime']}):", "",
+             "| variant | nodes by provider | " + " | ".join(f"batch {b:,}" for b in GPU_BATCHES) + " |",
+             "|---|---|" + "---|" * len(GPU_BATCHES)]
+    for variant in [v["variant"] for v in found[0]["variants"]]:
+        runs = [next(v for v in run["variants"] if v["variant"] == variant) for run in found]
+        placed = runs[0].get("nodes_by_provider")
+        cells = []
+        for batch in GPU_BATCHES:
+            cells.append(" / ".join(_num(next(b["p50_ms"] for b in r["batches"] if b["batch"] == batch), 3)
+                                    for r in runs))
+        where = ", ".join(f"{k.removesuffix('ExecutionProvider')} {n}" for k, n in placed.items()) if placed else "–"
+        lines.append(f"| {variant} | {where} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(names: list[str]) -> str:
     runs = load(names)
     for name, run in zip(names, runs, strict=True):  # POST /outcomes measured on its own (--outcomes-only)
@@ -222,9 +248,10 @@ def render(names: list[str]) -> str:
     profile = where_time_goes()
     durable = durability(runs)
     servers = grpc_servers()
+    on_gpu = gpu()
     return "\n".join([intro, "", *closed_loop(runs), "", *latency_and_cpu(runs), "", *other_measures(runs),
                       *(["", *durable] if durable else []), *(["", *profile] if profile else []),
-                      *(["", *servers] if servers else [])])
+                      *(["", *servers] if servers else []), *(["", *on_gpu] if on_gpu else [])])
 
 
 def page_section(readme: str) -> str:

@@ -252,6 +252,7 @@ class Runtime:
             "model_name": model.name,
             "model_version": model.version,
             "provider": serving.production.provider,
+            "nodes_by_provider": serving.production.placement,
             "features": list(serving.production.features),
             "metrics": model.metadata.get("metrics", {}),
             "canary_version": serving.versions[1],

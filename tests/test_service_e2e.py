@@ -219,6 +219,7 @@ def test_probes_info_and_metrics(server):
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     info = httpx.get(f"{server.url}/info").json()
     assert info["provider"] == "CPUExecutionProvider" and info["ready"] is True
+    assert info["nodes_by_provider"] == {"CPUExecutionProvider": 1}  # where the graph ran, not what was asked
     assert info["model_version"] == "v1" and info["kafka"]["connected"] is True
     assert info["online_store"]["up"] is True and info["online_store"]["empty"] is False
     assert "address" not in info["online_store"] and "bootstrap" not in info["kafka"]  # MLOPS_INFO_ADDRESSES off

@@ -1,0 +1,63 @@
+"""What docs/benchmarks.md and docs/serving.md say about the GPU, checked against the committed device results
+(bench/results/gpu-*.json, taken on a lent H200: CI has no GPU), and `bench.gpu` itself run here on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import gpu
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+def runs() -> list[dict]:
+    found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu-run*.json"))]
+    assert len(found) == 2, "two runs, as every committed benchmark"
+    return found
+
+
+def variant(run: dict, name: str) -> dict:
+    return next(v for v in run["variants"] if v["variant"] == name)
+
+
+def p50(v: dict, batch: int) -> float:
+    return next(b["p50_ms"] for b in v["batches"] if b["batch"] == batch)
+
+
+@pytest.mark.parametrize("run", runs())
+def test_cuda_session_runs_the_tree_ensemble_on_cpu(run):
+    assert CUDA in run["environment"]["providers"]  # the CUDA provider was there and loaded...
+    served = variant(run, "served-cuda")
+    assert served["session_providers"][0] == CUDA
+    assert served["nodes_by_provider"] == {CPU: 1}  # ...and ran nothing: no CUDA kernel for ai.onnx.ml trees
+    assert served["max_abs_diff_vs_served_cpu"] == 0.0
+
+
+@pytest.mark.parametrize("run", runs())
+def test_tensorised_trees_use_the_gpu_for_large_batches_only(run):
+    on_gpu, on_cpu = variant(run, "tensorised-torch-cuda"), variant(run, "served-cpu")
+    assert on_gpu["max_abs_diff_vs_served_cpu"] < 1e-6
+    assert p50(on_gpu, 8192) * 10 < p50(on_cpu, 8192)
+    assert p50(on_gpu, 1) > 10 * p50(on_cpu, 1)
+
+
+def test_cuda_provider_needs_the_preload_where_cuda_comes_from_pip():
+    found = json.loads((RESULTS / "gpu-cuda-libraries.json").read_text())
+    by_preload = {r["preload_dlls"]: r["session_providers"] for r in found["results"]}
+    assert by_preload[False] == [CPU]
+    assert by_preload[True][0] == CUDA
+
+
+def test_bench_gpu_runs_on_cpu(tmp_path):
+    gpu.prepare(tmp_path)
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--model", str(tmp_path / "model.onnx"), "--rows", str(tmp_path / "rows.npy"),
+                     "--budget-s", "0.01", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    served = variant(result, "served-cpu")
+    assert served["nodes_by_provider"] == {CPU: 1}
+    assert [b["batch"] for b in served["batches"]] == list(gpu.BATCHES)
