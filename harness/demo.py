@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from harness import server_process, workspace
+from harness.demo_experiment import demo_experiment
 from harness.demo_quality import demo_quality, demo_skew
 from harness.demo_rollout import demo_rollout
 from harness.kafka_read import new_events, read_events, tail
@@ -135,9 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         if not demo_rollout(registry, ws, server.url, settings):
             print("the rollouts did not end as expected (flipped: rolled back; retrained: completed)", file=sys.stderr)
             return 1
+        step("A/B experiment: a cheaper challenger against Production on accuracy, planned by power analysis, "
+             "outcomes joined as they arrive, sequential and Bayesian read-outs, concluded by the stopping rule")
+        if not demo_experiment(registry, ws, server.url, settings):
+            print("the experiment did not end as expected (Production kept by the stopping rule)", file=sys.stderr)
+            return 1
         step(f"done: {len(ids)} predictions served, {len(events)} events read back from Kafka, "
              f"{len(alerts)} drift alerts, {len(performance)} performance alerts, promotion and rollback with no "
-             "failed request, a bad candidate rolled back and a good one rolled out by the controller")
+             "failed request, a bad candidate rolled back and a good one rolled out by the controller, an A/B "
+             "experiment concluded")
         print(f"browse the training runs and the registry: .venv/bin/mlflow ui --backend-store-uri "
               f"{backend.display_uri} --port 5000   (then http://127.0.0.1:5000)")
         if args.keep_running:

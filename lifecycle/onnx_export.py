@@ -71,11 +71,11 @@ def check_servable(onnx_bytes: bytes, n_features: int) -> None:
     shape, kind = inputs[0].shape, inputs[0].type
     if kind != "tensor(float)" or len(shape) != 2 or shape[1] != n_features:
         raise InvalidModelError(f"input {INPUT_NAME!r} must be a float tensor [N, {n_features}], found {kind} {shape}")
-    try:
-        outputs = session.run(None, {INPUT_NAME: np.zeros((1, n_features), dtype=np.float32)})
+    try:  # two rows: the service scores batches, and a graph exported with a fixed batch of 1 cannot
+        outputs = session.run(None, {INPUT_NAME: np.zeros((2, n_features), dtype=np.float32)})
         proba = positive_proba(outputs)
     except Exception as exc:
-        raise InvalidModelError(f"the model does not score a row of {n_features} features: "
+        raise InvalidModelError(f"the model does not score a batch of rows of {n_features} features: "
                                 f"{str(exc).splitlines()[0][:200]}") from None
-    if proba.shape != (1,) or not np.isfinite(proba).all():
+    if proba.shape != (2,) or not np.isfinite(proba).all():
         raise InvalidModelError("the model's second output must hold the probabilities of two classes per row")

@@ -47,6 +47,9 @@ class PredictionEvent(msgspec.Struct, kw_only=True, omit_defaults=False):
     model_ms: float | None = None
     shadow: ShadowScore | None = None
     rollout: str | None = None
+    # The rollout candidate this row was routed to (or shadowed by) failed to score it; Production's answer is
+    # the one given and logged. The rollout's error check counts these per arm.
+    failed_version: str | None = None
     schema_version: int = SCHEMA_VERSION
 
 

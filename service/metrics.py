@@ -119,6 +119,10 @@ ROLLOUT_SHARE = bentoml.metrics.Gauge(
     labelnames=["model_name", "candidate"],
     multiprocess_mode="livemax",
 )
+CANDIDATE_FAILURES = bentoml.metrics.Counter(
+    name="mlops_candidate_failures_total",
+    documentation="Rows the rollout candidate failed to score in a traffic step (Production answered them)",
+)
 SHADOW_FAILURES = bentoml.metrics.Counter(
     name="mlops_shadow_failures_total",
     documentation="Batches the shadow candidate failed to score (Production answered them anyway)",

@@ -136,7 +136,7 @@ class PredictionService:
                         latency_ms=latency_ms, model_ms=result.model_ms,
                         shadow=events.ShadowScore(model_version=result.shadow[0], prediction=result.shadow[1],
                                                   model_ms=result.shadow[2]) if result.shadow else None,
-                        rollout=result.rollout,
+                        rollout=result.rollout, failed_version=result.failed_version,
                     )
                     # No customer: keyed by the request id, so a repeat lands on the original's partition (the
                     # drift consumer de-duplicates per partition).

@@ -2,11 +2,13 @@
 
 The model version of each row is chosen by the registry follower (``ModelSelector``): Production, or the
 canary for the share of customers it owns. A batch finishes on the versions it started with, whatever
-swaps meanwhile.
+swaps meanwhile. A candidate that fails to score its rows costs no request: Production answers them, and the
+event says which version failed (``failed_version``), which is how the rollout counts errors per arm.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +27,8 @@ STORE_UNAVAILABLE = "online_store_unavailable"
 STORE_EMPTY = "online_store_empty"
 RETRYABLE = {STORE_UNAVAILABLE, STORE_EMPTY}
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class Scored:
@@ -37,6 +41,7 @@ class Scored:
     model_ms: float | None = None  # the call that scored this row (its version's rows of the batch)
     shadow: tuple[str, float, float] | None = None  # rollout shadow step: candidate's version, score, call ms
     rollout: str | None = None  # the rollout step whose routing scored it
+    failed_version: str | None = None  # the candidate that failed this row (Production answered it)
 
 
 class Scorer:
@@ -86,18 +91,32 @@ class Scorer:
             by_predictor.setdefault(id(predictor), (predictor, []))[1].append(len(results) - 1)
 
         for predictor, indices in by_predictor.values():
-            x = self._matrix(predictor, results, indices)
-            started = time.perf_counter()
-            proba = predictor.predict(x)
-            elapsed = time.perf_counter() - started
-            metrics.INFERENCE_LATENCY.observe(elapsed)
-            model_ms = round(elapsed * 1000.0, 4)
-            for i, p in zip(indices, proba.tolist(), strict=True):
-                results[i].prediction = p
-                results[i].model_ms = model_ms
+            try:
+                self._predict(predictor, results, indices)
+            except Exception as exc:
+                if predictor is serving.production:
+                    raise
+                metrics.CANDIDATE_FAILURES.inc(len(indices))
+                log.warning("candidate %s failed to score %d rows (%s: %s); Production answers them",
+                            predictor.model.version, len(indices), type(exc).__name__, str(exc)[:200])
+                self._predict(serving.production, results, indices)
+                for i in indices:
+                    results[i].failed_version = predictor.model.version
+                    results[i].model_version = serving.production.model.version
             if serving.shadow is not None:
                 self._shadow(serving.shadow, results, indices)
         return results
+
+    def _predict(self, predictor: OnnxPredictor, results: list[Scored], indices: list[int]) -> None:
+        x = self._matrix(predictor, results, indices)
+        started = time.perf_counter()
+        proba = predictor.predict(x)
+        elapsed = time.perf_counter() - started
+        metrics.INFERENCE_LATENCY.observe(elapsed)
+        model_ms = round(elapsed * 1000.0, 4)
+        for i, p in zip(indices, proba.tolist(), strict=True):
+            results[i].prediction = p
+            results[i].model_ms = model_ms
 
     @staticmethod
     def _matrix(predictor: OnnxPredictor, results: list[Scored], indices: list[int]) -> np.ndarray:
@@ -112,6 +131,8 @@ class Scorer:
             proba = shadow.predict(self._matrix(shadow, results, indices))
         except Exception:  # noqa: BLE001 - the candidate must not break Production's answers
             metrics.SHADOW_FAILURES.inc()
+            for i in indices:
+                results[i].failed_version = shadow.model.version
             return
         model_ms = round((time.perf_counter() - started) * 1000.0, 4)
         version = shadow.model.version

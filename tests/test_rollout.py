@@ -209,3 +209,77 @@ def test_the_service_follows_shadow_then_share_then_rollback_with_no_failed_requ
         server.stop()
         if restarted is not None:
             restarted.stop()
+
+
+def fixed_batch_model(trained, monkeypatch):
+    """``trained`` exported with its batch dimension fixed at 1: it loads and scores the service's one-row warm-up,
+    then fails on every batch (a bad export - hummingbird's ONNX backend made such graphs under torch 2.11 - standing
+    in for a candidate that breaks in serving). Stored through the normal path, its checks fed one row at a time."""
+    import dataclasses
+
+    import numpy as np
+    import onnx
+
+    from lifecycle import train as train_module
+
+    graph = onnx.load_from_string(trained.onnx_bytes)
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    one_at_a_time = train_module.onnx_positive_proba
+    monkeypatch.setattr(train_module, "onnx_positive_proba",
+                        lambda b, x: np.concatenate([one_at_a_time(b, x[i:i + 1]) for i in range(len(x))]))
+    return dataclasses.replace(trained, onnx_bytes=graph.SerializeToString(), x_holdout=trained.x_holdout[:300],
+                               y_holdout=trained.y_holdout[:300], x_train=trained.x_train[:300])
+
+
+def test_a_candidate_failing_in_serving_fails_no_request_and_is_rolled_back_on_its_errors(
+        workspace, rollout, trained, monkeypatch):
+    from lifecycle.rollout.analysis import decide
+    from lifecycle.rollout.step_data import StepReader
+    from lifecycle.train import register as store_model
+    from mlops.connections import kafka_config
+
+    reg, rollouts, name = rollout
+    store_model(fixed_batch_model(trained[1], monkeypatch), name, "v3", backend=reg.backend)
+    reg.register(name, "v3")
+    customers = [f"C{i:06d}" for i in range(250)]
+    body = {"requests": [{"customer_id": c, "transaction_amount": 75.0} for c in customers]}
+    server = start_server(workspace, follower_env(reg.backend, name))
+    try:
+        state = rollouts.start(name, "v3", steps=(0, 25, 100), actor="tester")
+        wait_info(server.url, lambda i: i["shadow_version"] == "v3")
+        shadowed = httpx.post(f"{server.url}/predict_batch", json=body, timeout=60)
+        assert shadowed.status_code == 200 and {r["model_version"] for r in shadowed.json()} == {"v1"}
+        state = rollouts.apply(name, state.id, 0, "promote", "tester", "to the traffic step")
+        wait_info(server.url, lambda i: i["canary_version"] == "v3" and i["canary_share"] == 0.25)
+        answers = []
+        for _ in range(4):
+            reply = httpx.post(f"{server.url}/predict_batch", json=body, timeout=60)
+            assert reply.status_code == 200, reply.text  # Production stands in: no request fails
+            answers += reply.json()
+        assert {a["model_version"] for a in answers} <= {"v1", "v3"}
+        routed = [a for a in answers if in_share(a["customer_id"], 0.25)]
+        assert sum(a["model_version"] == "v1" for a in routed) >= 0.9 * len(routed)  # v3 answers one-row batches only
+
+        ids = {a["request_id"] for a in routed} | {r["request_id"] for r in shadowed.json()}
+        logged = read_events(workspace.settings.kafka_bootstrap, "predictions", ids, timeout=60, settle=0.5)
+        failed = [e for e in logged if e["failed_version"] == "v3"]
+        assert all(e["model_version"] == "v1" for e in failed)
+        in_traffic = [e for e in failed if e["rollout"] == f"{state.id}:1"]
+        assert len(in_traffic) >= 0.9 * len(routed) and len(failed) > len(in_traffic)  # the shadow's too
+        text = httpx.get(f"{server.url}/metrics").text
+        assert metric_value(text, "mlops_candidate_failures_total") >= len(in_traffic)
+
+        # The controller's reader counts them as the candidate's errors; the error check rolls it back.
+        reader = StepReader(kafka_config(workspace.settings), state, "predictions", "outcomes",
+                            int(time.time() * 1000) - 120_000)
+        try:
+            reader.catch_up()
+            data = reader.data(elapsed_s=30.0)
+        finally:
+            reader.close()
+        assert data.candidate.errors == len(in_traffic) and data.candidate.requests == len(routed)
+        assert data.baseline.errors == 0 and data.baseline.requests == len(answers) - len(routed)
+        decision = decide(state, data)
+        assert decision.action == "rollback" and decision.reason.startswith("errors: "), decision
+    finally:
+        server.stop()

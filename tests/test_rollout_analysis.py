@@ -74,3 +74,20 @@ def test_the_last_step_compares_with_productions_arm_of_the_step_before():
     rng = np.random.default_rng(9)
     d = decide(state_at(4), StepData(arm("v2", 2000, rng), arm("v1", 2000, rng), elapsed_s=60))
     assert d.action == "promote" and {c.name: c.verdict for c in d.checks}["split"] == "skip"
+
+
+def test_a_candidate_failing_its_rows_is_rolled_back_before_it_has_samples():
+    """The service answers a failing candidate's rows with Production and logs them as the candidate's errors:
+    40 of 40 failed (0 scored) against Production's 0 of 800 is evidence enough, however few the samples."""
+    rng = np.random.default_rng(10)
+    failing = Arm("v2", predictions=0, customers=40, requests=40, errors=40)
+    production = arm("v1", 800, rng)
+    production.requests = 800
+    d = decide(state_at(1), StepData(failing, production, elapsed_s=5))
+    assert d.action == "rollback" and d.reason.startswith("errors: error rate 1.0000 vs 0.0000"), d
+    healthy = arm("v2", 600, rng)
+    healthy.requests = 600
+    production = arm("v1", 11400, rng)
+    production.requests = 11400
+    d = decide(state_at(1), StepData(healthy, production, elapsed_s=60))
+    assert d.action == "promote" and {c.name: c.verdict for c in d.checks}["errors"] == "pass"

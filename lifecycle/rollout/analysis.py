@@ -11,7 +11,9 @@ before (the controller reads it back from the prediction log), so the candidate 
 * ``split`` — sample-ratio mismatch on distinct customers (the unit of randomisation), anytime-valid
   (:func:`~lifecycle.rollout.stats.sample_ratio_mismatch`) at a strict 0.001: a broken split makes every other
   comparison untrustworthy, so the rollout is *paused* for a person, never promoted or rolled back on it.
-* ``errors`` — failed requests per arm where counted, a rate difference by mSPRT: worse → *rollback*.
+* ``errors`` — rows each arm failed to score, a rate difference by mSPRT (tau 0.01): worse → *rollback*. The
+  service answers a candidate's failed rows with Production (no request fails) and logs them with
+  ``failed_version``; Production's own failures fail the request and reach no log, so its arm counts 0.
 * ``predictions`` — in the shadow step, where both versions scored the same rows, the share of rows on which
   the candidate takes Production's decision below ``min_agreement`` (0.8) → *rollback*; in every step, PSI
   between the two score distributions (bins: deciles of Production's scores) above ``max_psi`` (1.0) →
@@ -63,8 +65,8 @@ class Arm:
     customers: int = 0
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     model_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    requests: int = 0  # where failures are counted per arm; 0: not counted
-    errors: int = 0
+    requests: int = 0  # rows routed to this arm (scored or failed); 0: not counted
+    errors: int = 0  # rows it failed to score
     labelled: int = 0
     correct: int = 0
 

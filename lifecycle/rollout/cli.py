@@ -132,9 +132,7 @@ def check(args: argparse.Namespace) -> None:
     if args.command == "experiment" and args.action == "start":
         if not 0 < args.share < 1:
             raise ValueError(f"--share must be in (0, 1), got {args.share:g}")
-        args.steps = (round(args.share * 100), 100)
-        check_steps(args.steps)
-        args.policy = Policy(min_samples=args.samples, alpha=args.alpha, max_step_s=30 * 86400.0)
+        check_steps((round(args.share * 100), 100))
 
 
 def plan_experiment(args: argparse.Namespace) -> int:
@@ -213,12 +211,50 @@ def read_out(reg: Registry, state: RolloutState, settings: Settings) -> experime
                                   counts(reader.baseline), state.experiment["samples"], state.policy.alpha)
 
 
+def start_experiment(reg: Registry, name: str, version: str, samples: int, share: float = 0.5,
+                     metric: str = "accuracy", design: str = "sequential", alpha: float = 0.05, by: str = "cli",
+                     reason: str = "") -> RolloutState:
+    """A split held at ``share`` (no shadow step: both arms answer) until ``conclude``; up to 30 days."""
+    return Rollouts(reg).start(name, version, (round(share * 100), 100),
+                               Policy(min_samples=samples, alpha=alpha, max_step_s=30 * 86400.0), by,
+                               reason or f"experiment on {metric}", kind="experiment",
+                               experiment={"metric": metric, "design": design, "samples": samples})
+
+
+def readout_lines(state: RolloutState, r: experiment_mod.Readout, indent: str = "  ") -> list[str]:
+    """The two read-outs side by side and the stopping rule's verdict, as ``experiment status`` prints them."""
+    return [f"{indent}candidate {r.candidate.rate:.4f} ({r.candidate.successes:,}/{r.candidate.labelled:,})   "
+            f"baseline {r.baseline.rate:.4f} ({r.baseline.successes:,}/{r.baseline.labelled:,})",
+            f"{indent}sequential: difference {r.estimate:+.4f}, {1 - state.policy.alpha:.0%} confidence sequence "
+            f"[{r.lower:+.4f}, {r.upper:+.4f}], always-valid p {r.p_value:.3g}",
+            f"{indent}Bayesian:   P(candidate better) {r.prob_candidate_better:.3f}, expected loss choosing it "
+            f"{r.expected_loss_candidate:.5f}, choosing the baseline {r.expected_loss_baseline:.5f}",
+            f"{indent}stopping rule: {r.verdict}"]
+
+
+def conclude(reg: Registry, state: RolloutState, r: experiment_mod.Readout, force: bool, by: str
+             ) -> tuple[RolloutState, str]:
+    """The stopping rule's verdict applied: the winner continues through the rollout, else Production stays.
+    No verdict yet is refused unless ``force`` (which keeps Production)."""
+    rollouts = Rollouts(reg)
+    if r.verdict == "candidate":
+        new = rollouts.apply(state.model, state.id, state.step_index, "promote", by,
+                             f"experiment concluded: candidate better on {r.metric} ({r.estimate:+.4f}, "
+                             f"CS [{r.lower:+.4f}, {r.upper:+.4f}])")
+        return new, (f"{state.candidate} won: rolling out from {state.step} % to 100 % (the controller takes it "
+                     "from here)")
+    if r.verdict == "continue" and not force:
+        raise RegistryError(f"experiment {state.id} has not reached a verdict (sequential: no difference excluded "
+                            f"yet; fixed: {r.planned:,} per arm planned); --force keeps Production")
+    new = rollouts.apply(state.model, state.id, state.step_index, "rollback", by,
+                         f"experiment concluded: {r.verdict} on {r.metric} ({r.estimate:+.4f}); Production kept")
+    return new, f"{state.baseline} stays in Production ({r.verdict}); {state.candidate} archived"
+
+
 def experiment(reg: Registry, args: argparse.Namespace) -> int:
     if args.action == "start":
-        spec = {"metric": args.metric, "design": args.design, "samples": args.samples}
-        state = Rollouts(reg).start(args.name, args.version, args.steps, args.policy, actor(),
-                                    args.reason or f"experiment on {args.metric}", kind="experiment",
-                                    experiment=spec)
+        state = start_experiment(reg, args.name, args.version, args.samples, args.share, args.metric, args.design,
+                                 args.alpha, actor(), args.reason)
         if args.json:
             print(json.dumps({**json.loads(state.to_tag()), "share": state.share}, indent=2))
         else:
@@ -233,27 +269,9 @@ def experiment(reg: Registry, args: argparse.Namespace) -> int:
             return 0
         print(f"experiment {state.id}: {state.candidate} vs {state.baseline} on {r.metric} ({r.design}, "
               f"{r.planned:,} per arm planned)")
-        print(f"  candidate {r.candidate.rate:.4f} ({r.candidate.successes:,}/{r.candidate.labelled:,})   "
-              f"baseline {r.baseline.rate:.4f} ({r.baseline.successes:,}/{r.baseline.labelled:,})")
-        print(f"  sequential: difference {r.estimate:+.4f}, {1 - state.policy.alpha:.0%} confidence sequence "
-              f"[{r.lower:+.4f}, {r.upper:+.4f}], always-valid p {r.p_value:.3g}")
-        print(f"  Bayesian:   P(candidate better) {r.prob_candidate_better:.3f}, expected loss choosing it "
-              f"{r.expected_loss_candidate:.5f}, choosing the baseline {r.expected_loss_baseline:.5f}")
-        print(f"  stopping rule: {r.verdict}")
+        print("\n".join(readout_lines(state, r)))
         return 0
-    rollouts = Rollouts(reg)
-    if r.verdict == "candidate":
-        new = rollouts.apply(args.name, state.id, state.step_index, "promote", actor(),
-                             f"experiment concluded: candidate better on {r.metric} ({r.estimate:+.4f}, "
-                             f"CS [{r.lower:+.4f}, {r.upper:+.4f}])")
-        text = f"{state.candidate} won: rolling out from {state.step} % to 100 % (the controller takes it from here)"
-    elif r.verdict == "continue" and not args.force:
-        raise RegistryError(f"experiment {state.id} has not reached a verdict (sequential: no difference excluded "
-                            f"yet; fixed: {r.planned:,} per arm planned); --force keeps Production")
-    else:
-        new = rollouts.apply(args.name, state.id, state.step_index, "rollback", actor(),
-                             f"experiment concluded: {r.verdict} on {r.metric} ({r.estimate:+.4f}); Production kept")
-        text = f"{state.baseline} stays in Production ({r.verdict}); {state.candidate} archived"
+    new, text = conclude(reg, state, r, args.force, actor())
     if args.json:
         print(json.dumps({"readout": r.to_dict(), "state": json.loads(new.to_tag())}, indent=2))
     else:

@@ -50,14 +50,14 @@ class Reservoir:
 class ArmReader:
     def __init__(self, version: str) -> None:
         self.version = version
-        self.predictions = 0
+        self.predictions = self.requests = self.errors = 0
         self.customers: set[str] = set()
         self.scores, self.model_ms = Reservoir(seed=1), Reservoir(seed=2)
         self.labelled = self.correct = self.caught = 0
 
     def arm(self) -> Arm:
         return Arm(self.version, self.predictions, len(self.customers), self.scores.array(), self.model_ms.array(),
-                   labelled=self.labelled, correct=self.correct)
+                   requests=self.requests, errors=self.errors, labelled=self.labelled, correct=self.correct)
 
 
 class StepReader:
@@ -120,6 +120,13 @@ class StepReader:
     def _prediction(self, event: events.PredictionEvent) -> None:
         if event.model_name != self.state.model or event.rollout != self.step:
             return  # another model, or served under another step's routing (a replica not there yet)
+        if event.failed_version is not None and event.failed_version == self.state.candidate:
+            self.candidate.requests += 1
+            self.candidate.errors += 1
+            if not self.state.shadow:  # the row was the candidate's; Production only stood in for it
+                if event.customer_id is not None:
+                    self.candidate.customers.add(event.customer_id)
+                return
         if event.model_version == self.state.candidate:
             arm = self.candidate
         elif event.model_version == self.state.baseline:
@@ -135,6 +142,7 @@ class StepReader:
     def _count(self, arm: ArmReader, request_id: str, customer: str | None, score: float,
                model_ms: float | None) -> None:
         arm.predictions += 1
+        arm.requests += 1
         if customer is not None:
             arm.customers.add(customer)
         arm.scores.add(score)
