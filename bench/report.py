@@ -209,6 +209,27 @@ def grpc_servers() -> list[str]:
 GPU_BATCHES = (1, 32, 256, 1024, 8192, 65536)
 
 
+def routing() -> list[str]:
+    """What a rollout adds to scoring a batch (`python -m bench.routing`, bench/results/routing-run*.json)."""
+    found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("routing-run*.json"))]
+    if not found:
+        return []
+    batches = found[0]["settings"]["batches"]
+    shas = ", ".join(f"`{run['git']['sha'][:10]}`" for run in found)
+    lines = [f"Rollout routing, in process (the scorer alone: no HTTP, no store), P50 µs per batch and × Production "
+             f"alone, run 1 / run 2 (`python -m bench.routing`, commits {shas}):", "",
+             "| variant | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    for variant in dict.fromkeys(r["variant"] for r in found[0]["results"]):
+        cells = []
+        for batch in batches:
+            got = [next(r for r in run["results"] if r["variant"] == variant and r["batch"] == batch)
+                   for run in found]
+            cells.append(" / ".join(_num(r["p50_us"]) for r in got) + " (×"
+                         + " / ".join(_num(r["ratio"], 2) for r in got) + ")")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def gpu() -> list[str]:
     """The CUDA provider path on a lent GPU (`python -m bench.gpu`, bench/results/gpu-run*.json)."""
     found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu-run*.json"))]
@@ -249,9 +270,11 @@ def render(names: list[str]) -> str:
     durable = durability(runs)
     servers = grpc_servers()
     on_gpu = gpu()
+    routed = routing()
     return "\n".join([intro, "", *closed_loop(runs), "", *latency_and_cpu(runs), "", *other_measures(runs),
                       *(["", *durable] if durable else []), *(["", *profile] if profile else []),
-                      *(["", *servers] if servers else []), *(["", *on_gpu] if on_gpu else [])])
+                      *(["", *servers] if servers else []), *(["", *routed] if routed else []),
+                      *(["", *on_gpu] if on_gpu else [])])
 
 
 def page_section(readme: str) -> str:

@@ -26,6 +26,7 @@ from harness.kafka_read import new_events, read_events, tail
 from harness.traffic import Traffic
 from lifecycle import data as datamod
 from lifecycle.registry import Registry
+from lifecycle.rollout.state import Rollouts
 from lifecycle.tracking import Backend
 from mlops.connections import kafka_config
 from mlops.settings import Settings
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         registry.register(ws.model.name, ws.model.version, meta["metrics"], meta["params"],
                           meta.get("training_data_hash"), meta.get("git_commit"))
         registry.promote(ws.model.name, ws.model.version, "production", "demo")
+        leftover = registry.rollout(ws.model.name)
+        if leftover is not None and leftover.active:  # an earlier run stopped half-way: start from Production
+            Rollouts(registry).abort(ws.model.name, "demo", "left running by an earlier demo run")
+            print(f"  aborted {leftover.kind} {leftover.id} ({leftover.candidate}), left running by an earlier run")
 
         step(f"bentoml serve on port {args.port} (following models:/{ws.model.name}@production)")
         serve_env = {**ws.env, "MLOPS_MODEL_VERSION": "", "MLOPS_MLFLOW_DIR": str(settings.mlflow_dir.resolve()),

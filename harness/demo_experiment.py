@@ -12,16 +12,20 @@ from harness.traffic import Traffic
 from harness.workspace import Workspace
 from lifecycle import data as datamod
 from lifecycle.registry import Registry
+from lifecycle.rollout import experiment as experiment_mod
 from lifecycle.rollout import power
 from lifecycle.rollout.cli import conclude, read_out, readout_lines, start_experiment
+from lifecycle.rollout.state import Rollouts
 from lifecycle.train import register as store_model
 from lifecycle.train import train
-from mlops.schema import LABEL
+from mlops.rollout import RolloutState
+from mlops.schema import LABEL, STORE_FEATURES
 from mlops.settings import Settings
 
 CHALLENGER = {"n_estimators": 20, "max_depth": 2}
 MDE = 0.02  # the smallest accuracy change worth acting on, absolute
-CHUNK = 1_000  # requests between two looks
+CHUNK = 2_000  # requests between two looks
+ROWS = 250  # per request (MLOPS_MAX_REQUEST_ROWS: 256)
 
 
 def demo_experiment(registry: Registry, ws: Workspace, url: str, settings: Settings) -> bool:
@@ -40,30 +44,12 @@ def demo_experiment(registry: Registry, ws: Workspace, url: str, settings: Setti
     state = start_experiment(registry, name, stored.version, p.sequential_per_arm, by="demo")  # 50 %, sequential
     print(f"  experiment {state.id}: {stored.version} (holdout accuracy {stored.metadata['metrics']['accuracy']:.3f}) "
           f"against {production.version} ({baseline_accuracy:.3f}) on {state.share:.0%} of customers")
-    _wait_split(url, stored.version)
-    frame = datamod.training_frame(ws.dataset)
-    readout = None
-    sent = 0
-    with Traffic(url) as traffic:
-        while sent < 4 * p.sequential_per_arm:
-            rows = frame.sample(CHUNK, replace=True, random_state=sent)
-            outcomes = []
-            for i in range(0, CHUNK, 250):
-                chunk = rows.iloc[i:i + 250]
-                body = {"requests": [{"customer_id": c, "transaction_amount": float(a)} for c, a in
-                                     zip(chunk["customer_id"], chunk["transaction_amount"], strict=True)]}
-                answers = httpx.post(f"{url}/predict_batch", json=body, timeout=60).raise_for_status().json()
-                outcomes += [{"request_id": a["request_id"], "label": int(y)}
-                             for a, y in zip(answers, chunk[LABEL], strict=True)]
-            for i in range(0, len(outcomes), 500):
-                httpx.post(f"{url}/outcomes", json={"outcomes": outcomes[i:i + 500]}, timeout=60).raise_for_status()
-            sent += CHUNK
-            time.sleep(0.5)  # the outcomes reach the topic
-            readout = read_out(registry, state, settings)
-            print(f"  look after {sent:,} requests: " + readout_lines(state, readout, indent="")[0])
-            if readout.verdict != "continue":
-                break
-    assert readout is not None
+    try:
+        with Traffic(url) as traffic:
+            readout = _looks(registry, ws, url, settings, state, 4 * p.sequential_per_arm)
+    except BaseException:
+        Rollouts(registry).abort(name, "demo", "the demo's experiment stopped half-way")
+        raise
     print("\n".join(readout_lines(state, readout, indent="    ")))
     after, text = conclude(registry, state, readout, force=False, by="demo")
     print(f"  registry experiment conclude: {text}")
@@ -74,11 +60,41 @@ def demo_experiment(registry: Registry, ws: Workspace, url: str, settings: Setti
             and kept is not None and kept.version == production.version)
 
 
+def _looks(registry: Registry, ws: Workspace, url: str, settings: Settings, state: RolloutState,
+           most: int) -> experiment_mod.Readout:
+    """Requests with their outcomes (true labels, here at once) in chunks, a read-out after each (as
+    `registry experiment status` reads it), until the stopping rule gives a verdict."""
+    _wait_split(url, state.candidate)
+    frame = datamod.training_frame(ws.dataset)
+    sent = 0
+    while True:
+        rows = frame.sample(CHUNK, replace=True, random_state=sent)
+        outcomes = []
+        for i in range(0, CHUNK, ROWS):
+            chunk = rows.iloc[i:i + ROWS]
+            # Each transaction with the customer's stats at its time (given, so no lookup), as the outcome's label
+            # belongs to them: the arms are judged on what the models were trained to do.
+            body = {"requests": [{"customer_id": r.customer_id, "transaction_amount": float(r.transaction_amount),
+                                  "features": {f: float(getattr(r, f)) for f in STORE_FEATURES}}
+                                 for r in chunk.itertuples()]}
+            answers = httpx.post(f"{url}/predict_batch", json=body, timeout=60).raise_for_status().json()
+            outcomes += [{"request_id": a["request_id"], "label": int(y)}
+                         for a, y in zip(answers, chunk[LABEL], strict=True)]
+        for i in range(0, len(outcomes), ROWS):
+            httpx.post(f"{url}/outcomes", json={"outcomes": outcomes[i:i + ROWS]}, timeout=60).raise_for_status()
+        sent += CHUNK
+        time.sleep(0.5)  # the outcomes reach the topic
+        readout = read_out(registry, state, settings)
+        print(f"  look after {sent:,} requests: " + readout_lines(state, readout, indent="")[0].strip()
+              + f" -> {readout.verdict}")
+        if readout.verdict != "continue" or sent >= most:
+            return readout
+
+
 def _wait_split(url: str, version: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = httpx.get(f"{url}/info/").json()
-        if info.get("canary_version") == version:
+        if httpx.get(f"{url}/info/").json().get("canary_version") == version:
             return
         time.sleep(0.2)
     raise RuntimeError(f"the service did not start the experiment's split to {version}")

@@ -225,3 +225,19 @@ def test_stored_version_is_an_mlflow_model_with_signature_and_profile(tmp_path):
     assert "onnx" in mlmodel and "signature" in mlmodel and "features" in mlmodel
     # A second load comes from the local cache, still checked against the registry.
     assert model_store.load("tracked", "v1", backend).path == stored.path
+
+
+def test_register_refuses_an_onnx_model_with_a_fixed_batch_of_one(tmp_path, capsys):
+    """It would load and score the service's one-row warm-up, then fail on every batch."""
+    import onnx
+
+    trained = train(datamod.generate(150, 2_000, seed=6), params={"n_estimators": 5})
+    graph = onnx.load_from_string(trained.onnx_bytes)
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    fixed = tmp_path / "fixed_batch.onnx"
+    fixed.write_bytes(graph.SerializeToString())
+    code = cli("--mlflow-uri", str(tmp_path / "m.db"), "register", "--name", "x", "--version", "v1",
+               "--model-file", str(fixed))
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not score a batch of rows" in err and len(err.splitlines()) == 1, err

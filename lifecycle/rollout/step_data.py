@@ -77,6 +77,7 @@ class StepReader:
         self.consumer = Consumer({**kafka, "group.id": f"rollout-reader-{state.id}", "enable.auto.commit": False,
                                   "enable.partition.eof": False})
         self.topics = (predictions_topic, outcomes_topic)
+        self.read_to: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self.consumer.assign(self._start_offsets())
 
     def _start_offsets(self) -> list[TopicPartition]:
@@ -86,7 +87,12 @@ class StepReader:
             if meta is None or meta.error is not None:
                 continue  # no outcomes topic yet: nothing to join
             wanted += [TopicPartition(topic, p, self.since_ms) for p in meta.partitions]
-        return self.consumer.offsets_for_times(wanted, timeout=10) if wanted else []
+        found = self.consumer.offsets_for_times(wanted, timeout=10) if wanted else []
+        for tp in found:  # nothing since the start time: from the partition's end as it is now, by number
+            if tp.offset < 0:
+                tp.offset = self.consumer.get_watermark_offsets(tp, timeout=10)[1]
+            self.read_to[(tp.topic, tp.partition)] = tp.offset
+        return found
 
     def close(self) -> None:
         self.consumer.close()
@@ -103,6 +109,7 @@ class StepReader:
                 if message.error() is not None:
                     continue
                 read += 1
+                self.read_to[(message.topic(), message.partition())] = message.offset() + 1
                 stamp = message.timestamp()[1]
                 if stamp < self.since_ms or (self.until_ms is not None and stamp >= self.until_ms):
                     continue
@@ -175,10 +182,16 @@ class StepReader:
         arm.caught += int(predicted == 1 and actual == 1)
 
     def catch_up(self, seconds: float = 30.0) -> None:
-        """Read until the end of the log (a one-off read-out), at most ``seconds``."""
+        """Read to the end of the log as it is now (a one-off read-out), at most ``seconds``. The end is fixed
+        when called: live traffic arriving meanwhile does not keep the read-out reading."""
         deadline = time.monotonic() + seconds
-        while self.poll(timeout=1.0) and time.monotonic() < deadline:
-            pass
+        ends = {key: self.consumer.get_watermark_offsets(TopicPartition(*key), timeout=10)[1]
+                for key in self.read_to}
+        while time.monotonic() < deadline:
+            if all(self.read_to[key] >= end for key, end in ends.items()):
+                return
+            if not self.poll(timeout=1.0):
+                return  # behind only by offsets that hold no message (transaction markers)
 
     def data(self, elapsed_s: float, baseline: Arm | None = None) -> StepData:
         pairs = np.asarray(self.pairs.items, dtype=np.float64).reshape(-1, 2)
