@@ -1,5 +1,5 @@
-"""What docs/benchmarks.md and docs/serving.md say about the GPU, checked against the committed device results
-(bench/results/gpu-*.json, taken on a lent H200: CI has no GPU), and `bench.gpu` itself run here on CPU."""
+"""What the docs say from benchmark results that CI cannot take itself: the GPU (bench/results/gpu-*.json, taken on
+a lent H200), with `bench.gpu` itself run here on CPU, and the rollout's routing cost (routing-run*.json)."""
 
 from __future__ import annotations
 
@@ -61,3 +61,12 @@ def test_bench_gpu_runs_on_cpu(tmp_path):
     served = variant(result, "served-cpu")
     assert served["nodes_by_provider"] == {CPU: 1}
     assert [b["batch"] for b in served["batches"]] == list(gpu.BATCHES)
+
+
+def test_the_routing_costs_in_the_docs_are_the_committed_runs():
+    found = [json.loads(p.read_text())["results"] for p in sorted(RESULTS.glob("routing-run*.json"))]
+    assert len(found) == 2
+    text = (RESULTS.parents[1] / "docs" / "rollout.md").read_text()
+    for variant, label in (("shadow", "a shadow cost"), ("split 5 %", "a 5 % split")):
+        ratios = [r["ratio"] for run in found for r in run if r["variant"] == variant]
+        assert f"{label} ×{min(ratios):.2f}–{max(ratios):.2f}" in " ".join(text.split()), (label, ratios)
