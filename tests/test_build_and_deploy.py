@@ -59,7 +59,10 @@ def test_gpu_bento_builds_on_cuda_with_onnxruntime_gpu(workspace):
     assert tag.startswith("fraud_detector_gpu:")
     bento_dir = Path(os.environ["BENTOML_HOME"]) / "bentos" / tag.replace(":", "/")
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
-    assert "onnxruntime-gpu[cuda,cudnn]==1.31.1" in requirements and "onnxruntime==" not in requirements
+    assert "onnxruntime-gpu==1.31.1" in requirements and "onnxruntime==" not in requirements
+    # The pin's [cuda,cudnn] extras, locked: CUDA 13 and cuDNN 9 as pip packages (the service preloads them).
+    assert "nvidia-cuda-runtime==13." in requirements and "nvidia-cublas==13." in requirements
+    assert "nvidia-cudnn-cu13==9." in requirements
     dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
     assert "nvidia/cuda:" not in dockerfile  # CUDA 13 comes with onnxruntime-gpu's extras, not a 12.x base image
     assert (bento_dir / "src" / "streaming" / "cli.py").exists()  # the drift consumer runs from this image too
