@@ -119,6 +119,23 @@ def trained(workspace: Workspace):
     return train(workspace.dataset), train(workspace.dataset, params={"n_estimators": 30, "max_depth": 2})
 
 
+@pytest.fixture
+def rollout(workspace: Workspace, trained):
+    """A model with v1 in Production and v2 registered: (registry, rollouts, name) - rollout and experiment
+    tests."""
+    from lifecycle import model_store
+    from lifecycle.registry import Registry
+    from lifecycle.rollout.state import Rollouts
+    from tests.support import stored
+
+    reg = Registry(model_store.default_backend())
+    name = stored(reg.backend, trained)
+    reg.register(name, "v1")
+    reg.promote(name, "v1", "production")
+    reg.register(name, "v2")
+    return reg, Rollouts(reg), name
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def mlflow_backend(request, tmp_path):
     """The same lifecycle test on the embedded SQLite store and on the MLflow server backed by PostgreSQL."""

@@ -10,10 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
-from lifecycle import model_store
-from lifecycle.registry import Registry
 from lifecycle.rollout import experiment as ex
-from tests.support import follower_env, start_server, stored
+from tests.support import follower_env, start_server
 from tests.test_rollout import registry_cli
 
 
@@ -64,12 +62,8 @@ def test_peeking_at_a_sequential_aa_experiment_rarely_names_a_winner():
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_an_experiment_starts_reads_out_and_concludes_through_the_rollout(workspace, trained):
-    reg = Registry(model_store.default_backend())
-    name = stored(reg.backend, trained)
-    reg.register(name, "v1")
-    reg.promote(name, "v1", "production")
-    reg.register(name, "v2")
+def test_an_experiment_starts_reads_out_and_concludes_through_the_rollout(workspace, rollout):
+    reg, _, name = rollout
     uri = ["--mlflow-uri", reg.backend.uri]
     started = registry_cli("experiment", "start", "--name", name, "--version", "v2", "--samples", "300",
                            "--share", "0.5", *uri, "--json")

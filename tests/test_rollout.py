@@ -14,24 +14,11 @@ import pytest
 
 from harness.kafka_read import read_events
 from harness.traffic import Traffic
-from lifecycle import model_store
-from lifecycle.registry import Registry, RegistryError
-from lifecycle.rollout.state import Rollouts
+from lifecycle.registry import RegistryError
 from mlops.rollout import Policy, in_share
-from tests.support import ROOT, follower_env, metric_value, start_server, stored
+from tests.support import ROOT, follower_env, metric_value, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-def rollout(workspace, trained):
-    """A model with v1 in Production and v2 registered: (registry, rollouts, name)."""
-    reg = Registry(model_store.default_backend())
-    name = stored(reg.backend, trained)
-    reg.register(name, "v1")
-    reg.promote(name, "v1", "production")
-    reg.register(name, "v2")
-    return reg, Rollouts(reg), name
 
 
 def test_a_rollout_walks_its_steps_and_completes_with_every_decision_on_record(rollout):
