@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mlops.onnx_contract import INPUT_NAME, node_placement
+from mlops.onnx_contract import INPUT_NAME, node_placement, positive_proba
 
 BATCHES = (1, 32, 256, 1024, 8192, 65536)
 
@@ -70,9 +70,7 @@ def time_batches(predict: Callable[[np.ndarray], Any], x_all: np.ndarray, budget
 
 
 def proba(sess, x: np.ndarray, input_name: str) -> np.ndarray:
-    outputs = sess.run(None, {input_name: x})
-    out = outputs[1] if len(outputs) > 1 else outputs[0]
-    return np.asarray(out, dtype=np.float64).reshape(len(x), -1)[:, -1]
+    return positive_proba(sess.run(None, {input_name: x}))
 
 
 def tensorised(x: np.ndarray, y: np.ndarray, params: dict[str, Any], budget_s: float,
