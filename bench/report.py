@@ -230,6 +230,43 @@ def routing() -> list[str]:
     return lines
 
 
+ROLLOUT_SYSTEMS = ("project", "project, shadow", "project, split 5 %")
+
+
+def rollout_serving() -> list[str]:
+    """A rollout under load (`python -m bench.serving --groups rollout`, bench/results/serving-rollout-run*.json):
+    the same service and model with no rollout, a shadow, a 5 % split, measured side by side."""
+    found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("serving-rollout-run*.json"))]
+    if not found:
+        return []
+    top = found[0]["results"][0]["workers"]
+    shas = ", ".join(f"`{run['git']['sha'][:10]}`" for run in found)
+    connections = sorted({r["connections"] for r in _rows(found[0], system="project, shadow", mode="closed")})
+    head = [f"rollout under `wrk`, x{top}, 2xx/s (P50 ; P99 ms)", *ROLLOUT_SYSTEMS[:1],
+            *(f"{s} (× none)" for s in ROLLOUT_SYSTEMS[1:])]
+    lines = [f"A rollout under load, end to end, run 1 / run 2 (`python -m bench.serving --groups rollout`, commits "
+             f"{shas}): \"project\" with no rollout beside the same model under a rollout held at a shadow step "
+             "and at a 5 % split.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in connections:
+        match = {"mode": "closed", "protocol": "http", "connections": c}
+        cells = [f"{c} connection{'s' if c > 1 else ''}"]
+        for system in ROLLOUT_SYSTEMS:
+            cell = (_cells(found, "rps", system=system, **match) + " (" + _cells(found, "p50_ms", 1, system=system,
+                    **match) + " ; " + _cells(found, "p99_ms", 1, system=system, **match) + ")")
+            if system != "project":
+                ratios = []
+                for run in found:
+                    a, b = _one(run, system="project", **match), _one(run, system=system, **match)
+                    ratios.append(_num(b["rps"] / a["rps"], 2) if a and b and a["rps"] else "–")
+                cell += " **×" + " / ".join(ratios) + "**"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    lost = [f"{sum(r['answered_2xx'] for r in _rows(run, mode='kafka')):,} answered, "
+            f"{sum(r['lost'] for r in _rows(run, mode='kafka'))} lost" for run in found]
+    lines += ["", "Every 200 of the rollout runs an event on Kafka: " + " / ".join(lost) + "."]
+    return lines
+
+
 def gpu() -> list[str]:
     """The CUDA provider path on a lent GPU (`python -m bench.gpu`, bench/results/gpu-run*.json)."""
     found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu-run*.json"))]
@@ -270,7 +307,7 @@ def render(names: list[str]) -> str:
     durable = durability(runs)
     servers = grpc_servers()
     on_gpu = gpu()
-    routed = routing()
+    routed = routing() + (["", *rolled] if (rolled := rollout_serving()) else [])
     return "\n".join([intro, "", *closed_loop(runs), "", *latency_and_cpu(runs), "", *other_measures(runs),
                       *(["", *durable] if durable else []), *(["", *profile] if profile else []),
                       *(["", *servers] if servers else []), *(["", *routed] if routed else []),

@@ -51,7 +51,11 @@ RATIO_PEER = "batching"  # the ratio column: the project over the strongest peer
 # third for identical code (where the scheduler puts the server beside wrk, Redis and the broker): these points
 # are measured --repeats times, alternating the systems, and the median sample is reported (all in rps_samples).
 REPEAT_UP_TO = 8
-VARIANTS = ("project, batching off", "project, log off", "project, BentoML path", "project, ack")
+# A rollout held at its first step (no controller runs, so it stays there), beside the same model with none:
+# what routing costs end to end. Each system follows a model name of its own in the registry.
+ROLLOUT_STEPS = {"project, shadow": (0, 5, 25, 50, 100), "project, split 5 %": (5, 25, 50, 100)}
+ROLLOUT_POINTS = (1, 32, 128)
+VARIANTS = ("project, batching off", "project, log off", "project, BentoML path", "project, ack", *ROLLOUT_STEPS)
 # The project as users run it: following the registry's production alias (the workspace pins a version for
 # the peers, which load that one file).
 # The project doing the peers' work: every 200 handed to librdkafka, answered without waiting for the broker
@@ -298,13 +302,17 @@ def run(ws, args) -> list[dict]:
         if others:
             groups.append(others)
             kinds.append("others")
-    kinds += ["durability", "variants"]
+    kinds += ["durability", "variants", "rollout"]
     groups.append([System("project", top, PROJECT_ENV),
                    System("project, ack", top, {**PROJECT_ENV, "MLOPS_LOG_DURABILITY": "ack"})])
     groups.append([System("project", top, PROJECT_ENV),
                    System("project, batching off", top, {**PROJECT_ENV, "MLOPS_ADAPTIVE_BATCHING": "false"}),
                    System("project, log off", top, {**PROJECT_ENV, "MLOPS_PREDICTION_LOG": "false"}),
                    System("project, BentoML path", top, {**PROJECT_ENV, "MLOPS_HTTP_FAST_PATH": "false"})])
+    wanted = set(args.groups.split(",")) if args.groups else set(kinds)
+    groups.append([System(name, top, {**PROJECT_ENV, "MLOPS_MODEL_NAME": model})
+                   for name, model in rollout_models(ws).items()] if "rollout" in wanted else [])
+    groups, kinds = [g for g, k in zip(groups, kinds, strict=True) if k in wanted], [k for k in kinds if k in wanted]
     connections = [int(c) for c in args.connections.split(",")]
     rates = [int(r) for r in args.rates.split(",")]
     rows: list[dict] = []
@@ -313,7 +321,7 @@ def run(ws, args) -> list[dict]:
     warm_up(ws, tool, n_customers, args.warmup)
     for g, group in enumerate(groups):
         variants = kinds[g] != "peers"  # no open loop, gRPC or profile: only the ratio's pair gets those
-        points = [32] if kinds[g] == "variants" else connections
+        points = {"variants": [32], "rollout": list(ROLLOUT_POINTS)}.get(kinds[g], connections)
         running: dict[str, Running] = {}
         topics = {system.label: f"bench-{g}-{i}" for i, system in enumerate(group)}
         from tools.services import create_topics, free_port
@@ -326,6 +334,10 @@ def run(ws, args) -> list[dict]:
                 running[system.label] = start(system, ws, free_port())
             for system in group:
                 url = running[system.label].url
+                if system.name in ROLLOUT_STEPS:
+                    wait_rollout(url, system.name)
+                if system.name == "project, split 5 %":
+                    continue  # a twentieth of the customers get the candidate's answer
                 if not reference:
                     reference = {c: httpx.post(f"{url}/predict", json={"customer_id": c, "transaction_amount": 123.0})
                                  .json()["prediction"] for c in sample}
@@ -402,6 +414,42 @@ def run(ws, args) -> list[dict]:
                     ["system", "workers", "sustained_rate", "p99_ms"])
     print(f"wrote {write_results(args.name, rows + summary, vars(args))}")
     return rows
+
+
+def rollout_models(ws) -> dict[str, str]:
+    """A model name per system of the rollout group, each with the same v1 in Production; v2 (another model of
+    the same size: a shadow doubles the model's work) under a rollout at its first step where the system has one."""
+    from lifecycle.registry import Registry
+    from lifecycle.rollout.state import Rollouts
+    from lifecycle.train import register, train
+
+    registry = Registry.from_settings(ws.settings)
+    production, candidate = train(ws.dataset), train(ws.dataset, params={"learning_rate": 0.05})
+    names = {}
+    for system in ("project", *ROLLOUT_STEPS):
+        name = f"bench_rollout_{len(names)}"
+        for version, model in (("v1", production), ("v2", candidate)):
+            stored = register(model, name, version, backend=registry.backend)
+            registry.register(name, version, stored.metadata["metrics"], stored.metadata["params"])
+        registry.promote(name, "v1", "production", "benchmark")
+        if system in ROLLOUT_STEPS:
+            Rollouts(registry).start(name, "v2", ROLLOUT_STEPS[system], actor="benchmark", reason="routing cost")
+        names[system] = name
+    return names
+
+
+def wait_rollout(url: str, system: str, timeout: float = 60.0) -> None:
+    """Every worker serves the rollout (each polls the registry; /info answers from one of them)."""
+    shadow = system == "project, shadow"
+    deadline, seen = time.monotonic() + timeout, 0
+    while seen < 20:
+        info = httpx.get(f"{url}/info", timeout=10).json()
+        ok = info["shadow_version"] == "v2" if shadow else (info["canary_version"] == "v2"
+                                                              and info["canary_share"] == 0.05)
+        seen = seen + 1 if ok else 0
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{system}: the rollout is not served after {timeout:.0f} s: {info}")
+        time.sleep(0.05)
 
 
 def outcomes_ingest(ws, tool: dict[str, str], seconds: float, rows_per_request: int = 256) -> list[dict]:
@@ -560,6 +608,8 @@ def parser() -> argparse.ArgumentParser:
                                                           "(the median is reported)")
     p.add_argument("--quick", action="store_true", help="skip the open-loop sweep and the 1-worker textbook peer")
     p.add_argument("--profile", action="store_true", help="py-spy profile of a project worker at 32 connections")
+    p.add_argument("--groups", default="", help="measure only these groups (peers, others, durability, variants, "
+                                                   "rollout), comma-separated; default: all")
     p.add_argument("--outcomes-only", action="store_true", help="only POST /outcomes (rows/s on one worker)")
     return p
 

@@ -54,11 +54,13 @@ def training_frame(repo: Path, transactions: pd.DataFrame, redis_address: str = 
     return frame[columns].dropna(subset=list(STORE_FEATURES)).reset_index(drop=True)
 
 
-def features_as_of(repo: Path, entities: pd.DataFrame, redis_address: str = "127.0.0.1:6379") -> pd.DataFrame:
+def features_as_of(repo: Path, entities: pd.DataFrame, redis_address: str = "127.0.0.1:6379",
+                   store=None) -> pd.DataFrame:
     """The store features of each (``customer_id``, ``event_timestamp``) row as the offline store has them at
     that time, in the rows' order; NaN where it has no snapshot within the ttl. What training would have seen
-    for a served prediction: the reference of the row-level skew check."""
-    store = open_store(repo, redis_address)
+    for a served prediction: the reference of the row-level skew check, and batch scoring's features. ``store``:
+    one already open (batch scoring asks once per chunk)."""
+    store = store or open_store(repo, redis_address)
     keys = entities[[ENTITY, TIMESTAMP]].reset_index(drop=True)
     # Feast answers a repeated (customer, time) pair once (a batch's predictions share their time): ask for each
     # pair once and give every row its pair's answer.

@@ -17,3 +17,11 @@ REQUEST_FEATURES: tuple[str, ...] = ("transaction_amount",)
 MODEL_FEATURES: tuple[str, ...] = STORE_FEATURES + REQUEST_FEATURES
 LABEL = "is_fraud"
 TIMESTAMP = "event_timestamp"
+
+# What a request may carry (the API's 400s; batch scoring's rejects): the model computes in float32, so larger
+# values would become infinity. Python's `$` also matches before a final newline ("C1\n" would pass);
+# `(?!\n)$` is the end of the string in Python and in the ECMA-262 dialect of the OpenAPI document alike.
+FLOAT32_MAX = 3.4028234663852886e38
+AMOUNT_MAX = 1e9
+ID_PATTERN = r"^[A-Za-z0-9_.:-]+(?!\n)$"
+ENTITY_ID_MAX_LENGTH = 64

@@ -15,15 +15,11 @@ import msgspec
 from msgspec import Meta
 
 from mlops.outcomes import OutcomeEvent
-from mlops.schema import ENTITY, STORE_FEATURES
+from mlops.schema import AMOUNT_MAX, ENTITY, ENTITY_ID_MAX_LENGTH, FLOAT32_MAX, ID_PATTERN, STORE_FEATURES
 
-FLOAT32_MAX = 3.4028234663852886e38  # the model computes in float32: larger values would become infinity
-# Python's `$` also matches before a final newline ("C1\n" would pass); `(?!\n)$` is the end of the string in
-# Python and in the ECMA-262 dialect of the OpenAPI document alike.
-ID_PATTERN = r"^[A-Za-z0-9_.:-]+(?!\n)$"
-EntityId = Annotated[str, Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
+EntityId = Annotated[str, Meta(min_length=1, max_length=ENTITY_ID_MAX_LENGTH, pattern=ID_PATTERN)]
 RequestId = Annotated[str, Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
-Amount = Annotated[float, Meta(ge=0, le=1e9, description="transaction amount, 0 to 1e9")]
+Amount = Annotated[float, Meta(ge=0, le=AMOUNT_MAX, description="transaction amount, 0 to 1e9")]
 FeatureValue = Annotated[float, Meta(ge=0, le=FLOAT32_MAX)]
 
 

@@ -100,7 +100,8 @@ def module_level(tree: ast.Module) -> list[ast.stmt]:
 
 
 # What the image runs (bentofile.yaml, deploy/k8s): the service, the stream consumers, the rollout controller.
-ENTRY_POINTS = ["service.service", "streaming.__main__", "streaming.cli", "lifecycle.rollout.controller"]
+ENTRY_POINTS = ["service.service", "streaming.__main__", "streaming.cli", "lifecycle.rollout.controller",
+                "lifecycle.batch.cli"]
 
 
 def third_party_imports(entry_modules: list[str], local_files: set[Path] | None = None) -> set[str]:

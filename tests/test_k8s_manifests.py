@@ -250,3 +250,47 @@ def test_cli_bad_input_exits_2_with_one_line(capsys, args, message):
     assert manifests.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_batch_rayjob_is_valid_and_runs_the_cli_with_arguments_it_accepts():
+    """deploy/k8s/jobs: the RayJob's fields are KubeRay v1's, its pod templates valid Kubernetes held to the
+    same invariants, its Ray the version we pin, and its entrypoint a command line mlops-score accepts."""
+    import shlex
+
+    import ray
+
+    from lifecycle.batch.cli import parser
+
+    objects = manifests.render(manifests.JOBS)
+    assert manifests.validate_schema(objects) == []
+    assert manifests.check_invariants(objects) == []
+    job = by_name(objects, "RayJob", "batch-score")
+    assert job["metadata"]["namespace"] == "mlops"
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+    command = shlex.split(job["spec"]["entrypoint"])
+    assert command[0] == "mlops-score"
+    args = parser().parse_args(command[1:])
+    assert (args.engine, args.address) == ("ray", "auto")
+    config = by_name(objects, "ConfigMap", "mlops-batch-config")
+    pods = manifests.pod_specs(job)
+    assert len(pods) == 2
+    for pod in pods:
+        c = pod["containers"][0]
+        assert c["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
+        assert c["image"].startswith("registry.example.com/mlops/fraud-detector:")
+    assert set(config["data"]) <= set(f"MLOPS_{name.upper()}" for name in Settings.model_fields)
+
+
+def test_the_rayjob_checks_bite():
+    objects = manifests.render(manifests.JOBS)
+    job = by_name(objects, "RayJob", "batch-score")
+    unknown = copy.deepcopy(job)
+    unknown["spec"]["entryPoint"] = unknown["spec"].pop("entrypoint")
+    assert any("unknown field 'entryPoint'" in p for p in manifests.validate_schema([unknown], ("1.29.0",)))
+    assert any("no spec.entrypoint" in p for p in manifests.validate_schema([unknown], ("1.29.0",)))
+    bad_pod = copy.deepcopy(job)
+    bad_pod["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["cpus"] = 2
+    assert any("worker group scorers" in p for p in manifests.validate_schema([bad_pod], ("1.29.0",)))
+    unbounded = copy.deepcopy(job)
+    del unbounded["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert any("ray-head: no cpu/memory limits" in p for p in manifests.check_invariants([unbounded]))

@@ -1,0 +1,74 @@
+"""Where the partitions run: in this process, one after another (small inputs: no start-up to pay), or on Ray
+Data (local by default: Ray starts in this process with one worker per core; a cluster by its address), with
+the same partition function. Ray streams the partitions through a bounded pool of tasks, so memory stays at a
+few partitions whatever the input's size, and retries a task whose worker died.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lifecycle.batch.inputs import Partition
+from lifecycle.batch.scoring import Job, PartitionResult, score_partition
+
+ENGINES = ("auto", "local", "ray")
+# Below this many rows `auto` scores in this process: starting Ray costs seconds, which small inputs never win
+# back (bench/batch.py measures where Ray-local overtakes the single process).
+RAY_FROM_ROWS = 1_000_000
+
+Done = Callable[[PartitionResult, Partition], None]
+
+
+def choose(engine: str, rows: int, address: str | None) -> str:
+    if engine != "auto":
+        return engine
+    return "ray" if address or rows >= RAY_FROM_ROWS else "local"
+
+
+def run_local(partitions: Sequence[Partition], job: Job, done: Done) -> None:
+    for partition in partitions:
+        done(score_partition(partition, job), partition)
+
+
+def run_ray(partitions: Sequence[Partition], job: Job, done: Done, address: str | None = None,
+            workers: int | None = None) -> None:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                   "logging_level": logging.ERROR}
+        if address:
+            options["address"] = address
+        else:
+            options["num_cpus"] = workers or os.cpu_count() or 1
+        ray.init(**options)
+    try:
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
+        context.enable_progress_bars = False  # the CLI draws one bar over rows, across engines
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # (its INFO lines on stderr, under our progress bar)
+        by_key = {p.key: p for p in partitions}
+        specs = ray.data.from_items([p.to_dict() for p in partitions], override_num_blocks=max(1, len(partitions)))
+
+        def task(spec: dict[str, Any]) -> dict[str, Any]:
+            result = score_partition(Partition(**spec), job).to_dict()
+            return {**result, "reasons": json.dumps(result["reasons"])}  # (a dict per row: one Arrow schema)
+
+        size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        with warnings.catch_warnings():  # (fewer partitions than allowed tasks is no concern)
+            warnings.simplefilter("ignore", UserWarning)
+            for row in specs.map(task, compute=ray.data.TaskPoolStrategy(size=size), max_retries=3).iter_rows():
+                fields = {k: row[k] for k in PartitionResult.__dataclass_fields__}
+                result = PartitionResult(**{**fields, "reasons": json.loads(fields["reasons"])})
+                done(result, by_key[result.key])
+    finally:
+        if started_here:
+            ray.shutdown()
