@@ -27,11 +27,29 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def score(workspace: Workspace, *args: str, timeout: float = 300, env: dict[str, str] | None = None,
-          ) -> subprocess.CompletedProcess:
+def score(workspace: Workspace, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The command as a user runs it (Ray, kills, the exact stderr of a refusal)."""
     return subprocess.run([sys.executable, "-m", "lifecycle.batch.cli", "--no-progress", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**workspace.env, **(env or {})})
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=workspace.env)
+
+
+@pytest.fixture
+def score_here(workspace, monkeypatch, capsys):
+    """The command in this process (no start-up to pay): (exit code, stdout, stderr)."""
+    from lifecycle.batch.cli import main
+
+    monkeypatch.setenv("MLOPS_FEATURE_REPO", str(workspace.feature_repo))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main(["--no-progress", *args])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
 
 
 def model_uri(workspace: Workspace) -> str:
@@ -54,11 +72,11 @@ def scored(folder: Path) -> pd.DataFrame:
     return pd.read_parquet(folder).sort_values("row").reset_index(drop=True)
 
 
-def test_a_batch_score_is_what_predict_answers_for_the_same_row(workspace, server, tmp_path):
+def test_a_batch_score_is_what_predict_answers_for_the_same_row(workspace, server, tmp_path, score_here):
     """Rows timed now get the newest snapshot, the one /predict reads online: equal scores, row by row."""
     rows = transactions(workspace, 2_000, at=datetime.now(UTC))
     rows.to_parquet(tmp_path / "in.parquet")
-    result = score(workspace, "--input", str(tmp_path / "in.parquet"), "--model", model_uri(workspace),
+    result = score_here("--input", str(tmp_path / "in.parquet"), "--model", model_uri(workspace),
                    "--output", str(tmp_path / "out"), "--engine", "local", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
@@ -74,7 +92,7 @@ def test_a_batch_score_is_what_predict_answers_for_the_same_row(workspace, serve
         assert answer["label"] == row.label
 
 
-def test_point_in_time_features_and_ray_gives_the_single_process_output(workspace, tmp_path):
+def test_point_in_time_features_and_ray_gives_the_single_process_output(workspace, tmp_path, score_here):
     """Historical rows get the snapshot that was newest at their time (not today's), and Ray Data over many
     partitions writes what the single process writes."""
     from mlops.offline import features_as_of
@@ -82,7 +100,7 @@ def test_point_in_time_features_and_ray_gives_the_single_process_output(workspac
     rows = transactions(workspace, 6_000, seed=2)
     rows.to_parquet(tmp_path / "in.parquet")
     common = ["--input", str(tmp_path / "in.parquet"), "--model", model_uri(workspace), "--partition-rows", "1000"]
-    local = score(workspace, *common, "--output", str(tmp_path / "local"), "--engine", "local")
+    local = score_here(*common, "--output", str(tmp_path / "local"), "--engine", "local")
     assert local.returncode == 0, local.stderr[-3000:]
     ray = score(workspace, *common, "--output", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2", "--json")
     assert ray.returncode == 0, ray.stderr[-3000:]
@@ -96,7 +114,7 @@ def test_point_in_time_features_and_ray_gives_the_single_process_output(workspac
     assert len(list((tmp_path / "ray").glob("part-*.parquet"))) == 6
 
 
-def test_a_killed_job_resumes_without_redoing_or_duplicating_a_partition(workspace, tmp_path):
+def test_a_killed_job_resumes_without_redoing_or_duplicating_a_partition(workspace, tmp_path, score_here):
     rows = transactions(workspace, 12_000, seed=3)
     rows.to_parquet(tmp_path / "in.parquet")
     args = ["-m", "lifecycle.batch.cli", "--no-progress", "--input", str(tmp_path / "in.parquet"), "--model",
@@ -112,7 +130,7 @@ def test_a_killed_job_resumes_without_redoing_or_duplicating_a_partition(workspa
     job.wait()
     done_before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("part-*.parquet")}
     assert 3 <= len(done_before) < 24, "the kill came too late to test a resume"
-    again = score(workspace, *args[3:])
+    again = score_here(*args[3:])
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
     assert summary["skipped_partitions"] >= len(done_before)
@@ -129,7 +147,7 @@ def rejects(folder: Path) -> int:
     return sum(len(pd.read_parquet(p)) for p in found)
 
 
-def test_bad_rows_are_rejected_with_their_reason_and_counted(workspace, tmp_path):
+def test_bad_rows_are_rejected_with_their_reason_and_counted(workspace, tmp_path, score_here):
     rows = transactions(workspace, 50, at=datetime.now(UTC), seed=4)
     rows["transaction_amount"] = rows["transaction_amount"].astype(str)  # (numbers as text, as from a CSV, pass)
     rows.loc[0, "customer_id"] = "C999999"  # no such customer in the store
@@ -139,8 +157,8 @@ def test_bad_rows_are_rejected_with_their_reason_and_counted(workspace, tmp_path
     rows.loc[4, "transaction_amount"] = "12 dollars"
     rows.loc[5, "event_timestamp"] = pd.NaT
     rows.to_parquet(tmp_path / "in.parquet")
-    result = score(workspace, "--input", str(tmp_path / "in.parquet"), "--model", model_uri(workspace),
-                   "--output", str(tmp_path / "out"), "--json")
+    result = score_here("--input", str(tmp_path / "in.parquet"), "--model", model_uri(workspace),
+                        "--output", str(tmp_path / "out"), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert (summary["read"], summary["scored"], summary["rejected"]) == (50, 44, 6)
@@ -151,8 +169,10 @@ def test_bad_rows_are_rejected_with_their_reason_and_counted(workspace, tmp_path
                        3: "transaction_amount is not a number from 0 to 1e+09",
                        4: "transaction_amount is not a number from 0 to 1e+09", 5: "no valid event_timestamp"}
     assert sum(summary["rejected_by_reason"].values()) == 6
-    assert "6 rejected" in score(workspace, "--input", str(tmp_path / "in.parquet"), "--model",
-                                 model_uri(workspace), "--output", str(tmp_path / "again")).stdout
+    from lifecycle.batch.cli import _Summary
+
+    assert "44 scored, 6 rejected" in _Summary.lines(summary)
+    assert "1 no customer_id" in _Summary.lines(summary)
 
 
 @pytest.mark.parametrize(("case", "expected"), [
@@ -163,7 +183,8 @@ def test_bad_rows_are_rejected_with_their_reason_and_counted(workspace, tmp_path
     ("other job's output", "holds the output of another job"),
     ("bad span", "is neither an ISO time nor a span"),
 ])
-def test_bad_input_is_refused_in_one_line_before_any_work(workspace, tmp_path, case, expected):
+def test_bad_input_is_refused_in_one_line_before_any_work(workspace, tmp_path, case, expected, score_here):
+    """In this process, but for the first case: run as a user runs it, its stderr is exactly one line."""
     rows = transactions(workspace, 10, at=datetime.now(UTC))
     path, output, model = tmp_path / "in.parquet", tmp_path / "out", model_uri(workspace)
     rows.to_parquet(path)
@@ -182,14 +203,14 @@ def test_bad_input_is_refused_in_one_line_before_any_work(workspace, tmp_path, c
         args = ["--log-since", "yesterday-ish", "--output", str(output)]
     else:
         args = ["--input", str(path), "--model", model, "--output", str(output)]
-    result = score(workspace, *args)
+    result = score(workspace, *args) if case == "missing column" else score_here(*args)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr[-3000:]
     assert not list(output.glob("part-*")), "bad input, yet something was written"
 
 
-def test_a_time_range_of_the_prediction_log_is_backfilled_exactly(workspace, tmp_path):
+def test_a_time_range_of_the_prediction_log_is_backfilled_exactly(workspace, tmp_path, score_here):
     """Events before, inside and after the range on the real broker; the backfill reads exactly the inside
     ones (by the log's own timestamps), scores them with the logged features, and rejects an unreadable one."""
     from confluent_kafka import Producer
@@ -223,7 +244,7 @@ def test_a_time_range_of_the_prediction_log_is_backfilled_exactly(workspace, tmp
     time.sleep(1.5)
     until = datetime.now(UTC)
     send(rows.iloc[60:])
-    result = score(workspace, "--log-since", since.isoformat(), "--log-until", until.isoformat(), "--topic", topic,
+    result = score_here("--log-since", since.isoformat(), "--log-until", until.isoformat(), "--topic", topic,
                    "--model", model_uri(workspace), "--output", str(tmp_path / "out"), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
@@ -233,14 +254,14 @@ def test_a_time_range_of_the_prediction_log_is_backfilled_exactly(workspace, tmp
     assert (out["served_version"] == workspace.model.version).all()
     assert summary["rejected_by_reason"] == {"unreadable prediction-log event": 1}
     # The same rows through Feast's offline store score the same (the logged features are today's snapshot)
-    offline = score(workspace, "--log-since", since.isoformat(), "--log-until", until.isoformat(), "--topic",
+    offline = score_here("--log-since", since.isoformat(), "--log-until", until.isoformat(), "--topic",
                     topic, "--model", model_uri(workspace), "--output", str(tmp_path / "offline"), "--features",
                     "offline", "--json")
     assert offline.returncode == 0, offline.stderr[-3000:]
     again = pd.read_parquet(tmp_path / "offline").set_index("request_id").loc[out["request_id"]]
     assert (again["prediction"].to_numpy() - out["prediction"].to_numpy()).__abs__().max() <= 1e-6
     # A range before the log's data: nothing to do, said so, exit 0
-    empty = score(workspace, "--log-since", (since - timedelta(days=30)).isoformat(), "--log-until",
+    empty = score_here("--log-since", (since - timedelta(days=30)).isoformat(), "--log-until",
                   (since - timedelta(days=29)).isoformat(), "--topic", topic, "--model", model_uri(workspace),
                   "--output", str(tmp_path / "empty"), "--json")
     assert empty.returncode == 0 and json.loads(empty.stdout)["read"] == 0, empty.stderr[-3000:]

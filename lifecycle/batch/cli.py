@@ -197,3 +197,7 @@ class _Summary:
             out.append(f"rejects: {r['output']}/_rejects/ — " + "; ".join(
                 f"{n:,} {why}" for why, n in sorted(r["rejected_by_reason"].items(), key=lambda kv: -kv[1])))
         return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
