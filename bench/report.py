@@ -230,6 +230,30 @@ def routing() -> list[str]:
     return lines
 
 
+def batch() -> list[str]:
+    """Batch scoring at size (`python -m bench.batch`, bench/results/batch-run*.json)."""
+    found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("batch-run*.json"))]
+    if not found:
+        return []
+    sizes = found[0]["settings"]["sizes"]
+    systems = list(dict.fromkeys(r["system"] for r in found[0]["results"] if "rows" in r))
+    shas = ", ".join(f"`{run['git']['sha'][:10]}`" for run in found)
+    step = " / ".join(_num(next(r["rows_per_s_per_core"] for r in run["results"] if "rows_per_s_per_core" in r))
+                      for run in found)
+    lines = [f"Batch scoring, end to end (process start to exit), rows/s and peak resident memory of the process "
+             f"tree, run 1 / run 2 (`python -m bench.batch`, commits {shas}, {found[0]['settings']['cpus']} "
+             f"CPUs); the model step alone: {step} rows/s on one core.", "",
+             "| system | " + " | ".join(f"{n:,} rows" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for system in systems:
+        cells = []
+        for size in sizes:
+            got = [_one(run, system=system, rows=size) or {} for run in found]
+            cells.append(" / ".join(_num(r.get("rows_per_s")) for r in got) + " rows/s ("
+                         + " / ".join(_num(r.get("peak_rss_mb")) for r in got) + " MB)")
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return lines
+
+
 ROLLOUT_SYSTEMS = ("project", "project, shadow", "project, split 5 %")
 
 
@@ -307,11 +331,12 @@ def render(names: list[str]) -> str:
     durable = durability(runs)
     servers = grpc_servers()
     on_gpu = gpu()
+    batched = batch()
     routed = routing() + (["", *rolled] if (rolled := rollout_serving()) else [])
     return "\n".join([intro, "", *closed_loop(runs), "", *latency_and_cpu(runs), "", *other_measures(runs),
                       *(["", *durable] if durable else []), *(["", *profile] if profile else []),
                       *(["", *servers] if servers else []), *(["", *routed] if routed else []),
-                      *(["", *on_gpu] if on_gpu else [])])
+                      *(["", *on_gpu] if on_gpu else []), *(["", *batched] if batched else [])])
 
 
 def page_section(readme: str) -> str:

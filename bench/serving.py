@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,9 +426,9 @@ def rollout_models(ws) -> dict[str, str]:
 
     registry = Registry.from_settings(ws.settings)
     production, candidate = train(ws.dataset), train(ws.dataset, params={"learning_rate": 0.05})
-    names = {}
+    names, run = {}, uuid.uuid4().hex[:6]  # (the registry outlives a run)
     for system in ("project", *ROLLOUT_STEPS):
-        name = f"bench_rollout_{len(names)}"
+        name = f"bench_rollout_{run}_{len(names)}"
         for version, model in (("v1", production), ("v2", candidate)):
             stored = register(model, name, version, backend=registry.backend)
             registry.register(name, version, stored.metadata["metrics"], stored.metadata["params"])

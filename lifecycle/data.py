@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlops import offline
 from mlops.cli_args import OneLineParser, positive_int
 from mlops.schema import ENTITY, LABEL, STORE_FEATURES, TIMESTAMP
 
@@ -110,16 +111,8 @@ def label_delays(n: int, seed: int = 0, never: float = 0.05, median_s: float = 3
 
 
 def point_in_time(events: pd.DataFrame, history: pd.DataFrame, ttl: timedelta = FEATURE_TTL) -> pd.DataFrame:
-    """For each event (``customer_id``, ``event_timestamp``), the store features of the newest snapshot taken
-    at or before it and at most ``ttl`` older (NaN when none): Feast's point-in-time join, in pandas.
-
-    Rows keep the events' order and index."""
-    left = events[[ENTITY, TIMESTAMP]].assign(_row=np.arange(len(events))).sort_values(TIMESTAMP, kind="stable")
-    right = history[[ENTITY, *STORE_FEATURES, TIMESTAMP]].sort_values(TIMESTAMP, kind="stable")
-    joined = pd.merge_asof(left, right, on=TIMESTAMP, by=ENTITY, direction="backward", tolerance=pd.Timedelta(ttl),
-                           allow_exact_matches=True)
-    joined = joined.sort_values("_row")
-    return joined[list(STORE_FEATURES)].set_index(events.index)
+    """Feast's point-in-time join, in pandas (:func:`mlops.offline.point_in_time`) with the feature view's ttl."""
+    return offline.point_in_time(events, history, ttl)
 
 
 def training_frame(data: Dataset) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """What the docs say from benchmark results that CI cannot take itself: the GPU (bench/results/gpu-*.json, taken on
-a lent H200), with `bench.gpu` itself run here on CPU, and the rollout's routing cost (routing-run*.json)."""
+a lent H200), with `bench.gpu` itself run here on CPU, and the rollout's routing cost (routing-run*.json, and
+end to end in serving-rollout-run*.json)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,19 @@ def test_the_routing_costs_in_the_docs_are_the_committed_runs():
     for variant, label in (("shadow", "a shadow cost"), ("split 5 %", "a 5 % split")):
         ratios = [r["ratio"] for run in found for r in run if r["variant"] == variant]
         assert f"{label} ×{min(ratios):.2f}–{max(ratios):.2f}" in " ".join(text.split()), (label, ratios)
+
+
+def test_the_end_to_end_rollout_costs_in_the_docs_are_the_committed_runs():
+    """docs/rollout.md's throughput ratios and largest P99 of a rollout under wrk (serving-rollout-run*.json)."""
+    found = [json.loads(p.read_text())["results"] for p in sorted(RESULTS.glob("serving-rollout-run*.json"))]
+    assert len(found) == 2
+    text = " ".join((RESULTS.parents[1] / "docs" / "rollout.md").read_text().split())
+    closed = [[r for r in run if r["mode"] == "closed"] for run in found]
+    for system, label in (("project, shadow", "with a shadow step was"), ("project, split 5 %", "with a 5 % split")):
+        ratios = [r["rps"] / next(b["rps"] for b in run if b["system"] == "project"
+                                  and b["connections"] == r["connections"])
+                  for run in closed for r in run if r["system"] == system]
+        assert f"{label} ×{min(ratios):.2f}–{max(ratios):.2f}" in text, (label, ratios)
+    worst = max(r["p99_ms"] for run in closed for r in run)
+    assert worst < 100 and f"at most {worst:.0f} ms" in text
+    assert all(r["lost"] == 0 for run in found for r in run if r["mode"] == "kafka")

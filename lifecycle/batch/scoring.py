@@ -20,6 +20,7 @@ import pandas as pd
 
 from lifecycle.batch import inputs
 from lifecycle.batch.inputs import Partition
+from mlops.offline import AsOfJoin, features_as_of, open_store
 from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import (
     AMOUNT_MAX,
@@ -187,9 +188,9 @@ def with_store_features(frame: pd.DataFrame, job: Job, store) -> tuple[pd.DataFr
     if need.any():
         if job.features == "logged":
             looked = frame.loc[need, [f"logged_{n}" for n in STORE_FEATURES]].set_axis(list(STORE_FEATURES), axis=1)
+        elif isinstance(store, AsOfJoin):
+            looked = store.features(frame.loc[need, [ENTITY, TIMESTAMP]]).set_axis(frame.index[need])
         else:
-            from mlops.offline import features_as_of
-
             looked = features_as_of(Path(job.feature_repo), frame.loc[need, [ENTITY, TIMESTAMP]], job.redis_address,
                                     store=store).set_axis(frame.index[need])
         for name in STORE_FEATURES:  # a feature given in the input wins, as in /predict
@@ -225,10 +226,10 @@ def _session(job: Job):
 
 
 def _store(job: Job):
+    """The feature view's join over its file source, loaded once per worker; else Feast's store (it joins)."""
     if job.feature_repo not in _stores:
-        from mlops.offline import open_store
-
-        _stores[job.feature_repo] = open_store(Path(job.feature_repo), job.redis_address)
+        store = open_store(Path(job.feature_repo), job.redis_address)
+        _stores[job.feature_repo] = AsOfJoin.from_store(store) or store
     return _stores[job.feature_repo]
 
 
