@@ -31,6 +31,7 @@ from bench.common import print_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("hand-written pandas", "mlops-score local", "mlops-score ray")
+CHECK_UP_TO = 1_000_000  # sizes whose outputs are read back and compared, row by row, with the first system's
 
 
 def make_input(dataset, rows: int, path: Path, seed: int = 0) -> None:
@@ -110,6 +111,14 @@ def run_system(system: str, source: Path, out: Path, env: dict[str, str], model_
             "read": report["read"], "model_seconds": report["model_seconds"]}
 
 
+def max_difference(a: Path, b: Path) -> float:
+    """The largest difference between two systems' scores of the same input row; the same rows scored."""
+    left, right = (pd.read_parquet(p, columns=["row", "prediction"]).set_index("row").sort_index() for p in (a, b))
+    if not left.index.equals(right.index):
+        raise AssertionError(f"{a.name} and {b.name} scored different rows ({len(left)} and {len(right)})")
+    return float((left["prediction"] - right["prediction"]).abs().max()) if len(left) else 0.0
+
+
 def model_step(onnx: bytes, rows: int = 1_000_000, chunk: int = 65_536) -> float:
     """Rows per second of the ONNX call alone, one thread (one core), on chunks of the CLI's size."""
     import onnxruntime as ort
@@ -148,15 +157,19 @@ def run(sizes: list[int], systems: list[str]) -> list[dict[str, Any]]:
         for size in sizes:
             source = root / f"in-{size}.parquet"
             make_input(ws.dataset, size, source)
+            outputs = {}
             for system in systems:
-                out = root / f"out-{size}-{system.replace(' ', '-')}"
+                out = outputs[system] = root / f"out-{size}-{system.replace(' ', '-')}"
                 r = run_system(system, source, out, env, uri)
-                shutil.rmtree(out, ignore_errors=True)
                 row = {"system": system, "rows": size, **r, "rows_per_s": round(size / r["seconds"]),
                        "model_rows_per_s": round(r["scored"] / r["model_seconds"]) if r["model_seconds"] else None}
+                if size <= CHECK_UP_TO and system != systems[0]:
+                    row["max_abs_diff_vs_first"] = max_difference(outputs[systems[0]], out)
                 rows.append(row)
                 print(f"  {system:<22} {size:>11,} rows  {row['seconds']:8.1f} s  {row['rows_per_s']:>9,} rows/s  "
                       f"peak {row['peak_rss_mb']:>6,} MB  scored {row['scored']:,}", flush=True)
+            for out in outputs.values():
+                shutil.rmtree(out, ignore_errors=True)
             source.unlink()
     finally:
         svc.down(run_dir, purge=True)
