@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from harness import server_process, workspace
+from harness.demo_batch import demo_batch
 from harness.demo_experiment import demo_experiment
 from harness.demo_quality import demo_quality, demo_skew
 from harness.demo_rollout import demo_rollout
@@ -146,10 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         if not demo_experiment(registry, ws, server.url, settings):
             print("the experiment did not end as expected (Production kept by the stopping rule)", file=sys.stderr)
             return 1
+        step("batch scoring (`mlops-score`): the demo's transactions with Production, features point-in-time from "
+             "Feast's offline store; a backfill of the last hour of logged traffic with another version")
+        if not demo_batch(registry, ws.model.name, ws.feature_repo, serve_env, args.run_dir):
+            print("batch scoring or the backfill failed", file=sys.stderr)
+            return 1
         step(f"done: {len(ids)} predictions served, {len(events)} events read back from Kafka, "
              f"{len(alerts)} drift alerts, {len(performance)} performance alerts, promotion and rollback with no "
              "failed request, a bad candidate rolled back and a good one rolled out by the controller, an A/B "
-             "experiment concluded")
+             "experiment concluded, a batch scored and a backfill")
         print(f"browse the training runs and the registry: .venv/bin/mlflow ui --backend-store-uri "
               f"{backend.display_uri} --port 5000   (then http://127.0.0.1:5000)")
         if args.keep_running:
