@@ -11,6 +11,7 @@ fails (the finished ones are kept: the same command resumes where it stopped).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(2, str(exc))
     rows = sum(p.rows for p in partitions)
     engine = engines.choose(args.engine, rows, args.address)
+    if engine == "local":  # one process: the model call may use every core (a Ray task is one core)
+        job = dataclasses.replace(job, model_threads=0)
     summary = _Summary(job, engine, len(partitions), rows)
     from tqdm import tqdm
 
@@ -150,11 +153,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_offline_store(job) -> None:
+    """Open it here (a missing repo or registry is bad input); the single process then uses this one."""
     from lifecycle.batch.inputs import BatchInputError
-    from mlops.offline import OfflineStoreError, open_store
+    from lifecycle.batch.scoring import offline_features
+    from mlops.offline import OfflineStoreError
 
     try:
-        open_store(Path(job.feature_repo), job.redis_address)
+        offline_features(job)
     except OfflineStoreError as exc:
         raise BatchInputError(str(exc)) from None
 

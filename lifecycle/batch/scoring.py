@@ -52,6 +52,7 @@ class Job:
     features: str = "offline"  # "offline": Feast's offline store as of each row's time; "logged": as served
     chunk_rows: int = 65_536
     kafka: dict[str, Any] = field(default_factory=dict, repr=False)  # the log's client settings (secrets too)
+    model_threads: int = 1  # onnxruntime threads per worker: 1 where a worker is a core (Ray), 0 = all cores
     source: str = ""  # what was read, for the job file
 
     def describe(self) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def score_partition(partition: Partition, job: Job) -> PartitionResult:
     started = time.perf_counter()
     result = PartitionResult(partition.key)
     session = _session(job)
-    store = _store(job) if job.features == "offline" else None
+    store = offline_features(job) if job.features == "offline" else None
     chunks = (inputs.read_parquet(partition, job.chunk_rows) if partition.path
               else inputs.read_log(partition, job.kafka, job.chunk_rows))
     scored_tmp, rejects_tmp = out.parent / f".{out.name}.tmp", Path(job.output) / REJECTS / f".{out.name}.tmp"
@@ -113,8 +114,11 @@ def score_partition(partition: Partition, job: Job) -> PartitionResult:
             if len(bad):
                 for reason, n in bad["reject_reason"].value_counts().items():
                     result.reasons[str(reason)] = result.reasons.get(str(reason), 0) + int(n)
-                bad = bad.astype("string")  # for people to read; one schema whatever the chunk held
+                # As text, for people to read, in one schema whatever a chunk held: mixed columns (a bad amount
+                # beside the numbers of rows rejected later) by pandas, the rest by Arrow (fast for times).
+                bad = bad.astype({c: "string" for c in bad.columns if bad[c].dtype == object})
                 table = pa.Table.from_pandas(bad, preserve_index=False)
+                table = table.cast(pa.schema([(name, pa.string()) for name in table.column_names]))
                 if rejects_writer is None:
                     rejects_tmp.parent.mkdir(parents=True, exist_ok=True)
                     rejects_writer = pq.ParquetWriter(rejects_tmp, table.schema)
@@ -213,20 +217,21 @@ _stores: dict[str, Any] = {}
 
 
 def _session(job: Job):
-    """One onnxruntime session per model and worker process, on one thread (a worker is a core)."""
+    """One onnxruntime session per model and worker process."""
     key = (job.model_name, job.model_version)
     if key not in _sessions:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = job.model_threads
         options.inter_op_num_threads = 1
         _sessions[key] = ort.InferenceSession(job.onnx, options, providers=["CPUExecutionProvider"])
     return _sessions[key]
 
 
-def _store(job: Job):
-    """The feature view's join over its file source, loaded once per worker; else Feast's store (it joins)."""
+def offline_features(job: Job):
+    """The feature view's join over its file source, loaded once per worker; else Feast's store (it joins).
+    Opening the store costs seconds (Feast parses the repo): once per process."""
     if job.feature_repo not in _stores:
         store = open_store(Path(job.feature_repo), job.redis_address)
         _stores[job.feature_repo] = AsOfJoin.from_store(store) or store
