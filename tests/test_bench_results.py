@@ -87,3 +87,29 @@ def test_the_end_to_end_rollout_costs_in_the_docs_are_the_committed_runs():
     worst = max(r["p99_ms"] for run in closed for r in run)
     assert worst < 100 and f"at most {worst:.0f} ms" in text
     assert all(r["lost"] == 0 for run in found for r in run if r["mode"] == "kafka")
+
+
+def test_the_batch_figures_in_the_docs_are_the_committed_runs():
+    """docs/batch.md's figures at 10,000,000 rows and the model step, from batch-run*.json."""
+    found = [json.loads(p.read_text())["results"] for p in sorted(RESULTS.glob("batch-run*.json"))]
+    assert len(found) == 2
+    text = " ".join((RESULTS.parents[1] / "docs" / "batch.md").read_text().split())
+
+    def pair(system: str, field: str) -> str:
+        values = [next(r[field] for r in run if r.get("system") == system and r.get("rows") == 10_000_000)
+                  for run in found]
+        return " / ".join(f"{v:,}" for v in values)
+
+    for system in ("mlops-score local", "mlops-score ray", "hand-written pandas"):
+        assert f"{pair(system, 'rows_per_s')} rows/s in {pair(system, 'peak_rss_mb')} MB" in text, system
+    step = " / ".join(f"{next(r['rows_per_s_per_core'] for r in run if 'rows_per_s_per_core' in r):,}"
+                      for run in found)
+    assert f"{step} rows/s on one core" in text
+    diffs = [r["max_abs_diff_vs_first"] for run in found for r in run if r.get("max_abs_diff_vs_first") is not None]
+    assert diffs and max(diffs) <= 4.2e-7 and "within 4.2e-7" in text
+    local = [next(r for r in run if r.get("system") == "mlops-score local" and r.get("rows") == 10_000_000)
+             for run in found]
+    ray = [next(r for r in run if r.get("system") == "mlops-score ray" and r.get("rows") == 10_000_000)
+           for run in found]
+    assert all(r["rows_per_s"] < 1.05 * lo["rows_per_s"] for r, lo in zip(ray, local, strict=True)), \
+        "Ray paid off: docs/batch.md says it did not"

@@ -58,7 +58,8 @@ def parser() -> OneLineParser:
                    help="store features as of each row's time from Feast's offline store, or as the log has them "
                         "(default: offline for --input, logged for the log)")
     p.add_argument("--engine", choices=("auto", "local", "ray"), default="auto",
-                   help="local: this process; ray: Ray Data (local, or --address); auto: ray from 1,000,000 rows")
+                   help="local: this process; ray: Ray Data (local, or --address); auto (default): ray when "
+                        "given --address, else local")
     p.add_argument("--address", help="a Ray cluster (ray://host:10001, or auto); default: Ray in this process")
     p.add_argument("--workers", type=positive_int, help="Ray tasks at once (default: one per CPU)")
     p.add_argument("--chunk-rows", type=positive_int, default=65_536, help="rows read and scored at a time")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except BatchInputError as exc:
         return fail(2, str(exc))
     rows = sum(p.rows for p in partitions)
-    engine = engines.choose(args.engine, rows, args.address)
+    engine = engines.choose(args.engine, args.address)
     if engine == "local":  # one process: the model call may use every core (a Ray task is one core)
         job = dataclasses.replace(job, model_threads=0)
     summary = _Summary(job, engine, len(partitions), rows)

@@ -17,17 +17,17 @@ from lifecycle.batch.inputs import Partition
 from lifecycle.batch.scoring import Job, PartitionResult, score_partition
 
 ENGINES = ("auto", "local", "ray")
-# Below this many rows `auto` scores in this process: starting Ray costs seconds, which small inputs never win
-# back (bench/batch.py measures where Ray-local overtakes the single process).
-RAY_FROM_ROWS = 1_000_000
 
 Done = Callable[[PartitionResult, Partition], None]
 
 
-def choose(engine: str, rows: int, address: str | None) -> str:
+def choose(engine: str, address: str | None) -> str:
+    """`auto`: Ray when given a cluster, else this process. Measured on one 2-core machine (bench/batch.py), Ray
+    in-process never beat the single process up to 10,000,000 rows (start-up, and the single process already
+    runs the model on every core); it is there for a cluster, or `--engine ray` on a machine with many cores."""
     if engine != "auto":
         return engine
-    return "ray" if address or rows >= RAY_FROM_ROWS else "local"
+    return "ray" if address else "local"
 
 
 def run_local(partitions: Sequence[Partition], job: Job, done: Done) -> None:
