@@ -34,8 +34,9 @@ def demo_batch(registry: Registry, name: str, feature_repo: Path, env: dict[str,
         return False
     scored = pd.read_parquet(out / "transactions")
     accuracy = float((scored["label"] == scored["is_fraud"]).mean())
+    why = "; ".join(f"{n:,} {reason}" for reason, n in batch["rejected_by_reason"].items())
     print(f"  {batch['model_name']}:{batch['model_version']} ({batch['engine']}): {batch['read']:,} transactions, "
-          f"{batch['scored']:,} scored, {batch['rejected']:,} rejected (no snapshot within the ttl at their time) in "
+          f"{batch['scored']:,} scored, {batch['rejected']:,} rejected{f' ({why})' if why else ''} in "
           f"{batch['seconds']:.1f} s; accuracy against is_fraud {accuracy:.4f}")
     production = registry.production(name)
     others = [v for v in registry.list(name) if production is None or v.version != production.version]

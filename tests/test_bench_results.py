@@ -113,3 +113,5 @@ def test_the_batch_figures_in_the_docs_are_the_committed_runs():
            for run in found]
     assert all(r["rows_per_s"] < 1.05 * lo["rows_per_s"] for r, lo in zip(ray, local, strict=True)), \
         "Ray paid off: docs/batch.md says it did not"
+    on_gpu = [p50(variant(run, "tensorised-torch-cuda"), 65536) for run in runs()]
+    assert max(on_gpu) < 2 and "batches of 65,536 rows in under 2 ms" in text
