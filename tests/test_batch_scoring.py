@@ -159,8 +159,9 @@ def test_bad_rows_are_rejected_with_their_reason_and_counted(workspace, tmp_path
     rows.loc[4, "transaction_amount"] = "12 dollars"
     rows.loc[5, "event_timestamp"] = pd.NaT
     rows.to_parquet(tmp_path / "in.parquet")
+    # chunks of 3 rows: rejects of different checks in different chunks still make one file of one schema
     result = score_here("--input", str(tmp_path / "in.parquet"), "--model", model_uri(workspace),
-                        "--output", str(tmp_path / "out"), "--json")
+                        "--output", str(tmp_path / "out"), "--json", "--chunk-rows", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert (summary["read"], summary["scored"], summary["rejected"]) == (50, 44, 6)

@@ -20,6 +20,9 @@ import pandas as pd
 from mlops.schema import ENTITY, REQUEST_FEATURES, STORE_FEATURES, TIMESTAMP
 
 REQUIRED = (ENTITY, TIMESTAMP, *REQUEST_FEATURES)
+# A prediction-log row's columns, the same in every chunk (an unreadable event fills only the first two).
+LOG_COLUMNS = ("log_offset", "log_error", "request_id", ENTITY, TIMESTAMP, "served_version", "served_prediction",
+               *REQUEST_FEATURES, *(f"logged_{name}" for name in STORE_FEATURES))
 
 
 class BatchInputError(ValueError):
@@ -164,10 +167,10 @@ def read_log(partition: Partition, kafka: dict[str, Any], chunk_rows: int,
                 offset = message.offset() + 1
                 rows.append(_log_row(message.value(), message.offset(), events))
                 if len(rows) >= chunk_rows:
-                    yield pd.DataFrame(rows)
+                    yield pd.DataFrame(rows, columns=list(LOG_COLUMNS))
                     rows = []
         if rows:
-            yield pd.DataFrame(rows)
+            yield pd.DataFrame(rows, columns=list(LOG_COLUMNS))
     finally:
         consumer.close()
 

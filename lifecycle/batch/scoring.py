@@ -102,7 +102,9 @@ def score_partition(partition: Partition, job: Job) -> PartitionResult:
             result.read += len(frame)
             good, bad = check_rows(frame)
             good, unknown = with_store_features(good, job, store)
-            bad = pd.concat([bad, unknown]) if len(unknown) else bad
+            # a reject keeps the columns it came with (one schema in every chunk), whichever check refused it
+            bad = pd.concat([bad, unknown]).reindex(columns=[*frame.columns, "reject_reason"])
+            good = good.drop(columns=["log_error"], errors="ignore")
             if len(good):
                 model_started = time.perf_counter()
                 good = predict(good, session, job)
