@@ -113,5 +113,8 @@ def test_the_batch_figures_in_the_docs_are_the_committed_runs():
            for run in found]
     assert all(r["rows_per_s"] < 1.05 * lo["rows_per_s"] for r, lo in zip(ray, local, strict=True)), \
         "Ray paid off: docs/batch.md says it did not"
+    for run in found:  # "ours stays flat from 1,000,000 rows on"
+        peak = {r["rows"]: r["peak_rss_mb"] for r in run if r.get("system") == "mlops-score local"}
+        assert peak[10_000_000] < 1.2 * peak[1_000_000], peak
     on_gpu = [p50(variant(run, "tensorised-torch-cuda"), 65536) for run in runs()]
     assert max(on_gpu) < 2 and "batches of 65,536 rows in under 2 ms" in text

@@ -1,7 +1,7 @@
 """Where the partitions run: in this process, one after another (small inputs: no start-up to pay), or on Ray
 Data (local by default: Ray starts in this process with one worker per core; a cluster by its address), with
 the same partition function. Ray streams the partitions through a bounded pool of tasks, so memory stays at a
-few partitions whatever the input's size, and retries a task whose worker died.
+few partitions whatever the input's size; tasks go with ``max_retries=3`` (Ray retries one whose worker died).
 """
 
 from __future__ import annotations
