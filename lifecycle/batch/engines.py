@@ -9,14 +9,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from lifecycle.batch.inputs import Partition
 from lifecycle.batch.scoring import Job, PartitionResult, score_partition
 
 ENGINES = ("auto", "local", "ray")
+# Ray keeps unix sockets under its temp folder and a socket path may not exceed 107 bytes: under a deep TMPDIR
+# (a test session's, a CI runner's) Ray in-process gets a short folder of its own in /tmp, removed afterwards.
+SHORT_TEMP = 40
 
 Done = Callable[[PartitionResult, Partition], None]
 
@@ -39,7 +45,7 @@ def run_ray(partitions: Sequence[Partition], job: Job, done: Done, address: str 
             workers: int | None = None) -> None:
     import ray
 
-    started_here = not ray.is_initialized()
+    started_here, short_temp = not ray.is_initialized(), ""
     if started_here:
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                    "logging_level": logging.ERROR}
@@ -47,6 +53,9 @@ def run_ray(partitions: Sequence[Partition], job: Job, done: Done, address: str 
             options["address"] = address
         else:
             options["num_cpus"] = workers or os.cpu_count() or 1
+            if len(str(Path(tempfile.gettempdir()) / "ray")) > SHORT_TEMP:
+                short_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+                options["_temp_dir"] = short_temp
         ray.init(**options)
     try:
         from ray.data import DataContext
@@ -72,3 +81,5 @@ def run_ray(partitions: Sequence[Partition], job: Job, done: Done, address: str 
     finally:
         if started_here:
             ray.shutdown()
+        if short_temp:
+            shutil.rmtree(short_temp, ignore_errors=True)
