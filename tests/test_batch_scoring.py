@@ -268,3 +268,27 @@ def test_a_time_range_of_the_prediction_log_is_backfilled_exactly(workspace, tmp
                   (since - timedelta(days=29)).isoformat(), "--topic", topic, "--model", model_uri(workspace),
                   "--output", str(tmp_path / "empty"), "--json")
     assert empty.returncode == 0 and json.loads(empty.stdout)["read"] == 0, empty.stderr[-3000:]
+
+
+def test_store_features_in_the_input_are_used_as_given_as_predict_does(workspace, server, tmp_path, score_here):
+    """All four given: no lookup (an unknown customer is scored); one given: it overrides the looked-up value.
+    Both equal /predict with the same features in the request."""
+    rows = transactions(workspace, 2, at=datetime.now(UTC), seed=6)
+    rows.loc[0, "customer_id"] = "C999999"
+    given = {"total_purchases": 3.0, "avg_order_value": 40.0, "days_since_last_order": 2.5, "lifetime_value": 120.0}
+    for name, value in given.items():
+        rows[name] = [value, None]
+    rows.loc[1, "avg_order_value"] = 999.0
+    rows.to_parquet(tmp_path / "in.parquet")
+    result = score_here("--input", str(tmp_path / "in.parquet"), "--model", model_uri(workspace), "--output",
+                        str(tmp_path / "out"), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["scored"] == 2
+    out = scored(tmp_path / "out")
+    assert out.loc[0, list(given)].to_dict() == given and out.loc[1, "avg_order_value"] == 999.0
+    requests = [{"customer_id": "C999999", "features": given}, {"features": {"avg_order_value": 999.0}}]
+    for row, extra in zip(out.itertuples(), requests, strict=True):
+        answer = httpx.post(f"{server.url}/predict", json={"customer_id": row.customer_id, **extra,
+                                                           "transaction_amount": row.transaction_amount},
+                            timeout=10).json()
+        assert abs(answer["prediction"] - row.prediction) <= 1e-6, (row, answer)
