@@ -262,8 +262,9 @@ def test_a_join_consumer_killed_mid_join_loses_nothing_and_counts_nothing_twice(
         text = httpx.get(f"http://127.0.0.1:{second.metrics_port}/metrics", timeout=10).text
     finally:
         second.stop()
-    counts = store.counts()
-    assert counts == {"joined": n}, counts
+    counts = store.counts()  # "outcomes_waiting": outcomes read before their predictions (both topics are full
+    # when the consumer starts; which one it fetches first is the broker's), then joined: neither lost nor twice
+    assert {k: v for k, v in counts.items() if k != "outcomes_waiting"} == {"joined": n}, counts
     sums = quality.merge(store.slots().values())
     assert sums["n"] == sums["predictions"] == sums["tp"] == n
     assert second.process.returncode == 0, second.log()[-3000:]
