@@ -68,6 +68,15 @@ def transactions(workspace: Workspace, n: int, at: datetime | None = None, seed:
     return frame
 
 
+def score_frame(score_here, workspace: Workspace, rows: pd.DataFrame, folder: Path, *args: str) -> dict:
+    """``rows`` written as Parquet in ``folder`` and scored into ``folder/out`` in this process; the summary."""
+    rows.to_parquet(folder / "in.parquet")
+    result = score_here("--input", str(folder / "in.parquet"), "--model", model_uri(workspace), "--output",
+                        str(folder / "out"), "--json", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
 def scored(folder: Path) -> pd.DataFrame:
     return pd.read_parquet(folder).sort_values("row").reset_index(drop=True)
 
@@ -75,11 +84,7 @@ def scored(folder: Path) -> pd.DataFrame:
 def test_a_batch_score_is_what_predict_answers_for_the_same_row(workspace, server, tmp_path, score_here):
     """Rows timed now get the newest snapshot, the one /predict reads online: equal scores, row by row."""
     rows = transactions(workspace, 2_000, at=datetime.now(UTC))
-    rows.to_parquet(tmp_path / "in.parquet")
-    result = score_here("--input", str(tmp_path / "in.parquet"), "--model", model_uri(workspace),
-                   "--output", str(tmp_path / "out"), "--engine", "local", "--json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout)
+    summary = score_frame(score_here, workspace, rows, tmp_path, "--engine", "local")
     assert (summary["read"], summary["scored"], summary["rejected"]) == (2_000, 2_000, 0)
     out = scored(tmp_path / "out")
     assert set(out["model_version"]) == {workspace.model.version}
@@ -158,12 +163,8 @@ def test_bad_rows_are_rejected_with_their_reason_and_counted(workspace, tmp_path
     rows.loc[3, "transaction_amount"] = "-5.0"
     rows.loc[4, "transaction_amount"] = "12 dollars"
     rows.loc[5, "event_timestamp"] = pd.NaT
-    rows.to_parquet(tmp_path / "in.parquet")
     # chunks of 3 rows: rejects of different checks in different chunks still make one file of one schema
-    result = score_here("--input", str(tmp_path / "in.parquet"), "--model", model_uri(workspace),
-                        "--output", str(tmp_path / "out"), "--json", "--chunk-rows", "3")
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout)
+    summary = score_frame(score_here, workspace, rows, tmp_path, "--chunk-rows", "3")
     assert (summary["read"], summary["scored"], summary["rejected"]) == (50, 44, 6)
     bad = pd.concat(pd.read_parquet(p) for p in (tmp_path / "out" / "_rejects").glob("*.parquet"))
     reasons = dict(zip(bad["row"].astype(int), bad["reject_reason"], strict=True))
@@ -279,11 +280,7 @@ def test_store_features_in_the_input_are_used_as_given_as_predict_does(workspace
     for name, value in given.items():
         rows[name] = [value, None]
     rows.loc[1, "avg_order_value"] = 999.0
-    rows.to_parquet(tmp_path / "in.parquet")
-    result = score_here("--input", str(tmp_path / "in.parquet"), "--model", model_uri(workspace), "--output",
-                        str(tmp_path / "out"), "--json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout)["scored"] == 2
+    assert score_frame(score_here, workspace, rows, tmp_path)["scored"] == 2
     out = scored(tmp_path / "out")
     assert out.loc[0, list(given)].to_dict() == given and out.loc[1, "avg_order_value"] == 999.0
     requests = [{"customer_id": "C999999", "features": given}, {"features": {"avg_order_value": 999.0}}]
