@@ -6,7 +6,8 @@ hand for one machine (pandas `merge_asof` for the point-in-time join, one onnxru
 Each size: transactions of the demo's customers at times across the feature history (the point-in-time join
 has work to do), written as Parquet; then each system scores it into a fresh folder. Reported per system and
 size: rows/s end to end (process start to exit: what a user waits for), peak resident memory of the process
-tree (Ray's workers and object store included), and the model step alone in rows/s per core. Results in
+tree (Ray's workers and object store included), and the model step alone in rows/s per core on each runtime
+(onnxruntime, the compiled trees). Results in
 bench/results/<name>.json with the git commit and the machine.
 """
 
@@ -30,7 +31,11 @@ import pandas as pd
 from bench.common import print_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("hand-written pandas", "mlops-score local", "mlops-score ray")
+# mlops-score's command-line options per system: the default (compiled trees where a C compiler is), the same
+# on onnxruntime (what compiling buys, end to end), and on Ray in this process
+SYSTEMS = {"hand-written pandas": [], "mlops-score local": ["--engine", "local"],
+           "mlops-score local, onnxruntime": ["--engine", "local", "--model-runtime", "onnxruntime"],
+           "mlops-score ray": ["--engine", "ray"]}
 CHECK_UP_TO = 1_000_000  # sizes whose outputs are read back and compared, row by row, with the first system's
 
 
@@ -97,7 +102,7 @@ def run_system(system: str, source: Path, out: Path, env: dict[str, str], model_
         cmd = [sys.executable, "-m", "bench.batch_peer", str(source), str(out)]
     else:
         cmd = [sys.executable, "-m", "lifecycle.batch.cli", "--no-progress", "--json", "--input", str(source),
-               "--model", model_uri, "--output", str(out), "--engine", system.rsplit(" ", 1)[1]]
+               "--model", model_uri, "--output", str(out), *SYSTEMS[system]]
     started = time.perf_counter()
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     memory = PeakMemory(process.pid)
@@ -108,7 +113,8 @@ def run_system(system: str, source: Path, out: Path, env: dict[str, str], model_
         raise RuntimeError(f"{system}: exit {process.returncode}: {stderr[-2000:]}")
     report = json.loads(stdout.strip().splitlines()[-1] if system == "hand-written pandas" else stdout)
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak / 2**20), "scored": report["scored"],
-            "read": report["read"], "model_seconds": report["model_seconds"]}
+            "read": report["read"], "model_seconds": report["model_seconds"],
+            "runtime": report.get("runtime", "onnxruntime")}
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -119,21 +125,24 @@ def max_difference(a: Path, b: Path) -> float:
     return float((left["prediction"] - right["prediction"]).abs().max()) if len(left) else 0.0
 
 
-def model_step(onnx: bytes, rows: int = 1_000_000, chunk: int = 65_536) -> float:
-    """Rows per second of the ONNX call alone, one thread (one core), on chunks of the CLI's size."""
-    import onnxruntime as ort
+MODEL_STEPS = {"onnxruntime": "model step alone (onnxruntime, 1 thread)",
+               "compiled": "model step alone (compiled trees, 1 thread)"}
 
-    from mlops.onnx_contract import INPUT_NAME
+
+def model_step(onnx: bytes, runtime: str, rows: int = 2_000_000, chunk: int = 65_536) -> float:
+    """Rows per second of the model call alone, one thread (one core), on chunks of the CLI's size, as
+    mlops-score makes it (compiled: the library its parity check let through)."""
+    from lifecycle.batch import runtimes
     from mlops.schema import MODEL_FEATURES
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    choice = runtimes.choose(runtime, onnx)
+    model, got = runtimes.load(onnx, choice, threads=1)
+    assert got == runtime, (got, choice.why)
     x = np.random.default_rng(1).gamma(2.0, 30.0, (chunk, len(MODEL_FEATURES))).astype(np.float32)
-    session.run(None, {INPUT_NAME: x})
+    model.positive_proba(x)
     started, done = time.perf_counter(), 0
     while done < rows:
-        session.run(None, {INPUT_NAME: x})
+        model.positive_proba(x)
         done += chunk
     return done / (time.perf_counter() - started)
 
@@ -150,10 +159,10 @@ def run(sizes: list[int], systems: list[str]) -> list[dict[str, Any]]:
         ws = workspace.prepare(root, svc.RunDir(run_dir).env_file, workspace.copy_feature_repo(root / "repo"))
         env = {**ws.env, "PYTHONPATH": str(ROOT)}
         uri = f"models:/{ws.model.name}/{ws.model.version}"
-        step = [model_step(ws.model.onnx_path.read_bytes()) for _ in range(3)]
-        rows.append({"system": "model step alone (onnxruntime, 1 thread)", "rows_per_s_per_core": round(
-            sorted(step)[1])})
-        print(f"  model step alone: {rows[-1]['rows_per_s_per_core']:,} rows/s on one core", flush=True)
+        for runtime, name in MODEL_STEPS.items():  # the median of three
+            step = sorted(model_step(ws.model.onnx_path.read_bytes(), runtime) for _ in range(3))[1]
+            rows.append({"system": name, "runtime": runtime, "rows_per_s_per_core": round(step)})
+            print(f"  {name}: {rows[-1]['rows_per_s_per_core']:,} rows/s on one core", flush=True)
         for size in sizes:
             source = root / f"in-{size}.parquet"
             make_input(ws.dataset, size, source)
@@ -180,13 +189,17 @@ def run(sizes: list[int], systems: list[str]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.batch", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,1000000,10000000", help="input rows, comma-separated")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, of: " + ", ".join(SYSTEMS))
+    parser.add_argument("--systems", default=";".join(SYSTEMS), help="semicolon-separated, of: "
+                                                                     + "; ".join(SYSTEMS))
     parser.add_argument("--name", default="batch", help="bench/results/<name>.json")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    rows = run(sizes, args.systems.split(","))
+    systems = args.systems.split(";")
+    if unknown := set(systems) - SYSTEMS.keys():
+        parser.error(f"unknown systems {sorted(unknown)}")
+    rows = run(sizes, systems)
     print_table("Batch scoring (end to end, process start to exit)", [r for r in rows if "rows" in r],
-                ["system", "rows", "seconds", "rows_per_s", "peak_rss_mb", "model_rows_per_s"])
+                ["system", "rows", "seconds", "rows_per_s", "peak_rss_mb", "model_rows_per_s", "runtime"])
     print(write_results(args.name, rows, {"sizes": sizes, "cpus": os.cpu_count()}))
     return 0
 

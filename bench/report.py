@@ -238,11 +238,14 @@ def batch() -> list[str]:
     sizes = found[0]["settings"]["sizes"]
     systems = list(dict.fromkeys(r["system"] for r in found[0]["results"] if "rows" in r))
     shas = ", ".join(f"`{run['git']['sha'][:10]}`" for run in found)
-    step = " / ".join(_num(next(r["rows_per_s_per_core"] for r in run["results"] if "rows_per_s_per_core" in r))
-                      for run in found)
+    steps = "; ".join(
+        f"{system.removeprefix('model step alone (').split(',')[0]} "
+        + " / ".join(_num(next(r["rows_per_s_per_core"] for r in run["results"] if r["system"] == system))
+                     for run in found)
+        for system in dict.fromkeys(r["system"] for r in found[0]["results"] if "rows_per_s_per_core" in r))
     lines = [f"Batch scoring, end to end (process start to exit), rows/s and peak resident memory of the process "
              f"tree, run 1 / run 2 (`python -m bench.batch`, commits {shas}, {found[0]['settings']['cpus']} "
-             f"CPUs); the model step alone: {step} rows/s on one core.", "",
+             f"CPUs); the model step alone, rows/s on one core: {steps}.", "",
              "| system | " + " | ".join(f"{n:,} rows" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for system in systems:
         cells = []

@@ -82,10 +82,12 @@ def scored(folder: Path) -> pd.DataFrame:
 
 
 def test_a_batch_score_is_what_predict_answers_for_the_same_row(workspace, server, tmp_path, score_here):
-    """Rows timed now get the newest snapshot, the one /predict reads online: equal scores, row by row."""
+    """Rows timed now get the newest snapshot, the one /predict reads online: equal scores, row by row — from
+    the served trees compiled to C (the default where a compiler is), which /predict runs on onnxruntime."""
     rows = transactions(workspace, 2_000, at=datetime.now(UTC))
     summary = score_frame(score_here, workspace, rows, tmp_path, "--engine", "local")
     assert (summary["read"], summary["scored"], summary["rejected"]) == (2_000, 2_000, 0)
+    assert (summary["runtime"], summary["partitions_by_runtime"]) == ("compiled", {"compiled": 1})
     out = scored(tmp_path / "out")
     assert set(out["model_version"]) == {workspace.model.version}
     for row in out.sample(40, random_state=1).itertuples():
@@ -110,6 +112,8 @@ def test_point_in_time_features_and_ray_gives_the_single_process_output(workspac
     ray = score(workspace, *common, "--output", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2", "--json")
     assert ray.returncode == 0, ray.stderr[-3000:]
     assert json.loads(ray.stdout)["engine"] == "ray"
+    # every Ray worker loaded the library the driver built and shipped
+    assert json.loads(ray.stdout)["partitions_by_runtime"] == {"compiled": 6}
     a, b = scored(tmp_path / "local"), scored(tmp_path / "ray")
     assert len(a) == len(b) == 6_000 - json.loads(ray.stdout)["rejected"]
     # the same rows and values; scores within 1e-6 (one process runs the model on every core, a Ray task on

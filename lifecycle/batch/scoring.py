@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lifecycle.batch import inputs
+from lifecycle.batch import inputs, runtimes
 from lifecycle.batch.inputs import Partition
 from mlops.offline import AsOfJoin, features_as_of, open_store
-from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import (
     AMOUNT_MAX,
     ENTITY,
@@ -52,7 +51,8 @@ class Job:
     features: str = "offline"  # "offline": Feast's offline store as of each row's time; "logged": as served
     chunk_rows: int = 65_536
     kafka: dict[str, Any] = field(default_factory=dict, repr=False)  # the log's client settings (secrets too)
-    model_threads: int = 1  # onnxruntime threads per worker: 1 where a worker is a core (Ray), 0 = all cores
+    model_threads: int = 1  # model threads per worker: 1 where a worker is a core (Ray), 0 = all cores
+    runtime: runtimes.Choice = field(default_factory=lambda: runtimes.Choice("onnxruntime"), repr=False)
     source: str = ""  # what was read, for the job file
 
     def describe(self) -> dict[str, Any]:
@@ -70,6 +70,7 @@ class PartitionResult:
     skipped: bool = False  # finished by an earlier run
     seconds: float = 0.0
     model_seconds: float = 0.0
+    runtime: str = ""  # what scored it: "compiled", or "onnxruntime"
     reasons: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def score_partition(partition: Partition, job: Job) -> PartitionResult:
 
     started = time.perf_counter()
     result = PartitionResult(partition.key)
-    session = _session(job)
+    model, result.runtime = _model(job)
     store = offline_features(job) if job.features == "offline" else None
     chunks = (inputs.read_parquet(partition, job.chunk_rows) if partition.path
               else inputs.read_log(partition, job.kafka, job.chunk_rows))
@@ -107,7 +108,7 @@ def score_partition(partition: Partition, job: Job) -> PartitionResult:
             good = good.drop(columns=["log_error"], errors="ignore")
             if len(good):
                 model_started = time.perf_counter()
-                good = predict(good, session, job)
+                good = predict(good, model, job)
                 result.model_seconds += time.perf_counter() - model_started
                 table = pa.Table.from_pandas(good, preserve_index=False)
                 writer = writer or pq.ParquetWriter(scored_tmp, table.schema)
@@ -207,28 +208,22 @@ def with_store_features(frame: pd.DataFrame, job: Job, store) -> tuple[pd.DataFr
     return frame[~missing], frame[missing].assign(reject_reason=why)
 
 
-def predict(frame: pd.DataFrame, session, job: Job) -> pd.DataFrame:
-    x = frame[list(MODEL_FEATURES)].to_numpy(dtype=np.float32)
-    proba = positive_proba(session.run(None, {INPUT_NAME: x}))
+def predict(frame: pd.DataFrame, model, job: Job) -> pd.DataFrame:
+    proba = model.positive_proba(frame[list(MODEL_FEATURES)].to_numpy(dtype=np.float32))
     return frame.assign(prediction=proba, label=(proba >= job.threshold).astype(np.int8),
                         model_name=job.model_name, model_version=job.model_version)
 
 
-_sessions: dict[tuple[str, str], Any] = {}
+_models: dict[tuple[str, str, str, int], tuple[Any, str]] = {}
 _stores: dict[str, Any] = {}
 
 
-def _session(job: Job):
-    """One onnxruntime session per model and worker process."""
-    key = (job.model_name, job.model_version)
-    if key not in _sessions:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = job.model_threads
-        options.inter_op_num_threads = 1
-        _sessions[key] = ort.InferenceSession(job.onnx, options, providers=["CPUExecutionProvider"])
-    return _sessions[key]
+def _model(job: Job) -> tuple[Any, str]:
+    """One loaded model per model, runtime and worker process."""
+    key = (job.model_name, job.model_version, job.runtime.runtime, job.model_threads)
+    if key not in _models:
+        _models[key] = runtimes.load(job.onnx, job.runtime, job.model_threads)
+    return _models[key]
 
 
 def offline_features(job: Job):
