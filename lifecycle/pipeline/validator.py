@@ -2,7 +2,7 @@
 codes. Reads our vocabulary and the reference tools' (see :mod:`lifecycle.pipeline.definition`).
 
 Errors: MISSING_STAGE, UNKNOWN_STAGE, DUPLICATE_STAGE, STAGE_TYPE_MISMATCH, STAGE_ORDER, MISSING_GATE,
-GATE_NO_THRESHOLD, INVALID_THRESHOLD, INVALID_ROLLBACK, UNKNOWN_DEPENDENCY, DEPENDENCY_CYCLE.
+GATE_NO_THRESHOLD, INVALID_THRESHOLD, INVALID_ROLLBACK, UNKNOWN_DEPENDENCY, DEPENDENCY_CYCLE, INVALID_RETRAINING.
 Warnings: MISSING_TRANSFORM, LOW_THRESHOLD, NO_PRODUCTION_COMPARISON, NO_MIN_IMPROVEMENT, REGISTER_TO_PRODUCTION,
 MISSING_ROLLBACK, ROLLBACK_DISABLED, UNKNOWN_FIELD.
 """
@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lifecycle.pipeline.definition import KNOWN_STAGES, REQUIRED_STAGES, STAGE_TYPES, TOP_LEVEL_KEYS, Pipeline, Stage
+from lifecycle.retrain.policy import PolicyError, RetrainPolicy
 
 DEFAULT_MIN_SCORE = 0.85
 # Candidate AUC must beat Production's by at least this (a retrain on the same data must not pass by +0.0000).
@@ -86,6 +87,11 @@ def validate(pipeline: Pipeline, strict: bool = False) -> list[Finding]:
 
     for key in sorted(set(pipeline.raw) - TOP_LEVEL_KEYS):
         warning("UNKNOWN_FIELD", f"unknown top-level field {key!r} is ignored")
+    if "retraining" in pipeline.raw:  # the retraining controller's guard rails (lifecycle/retrain/policy.py)
+        try:
+            RetrainPolicy.from_section(pipeline.raw["retraining"])
+        except PolicyError as exc:
+            error("INVALID_RETRAINING", str(exc))
     for stage in pipeline.stages:
         for key in stage.extra_keys:
             warning("UNKNOWN_FIELD", f"unknown field {key!r} in stage {stage.name!r} is ignored", stage.name)

@@ -1,0 +1,5 @@
+import sys
+
+from lifecycle.retrain.controller import main
+
+sys.exit(main())

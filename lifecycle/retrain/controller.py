@@ -1,0 +1,191 @@
+"""`mlops-retrain`: alerts in, retrains out. Reads the alerts topic as a consumer group of one; each firing
+alert of a configured kind for the model goes through the guard rails (:mod:`lifecycle.retrain.policy`), and
+one that passes runs the training pipeline on fresh data (the pipeline's own gate included, against
+Production on the same holdout) and, when the candidate passes, starts its progressive rollout — the rollout
+controller takes it from there.
+
+Exactly once on the alerts it acts on: an alert's offset is committed only after its decision is on record,
+and a redelivered alert (a restart, a rebalance) finds its decision by id and is not acted on again. The
+decisions of one model are taken under the registry's fenced lock, so two controllers (a deployment during a
+rolling update) never start two retrains; a controller killed mid-retrain leaves a claim whose heartbeat
+stops, which the next one closes as ``interrupted`` before acting on the alert again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lifecycle.pipeline import definition, runner
+from lifecycle.pipeline.stages import StageFailed
+from lifecycle.registry import Registry, RegistryError
+from lifecycle.retrain.policy import RetrainPolicy, Verdict, decide
+from lifecycle.retrain.record import TRAINING_TAG, DecisionLog
+from lifecycle.rollout.state import Rollouts
+from mlops.settings import Settings
+
+log = logging.getLogger("retrain")
+ACTOR = "retrain-controller"
+
+
+class Controller:
+    def __init__(self, settings: Settings, registry: Registry, pipeline: definition.Pipeline,
+                 policy: RetrainPolicy, name: str | None = None, lease_s: float = 120.0) -> None:
+        self.settings, self.registry, self.pipeline, self.policy = settings, registry, pipeline, policy
+        self.name = name or pipeline.model_name
+        self.log = DecisionLog(registry, lease_s)
+        self.rollouts = Rollouts(registry)
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def handle(self, alert: dict[str, Any], alert_id: str) -> dict[str, Any] | None:
+        """The decision for one alert (None: not for this model, or not a trigger); a retrain runs to its end
+        (rollout started, gate blocked, failed) before this returns."""
+        if alert.get("model_name") != self.name or not self.policy.triggered_by(alert):
+            return None
+        with self.registry.locked(self.name):  # one decision at a time per model, across controllers
+            self.log.close_stale(self.name)
+            if (done := self.log.find(self.name, alert_id)) is not None:
+                log.info("alert %s: already decided (%s)", alert_id, done.tags.get("outcome"))
+                return {**done.to_dict(), "duplicate": True}
+            rollout = self.registry.rollout(self.name)
+            verdict = decide(self.policy, self.log.history(self.name), time.time(),
+                             rollout.id if rollout is not None and rollout.active else None)
+            decision = self.log.open(self.name, alert_id, alert, verdict)
+        log.info("alert %s (%s %s): %s — %s", alert_id, alert.get("type"), alert.get("severity"), verdict.action,
+                 verdict.reason)
+        if verdict.action != "retrain":
+            return decision.to_dict()
+        outcome, reason, links = self._retrain(decision.run_id, alert_id, alert, verdict)
+        self.log.finish(decision.run_id, outcome, reason, **links)
+        log.info("alert %s: %s — %s", alert_id, outcome, reason)
+        return {**decision.to_dict(), "outcome": outcome, "outcome_reason": reason, **links}
+
+    def _retrain(self, decision_id: str, alert_id: str, alert: dict[str, Any],
+                 verdict: Verdict) -> tuple[str, str, dict[str, str]]:
+        beating = threading.Event()
+
+        def beat() -> None:
+            while not beating.wait(self.log.lease_s / 4):
+                try:
+                    self.log.heartbeat(decision_id)
+                except Exception as exc:  # noqa: BLE001 - MLflow away for a beat: the next one tries again
+                    log.warning("heartbeat of %s failed: %s", decision_id, exc)
+
+        heart = threading.Thread(target=beat, daemon=True, name="retrain-heartbeat")
+        heart.start()
+        try:
+            summary = runner.run(self.pipeline, self.registry, model_name=self.name, settings=self.settings,
+                                 tags={TRAINING_TAG: decision_id, "retrain_alert": alert_id})
+        except StageFailed as exc:
+            links = {"training_run_id": str(getattr(exc, "summary", {}).get("mlflow_run_id", ""))}
+            outcome = "gate_blocked" if exc.stage == "gate" else "failed"
+            return outcome, f"{exc.stage}: {exc.reason}", links
+        except Exception as exc:  # noqa: BLE001 - a broken store, a crash in training: on record, not a crash here
+            return "failed", f"{type(exc).__name__}: {str(exc)[:2000]}", {}
+        finally:
+            beating.set()
+            heart.join()
+        candidate = summary["registered"]["version"]
+        links = {"training_run_id": summary["mlflow_run_id"], "candidate": candidate}
+        try:
+            state = self.rollouts.start(self.name, candidate, self.policy.rollout_steps, actor=ACTOR,
+                                        reason=f"retrain on {alert.get('type')} {alert_id} (decision {decision_id})")
+        except RegistryError as exc:  # a person started a rollout meanwhile, Production went away, ...
+            return "failed", f"the candidate {candidate} passed its gate but its rollout did not start: {exc}", links
+        return "rollout_started", f"candidate {candidate} passed the gate; rollout {state.id} started", {
+            **links, "rollout_id": state.id}
+
+    def run(self, max_seconds: float | None = None, poll_s: float = 1.0) -> int:
+        """Consume the alerts topic until stopped (or ``max_seconds``); returns the alerts handled."""
+        from confluent_kafka import Consumer, KafkaException
+
+        from mlops.connections import kafka_config
+
+        consumer = Consumer({**kafka_config(self.settings), "group.id": f"mlops-retrain-{self.name}",
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                             "enable.partition.eof": False})
+        consumer.subscribe([self.settings.alerts_topic])
+        deadline = time.monotonic() + max_seconds if max_seconds else None
+        handled = 0
+        try:
+            while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                message = consumer.poll(poll_s)
+                if message is None:
+                    continue
+                if message.error():
+                    log.warning("alerts topic: %s", message.error())  # librdkafka reconnects by itself
+                    continue
+                alert_id = f"{message.topic()}:{message.partition()}:{message.offset()}"
+                try:
+                    alert = json.loads(message.value())
+                except (ValueError, TypeError):
+                    alert = None
+                if isinstance(alert, dict):
+                    self.handle(alert, alert_id)
+                    handled += 1
+                while True:  # the decision is on record: now the offset (a failed commit is retried, never lost)
+                    try:
+                        consumer.commit(message=message, asynchronous=False)
+                        break
+                    except KafkaException as exc:
+                        log.warning("offset commit of %s failed (%s): retrying", alert_id, exc)
+                        if self._stop.wait(1.0):
+                            break
+        finally:
+            consumer.close()
+        return handled
+
+
+def load(pipeline_path: Path) -> tuple[definition.Pipeline, RetrainPolicy]:
+    """The pipeline and its ``retraining:`` policy; DefinitionError/PolicyError for a bad file."""
+    pipeline = definition.load(pipeline_path)
+    return pipeline, RetrainPolicy.from_section(pipeline.raw.get("retraining"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from mlops.cli_args import OneLineParser, settings_error
+
+    p = OneLineParser(prog="mlops-retrain", description=__doc__.splitlines()[0])
+    p.add_argument("--pipeline", type=Path, default=Path("pipeline.yaml"))
+    p.add_argument("--model", help="default: the pipeline's model_name")
+    p.add_argument("--max-seconds", type=float, help="stop after this long (default: run until stopped)")
+    p.add_argument("--lease-s", type=float, default=120.0,
+                   help="a retrain whose heartbeat stopped this long ago is taken as interrupted")
+    args = p.parse_args(argv)
+    from lifecycle.pipeline.definition import DefinitionError
+    from lifecycle.retrain.policy import PolicyError
+
+    if not args.lease_s > 0 or (args.max_seconds is not None and not args.max_seconds > 0):
+        print("mlops-retrain: --lease-s and --max-seconds must be > 0", file=sys.stderr)
+        return 2
+    try:
+        pipeline, policy = load(args.pipeline)
+        settings = Settings.load()
+    except ValidationError as exc:
+        print(f"mlops-retrain: bad setting: {settings_error(exc)}", file=sys.stderr)
+        return 2
+    except (DefinitionError, PolicyError, OSError) as exc:
+        print(f"mlops-retrain: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    controller = Controller(settings, Registry.from_settings(settings), pipeline, policy, args.model, args.lease_s)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: controller.stop())
+    signal.signal(signal.SIGINT, lambda *_: controller.stop())
+    controller.run(args.max_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

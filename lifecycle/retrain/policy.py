@@ -1,0 +1,177 @@
+"""When an alert may start a retrain: the guard rails of ``pipeline.yaml``'s ``retraining:`` section, and the one
+function that applies them to an alert and the decisions already on record.
+
+    retraining:
+      triggers:                       # alert type, and the severities that count (default: critical)
+        - {type: drift_alert, severity: [critical]}
+        - {type: performance_alert, severity: [critical]}
+        - {type: skew_alert, severity: [warning, critical]}
+      cooldown: 6h                    # after a retrain started, alerts within this only go on record
+      max_per_day: 3                  # retrains started in any 24 hours
+      circuit_breaker: 3              # this many failed candidates in a row stop retraining until a reset
+      dry_run: false                  # decide and record, never train
+      rollout_steps: [0, 5, 25, 50, 100]
+
+The rails are checked in a fixed order, and the first that holds names the decision's reason, so the record
+says why an alert did not retrain in words an operator can act on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlops.rollout import DEFAULT_STEPS, check_steps
+
+SPAN = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>[smhd]?)")
+UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+ALERT_TYPES = ("drift_alert", "performance_alert", "skew_alert")
+SEVERITIES = ("warning", "critical")
+KEYS = {"triggers", "cooldown", "max_per_day", "circuit_breaker", "dry_run", "rollout_steps"}
+FAILED = ("gate_blocked", "failed", "interrupted")  # candidate outcomes the circuit breaker counts
+DAY_S = 86_400.0
+
+
+class PolicyError(ValueError):
+    """``retraining:`` cannot be read; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Trigger:
+    type: str
+    severities: tuple[str, ...] = ("critical",)
+
+    def matches(self, alert: dict[str, Any]) -> bool:
+        return alert.get("type") == self.type and alert.get("severity") in self.severities
+
+
+@dataclass(frozen=True)
+class RetrainPolicy:
+    triggers: tuple[Trigger, ...] = (Trigger("drift_alert"), Trigger("performance_alert"),
+                                     Trigger("skew_alert", ("warning", "critical")))
+    cooldown_s: float = 6 * 3600.0
+    max_per_day: int = 3
+    circuit_breaker: int = 3
+    dry_run: bool = False
+    rollout_steps: tuple[int, ...] = DEFAULT_STEPS
+
+    def triggered_by(self, alert: dict[str, Any]) -> bool:
+        """A firing alert of a configured type and severity (a resolution never retrains)."""
+        return alert.get("status") == "firing" and any(t.matches(alert) for t in self.triggers)
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any] | None) -> RetrainPolicy:
+        if section is None:
+            return cls()
+        if not isinstance(section, dict):
+            raise PolicyError("retraining: must be a mapping")
+        if unknown := sorted(set(section) - KEYS):
+            raise PolicyError(f"retraining: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(KEYS))})")
+        values: dict[str, Any] = {}
+        if "triggers" in section:
+            values["triggers"] = tuple(_trigger(t) for t in _list(section["triggers"], "triggers"))
+            if not values["triggers"]:
+                raise PolicyError("retraining.triggers: empty (no alert could start a retrain; use dry_run to "
+                                  "watch without training)")
+        if "cooldown" in section:
+            values["cooldown_s"] = span_s(section["cooldown"], "retraining.cooldown")
+        for key in ("max_per_day", "circuit_breaker"):
+            if key in section:
+                value = section[key]
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise PolicyError(f"retraining.{key}: {value!r} is not a whole number of at least 1")
+                values[key] = value
+        if "dry_run" in section:
+            if not isinstance(section["dry_run"], bool):
+                raise PolicyError(f"retraining.dry_run: {section['dry_run']!r} is not true or false")
+            values["dry_run"] = section["dry_run"]
+        if "rollout_steps" in section:
+            steps = tuple(_list(section["rollout_steps"], "rollout_steps"))
+            if not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+                raise PolicyError(f"retraining.rollout_steps: {list(steps)!r} are not whole percentages")
+            try:
+                check_steps(steps)
+            except ValueError as exc:
+                raise PolicyError(f"retraining.rollout_steps: {exc}") from None
+            values["rollout_steps"] = steps
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Past:
+    """A decision on record, as the rails read it."""
+
+    alert_id: str
+    action: str  # "retrain", "skip", "dry_run", "reset"
+    outcome: str  # for a retrain: "running", "rollout_started", "gate_blocked", "failed", "interrupted"
+    at: float  # when it was decided (epoch seconds)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str  # "retrain", "skip" or "dry_run"
+    reason: str
+    rail: str = ""  # the guard rail that held, for metrics ("cooldown", "max_per_day", ...)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def decide(policy: RetrainPolicy, history: Sequence[Past], now: float, rollout: str | None = None) -> Verdict:
+    """What to do about a triggering alert, given the decisions on record (newest first) and the model's active
+    rollout (its id, or None)."""
+    retrains = [p for p in history if p.action == "retrain"]
+    if running := [p for p in retrains if p.outcome == "running"]:
+        return Verdict("skip", f"a retrain is running (alert {running[0].alert_id})", "running")
+    failures = 0
+    for p in history:  # newest first: failed candidates since the last success or reset
+        if p.action == "reset" or (p.action == "retrain" and p.outcome not in FAILED):
+            break
+        failures += p.action == "retrain"
+    if failures >= policy.circuit_breaker:
+        return Verdict("skip", f"circuit breaker open: the last {failures} candidates failed (limit "
+                               f"{policy.circuit_breaker}); `registry retrain reset` closes it", "circuit_breaker",
+                       {"failures": failures})
+    if rollout:
+        return Verdict("skip", f"rollout {rollout} is in progress: never two at once", "rollout_active")
+    if retrains and now - retrains[0].at < policy.cooldown_s:
+        left = policy.cooldown_s - (now - retrains[0].at)
+        return Verdict("skip", f"cooldown: the last retrain started {now - retrains[0].at:.0f} s ago "
+                               f"(cooldown {policy.cooldown_s:.0f} s, {left:.0f} s left)", "cooldown")
+    today = [p for p in retrains if now - p.at < DAY_S]
+    if len(today) >= policy.max_per_day:
+        return Verdict("skip", f"{len(today)} retrains in the last 24 h (max_per_day {policy.max_per_day})",
+                       "max_per_day")
+    if policy.dry_run:
+        return Verdict("dry_run", "dry run: this alert would start a retrain", "dry_run")
+    return Verdict("retrain", "guard rails passed")
+
+
+def span_s(value: Any, where: str) -> float:
+    """Seconds from a number or a span (``90s``, ``30m``, ``6h``, ``1d``)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and (m := SPAN.fullmatch(value.strip())):
+        return float(m["n"]) * UNIT_S[m["unit"]]
+    raise PolicyError(f"{where}: {value!r} is not a span like 90s, 30m, 6h, 1d")
+
+
+def _list(value: Any, key: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise PolicyError(f"retraining.{key}: must be a list")
+    return value
+
+
+def _trigger(value: Any) -> Trigger:
+    if isinstance(value, str):
+        value = {"type": value}
+    if not isinstance(value, dict) or set(value) - {"type", "severity"}:
+        raise PolicyError(f"retraining.triggers: {value!r} is not {{type: ..., severity: [...]}}")
+    kind = value.get("type")
+    if kind not in ALERT_TYPES:
+        raise PolicyError(f"retraining.triggers: unknown alert type {kind!r} (one of {', '.join(ALERT_TYPES)})")
+    severities = value.get("severity", ["critical"])
+    severities = [severities] if isinstance(severities, str) else severities
+    if not isinstance(severities, list) or not severities or set(severities) - set(SEVERITIES):
+        raise PolicyError(f"retraining.triggers: severity {value.get('severity')!r} (of {', '.join(SEVERITIES)})")
+    return Trigger(kind, tuple(severities))

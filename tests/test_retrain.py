@@ -1,0 +1,203 @@
+"""The retraining controller (issue 21): the guard rails one by one, then alerts handled on a real MLflow
+registry with the real training pipeline — a retrain whose candidate beats Production starts its rollout, a
+redelivered alert is not acted on twice, a failing candidate trips the circuit breaker, a controller that died
+mid-retrain leaves no stuck claim — every decision on record with its links."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lifecycle.pipeline import definition, runner
+from lifecycle.pipeline.validator import validate
+from lifecycle.registry import Registry
+from lifecycle.retrain.controller import Controller, load
+from lifecycle.retrain.policy import Past, PolicyError, RetrainPolicy, Trigger, Verdict, decide
+from lifecycle.retrain.record import EXPERIMENT, TRAINING_TAG, DecisionLog
+from mlops.mlflow_backend import Backend
+from mlops.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
+SMALL_DATA = {"source": "synthetic", "customers": 200, "transactions": 3000, "seed": 42}
+NOW = 1_800_000_000.0
+
+
+def alert(kind: str = "drift_alert", severity: str = "critical", status: str = "firing", model: str = "m") -> dict:
+    return {"type": kind, "severity": severity, "status": status, "model_name": model, "model_version": "1",
+            "feature": "transaction_amount", "timestamp": "2026-12-04T10:00:00+00:00"}
+
+
+# -- the policy ---------------------------------------------------------------------------------------------
+
+
+def test_the_shipped_pipeline_declares_its_guard_rails_and_validates_strictly():
+    pipeline, policy = load(ROOT / "pipeline.yaml")
+    assert validate(pipeline, strict=True) == []
+    assert policy == RetrainPolicy(triggers=(Trigger("drift_alert"), Trigger("performance_alert"),
+                                             Trigger("skew_alert", ("warning", "critical"))),
+                                   cooldown_s=6 * 3600, max_per_day=3, circuit_breaker=3, dry_run=False)
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"cooldown": "soon"}, "retraining.cooldown: 'soon' is not a span"),
+    ({"max_per_day": 0}, "retraining.max_per_day: 0 is not a whole number of at least 1"),
+    ({"triggers": [{"type": "latency_alert"}]}, "unknown alert type 'latency_alert'"),
+    ({"triggers": [{"type": "drift_alert", "severity": ["fatal"]}]}, "severity ['fatal']"),
+    ({"triggers": []}, "retraining.triggers: empty"),
+    ({"dry_run": "yes"}, "retraining.dry_run: 'yes' is not true or false"),
+    ({"rollout_steps": [5, 50]}, "the last step must be 100"),
+    ({"cooldwn": "1h"}, "unknown field(s) cooldwn"),
+])
+def test_a_bad_retraining_section_is_named_by_the_validator(tmp_path, section, message):
+    with pytest.raises(PolicyError) as info:
+        RetrainPolicy.from_section(section)
+    assert message in str(info.value)
+    body = {**copy.deepcopy(BASE), "retraining": section}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(body))
+    found = validate(definition.load(tmp_path / "p.yaml"))
+    assert [(f.code, message in f.message) for f in found if f.level == "error"] == [("INVALID_RETRAINING", True)]
+
+
+def test_only_firing_alerts_of_a_configured_type_and_severity_trigger():
+    policy = RetrainPolicy()
+    assert policy.triggered_by(alert())
+    assert policy.triggered_by(alert("skew_alert", "warning"))
+    assert not policy.triggered_by(alert(status="resolved"))
+    assert not policy.triggered_by(alert(severity="warning"))
+    assert not policy.triggered_by(alert("drift_change_point", "info", "info"))
+
+
+def past(action: str = "retrain", outcome: str = "rollout_started", ago: float = 10 * 86400, alert_id: str = "a"):
+    return Past(alert_id, action, outcome, NOW - ago)
+
+
+@pytest.mark.parametrize(("history", "rollout", "policy", "rail"), [
+    ([], None, RetrainPolicy(), ""),
+    ([past(outcome="running", ago=5)], None, RetrainPolicy(), "running"),
+    ([past(outcome="gate_blocked")] * 3, None, RetrainPolicy(), "circuit_breaker"),
+    ([past(outcome="gate_blocked")] * 2 + [past(outcome="failed")], "r1", RetrainPolicy(), "circuit_breaker"),
+    # a success, or a reset, ends the run of failures the breaker counts
+    ([past(outcome="gate_blocked")] * 2 + [past()] + [past(outcome="failed")] * 3, None, RetrainPolicy(), ""),
+    ([past(outcome="failed")] * 2 + [past("reset", "reset")] + [past(outcome="failed")] * 3, None,
+     RetrainPolicy(), ""),
+    ([past("skip", "skip")] * 5, None, RetrainPolicy(), ""),  # skips are no candidates
+    ([], "r1", RetrainPolicy(), "rollout_active"),
+    ([past(ago=3600)], None, RetrainPolicy(cooldown_s=7200), "cooldown"),
+    ([past(ago=7300)], None, RetrainPolicy(cooldown_s=7200), ""),
+    ([past(ago=3600 * h) for h in (2, 5, 20)], None, RetrainPolicy(cooldown_s=60), "max_per_day"),
+    ([past(ago=3600 * h) for h in (2, 5, 25)], None, RetrainPolicy(cooldown_s=60), ""),
+    ([], None, RetrainPolicy(dry_run=True), "dry_run"),
+])
+def test_each_guard_rail(history, rollout, policy, rail):
+    verdict = decide(policy, history, NOW, rollout)
+    assert verdict.rail == rail, verdict
+    assert verdict.action == {"": "retrain", "dry_run": "dry_run"}.get(rail, "skip")
+
+
+# -- the controller on a real registry ----------------------------------------------------------------------
+
+
+def pipeline_file(tmp_path: Path, name: str, **gate) -> definition.Pipeline:
+    body = copy.deepcopy(BASE)
+    body["model_name"] = name
+    for s in body["stages"]:
+        if s["name"] == "fetch-data":
+            s["params"] = dict(SMALL_DATA)
+        if s["name"] == "train":
+            s["params"] = {"n_estimators": 40, "max_depth": 3}
+        if s["name"] == "gate":
+            s["params"].update(gate)
+    path = tmp_path / f"{name}-{len(gate)}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return definition.load(path)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A registry whose Production is a weak model (2 stumps): the shipped pipeline's candidate beats it."""
+    registry = Registry(Backend.for_uri(str(tmp_path / "m.db")))
+    name = f"retrain_{tmp_path.name[-10:].replace('-', '_').lower()}"
+    weak = pipeline_file(tmp_path, name, min_auc=0.5, min_accuracy=0.5)
+    stage = next(s for s in weak.stages if s.kind == "train")
+    stage.params = {"n_estimators": 2, "max_depth": 1}
+    first = runner.run(weak, registry, model_name=name)
+    registry.promote(name, first["registered"]["version"], "production")
+    return registry, name
+
+
+def controller(tmp_path, registry, name, policy=None, lease_s=120.0, **gate) -> Controller:
+    return Controller(Settings(), registry, pipeline_file(tmp_path, name, **gate),
+                      policy or RetrainPolicy(cooldown_s=0), name, lease_s)
+
+
+def test_a_drift_alert_retrains_gates_and_starts_the_rollout_once(tmp_path, setup):
+    registry, name = setup
+    ctl = controller(tmp_path, registry, name)
+    assert ctl.handle(alert(model="another"), "t:0:1") is None  # not this model: not on record
+    assert ctl.handle(alert(status="resolved", model=name), "t:0:2") is None
+    got = ctl.handle(alert(model=name), "t:0:3")
+    assert (got["action"], got["outcome"]) == ("retrain", "rollout_started"), got
+    rollout = registry.rollout(name)
+    assert rollout.active and rollout.id == got["rollout_id"] and rollout.candidate == got["candidate"]
+    assert "t:0:3" in rollout.reason and got["decision_run_id"] in rollout.reason
+    # the links: decision → training run → registered candidate → rollout
+    training = registry.client.get_run(got["training_run_id"])
+    assert training.data.tags[TRAINING_TAG] == got["decision_run_id"] and training.data.tags["gate"] == "passed"
+    assert registry.get(name, got["candidate"]).run_id == got["training_run_id"]
+    decision = registry.client.get_run(got["decision_run_id"])
+    assert decision.info.status == "FINISHED" and decision.info.experiment_id == \
+        registry.backend.experiment_id(EXPERIMENT)
+    # delivered again (a restart before the offset commit): found by its id, nothing more happens
+    again = ctl.handle(alert(model=name), "t:0:3")
+    assert again["duplicate"] and again["decision_run_id"] == got["decision_run_id"]
+    # another alert while the rollout runs: on record, and skipped
+    skipped = ctl.handle(alert("performance_alert", model=name), "t:1:7")
+    assert (skipped["action"], skipped["rail"]) == ("skip", "rollout_active")
+    assert [d.tags["alert_id"] for d in DecisionLog(registry).decisions(name)] == ["t:1:7", "t:0:3"]
+
+
+def test_failed_candidates_trip_the_circuit_breaker_until_a_reset(tmp_path, setup):
+    registry, name = setup
+    ctl = controller(tmp_path, registry, name, RetrainPolicy(cooldown_s=0, circuit_breaker=2, max_per_day=10),
+                     min_auc=0.9999)  # no candidate can pass
+    outcomes = [ctl.handle(alert(model=name), f"t:0:{i}") for i in range(3)]
+    assert [o["outcome"] for o in outcomes] == ["gate_blocked", "gate_blocked", "skip"]
+    assert outcomes[0]["outcome_reason"].startswith("gate: auc") and outcomes[2]["rail"] == "circuit_breaker"
+    assert registry.client.get_run(outcomes[0]["training_run_id"]).info.status == "FAILED"
+    assert registry.rollout(name) is None
+    DecisionLog(registry).reset(name, "test", "threshold fixed")
+    assert ctl.handle(alert(model=name), "t:0:9")["outcome"] == "gate_blocked"  # tried again after the reset
+
+
+def test_dry_run_decides_and_records_without_training(tmp_path, setup):
+    registry, name = setup
+    ctl = controller(tmp_path, registry, name, RetrainPolicy(dry_run=True))
+    got = ctl.handle(alert(model=name), "t:0:1")
+    assert (got["action"], got["status"]) == ("dry_run", "FINISHED")
+    assert len(registry.list(name)) == 1  # nothing trained
+
+
+def test_a_retrain_whose_controller_died_is_closed_and_the_alert_acted_on_again(tmp_path, setup):
+    """The dead controller's claim (RUNNING, its heartbeat stopped) and its training run are closed as
+    interrupted; the alert then retrains once — no stuck claim, no second retrain beside the first."""
+    registry, name = setup
+    dead = DecisionLog(registry, lease_s=0.5)
+    claim = dead.open(name, "t:0:5", alert(model=name), Verdict("retrain", "guard rails passed"))
+    orphan = registry.client.create_run(registry.backend.experiment_id(), tags={TRAINING_TAG: claim.run_id})
+    ctl = controller(tmp_path, registry, name, lease_s=60)
+    busy = ctl.handle(alert(model=name), "t:0:6")  # the claim is fresh: another controller is training
+    assert (busy["action"], busy["rail"]) == ("skip", "running")
+    time.sleep(0.6)
+    ctl.log.lease_s = 0.5
+    got = ctl.handle(alert(model=name), "t:0:5")
+    assert got["outcome"] == "rollout_started" and not got.get("duplicate")
+    closed = registry.client.get_run(claim.run_id)
+    assert closed.info.status == "KILLED" and closed.data.tags["retrain.outcome"] == "interrupted"
+    assert registry.client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert [d.tags["outcome"] for d in DecisionLog(registry).decisions(name)] == \
+        ["rollout_started", "skip", "interrupted"]
