@@ -11,6 +11,7 @@ fails (the finished ones are kept: the same command resumes where it stopped).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -141,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         summary.add(result)
         bar.update(partition.rows)
 
-    try:
-        if engine == "ray":
-            engines.run_ray(partitions, job, done, args.address, args.workers)
-        else:
-            engines.run_local(partitions, job, done)
+    try:  # stdout is the summary's alone (--json): what Ray prints there (a worker's death) goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            if engine == "ray":
+                engines.run_ray(partitions, job, done, args.address, args.workers)
+            else:
+                engines.run_local(partitions, job, done)
     except BatchInputError as exc:  # found in a partition (the log shortened by retention, ...)
         bar.close()
         return fail(1, f"{exc}; finished partitions are kept: run the same command to resume")

@@ -23,15 +23,18 @@ log = logging.getLogger("pipeline")
 
 def run(pipeline: Pipeline, registry: Registry, version: str | None = None, data_dir: Path | None = None,
         model_name: str | None = None, settings: Settings | None = None,
-        tags: dict[str, str] | None = None) -> dict[str, Any]:
+        tags: dict[str, str] | None = None, labelled: Any = None) -> dict[str, Any]:
     """Returns a summary; raises :class:`StageFailed` for the stage that stopped the run. ``tags`` go on the run
-    (the retraining controller links its decision this way)."""
+    (the retraining controller links its decision this way); ``labelled``: recent logged rows with their true
+    labels, trained on beside the fetched data."""
     name = model_name or pipeline.model_name
     settings = settings or Settings.load()
     tags = {"pipeline": pipeline.name, "model_name": name, **(tags or {})}
     with training_run(registry.backend, f"pipeline {pipeline.name}", tags) as tracked:
         ctx = Context(model_name=name, registry=registry, run=tracked, settings=settings, version=version,
                       data_dir=data_dir)
+        if labelled is not None:
+            ctx.values["labelled"] = labelled
         ctx.summary.update(pipeline=pipeline.name, mlflow_run_id=tracked.run_id, stages=[])
         for stage in pipeline.execution_order():
             started = time.perf_counter()

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
 
 from lifecycle import data as datamod
 from lifecycle import model_store, train
@@ -19,7 +20,7 @@ from lifecycle.registry import Registry, RegistryError, check_metrics, register_
 from lifecycle.tracking import TrainingRun
 from mlops import offline
 from mlops.onnx_contract import INPUT_NAME, positive_proba
-from mlops.schema import ENTITY, LABEL, STORE_FEATURES, TIMESTAMP
+from mlops.schema import ENTITY, LABEL, MODEL_FEATURES, STORE_FEATURES, TIMESTAMP
 from mlops.settings import Settings
 
 log = logging.getLogger("pipeline")
@@ -118,9 +119,14 @@ def preprocess(ctx: Context, params: dict[str, Any]) -> str:
     frame = ctx.values.get("frame")
     if frame is None:
         frame = datamod.training_frame(ctx.values["dataset"])
+    labelled = ctx.values.get("labelled")
+    if labelled is not None and len(labelled):  # recent served traffic with its outcomes (a retrain's)
+        frame = pd.concat([frame[[*MODEL_FEATURES, LABEL]], labelled[[*MODEL_FEATURES, LABEL]]], ignore_index=True)
+        ctx.run.log_metrics({"labelled_rows": float(len(labelled))})
     x_tr, x_te, y_tr, y_te = train.split_frame(frame, holdout, int(params.get("seed", 0)))
     ctx.values.update(x_train=x_tr, x_holdout=x_te, y_train=y_tr, y_holdout=y_te)
-    return f"{len(y_tr)} train / {len(y_te)} holdout rows, fraud rate {y_tr.mean():.3f}"
+    return (f"{len(y_tr)} train / {len(y_te)} holdout rows, fraud rate {y_tr.mean():.3f}"
+            + (f" ({len(labelled)} of them recent logged rows with outcomes)" if labelled is not None else ""))
 
 
 def fit(ctx: Context, params: dict[str, Any]) -> str:

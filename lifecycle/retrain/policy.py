@@ -11,6 +11,14 @@ function that applies them to an alert and the decisions already on record.
       circuit_breaker: 3              # this many failed candidates in a row stop retraining until a reset
       dry_run: false                  # decide and record, never train
       rollout_steps: [0, 5, 25, 50, 100]
+      window_gate:                    # the candidate against Production on recent labelled traffic
+        window: 7d                    # logged predictions of the last 7 days that have their outcome
+        gate_share: 0.5               # the newest half judged on (kept out of training), the rest trained on
+        min_labels: 200               # fewer labelled rows judged on: too_few_labels decides
+        min_accuracy: 0.85            # the candidate's accuracy there
+        min_improvement: 0.0          # the lower end of the interval of (candidate − Production)
+        confidence: 0.95
+        too_few_labels: holdout       # holdout: the pipeline's own gate alone; block: no rollout
 
 The rails are checked in a fixed order, and the first that holds names the decision's reason, so the record
 says why an alert did not retrain in words an operator can act on.
@@ -29,7 +37,9 @@ SPAN = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>[smhd]?)")
 UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 ALERT_TYPES = ("drift_alert", "performance_alert", "skew_alert")
 SEVERITIES = ("warning", "critical")
-KEYS = {"triggers", "cooldown", "max_per_day", "circuit_breaker", "dry_run", "rollout_steps"}
+KEYS = {"triggers", "cooldown", "max_per_day", "circuit_breaker", "dry_run", "rollout_steps", "window_gate"}
+GATE_KEYS = {"window", "gate_share", "min_labels", "min_accuracy", "min_improvement", "confidence",
+             "too_few_labels"}
 FAILED = ("gate_blocked", "failed", "interrupted")  # candidate outcomes the circuit breaker counts
 DAY_S = 86_400.0
 
@@ -48,6 +58,53 @@ class Trigger:
 
 
 @dataclass(frozen=True)
+class WindowGate:
+    """The candidate against Production on the recent labelled window: logged predictions with the outcomes
+    that arrived. The newest ``gate_share`` of it (by prediction time) is kept out of training and judged on;
+    the candidate passes when its accuracy there is at least ``min_accuracy`` and the lower end of the
+    ``confidence`` interval of (candidate − Production) is at least ``min_improvement``."""
+
+    window_s: float = 7 * 86400.0
+    gate_share: float = 0.5
+    min_labels: int = 200  # labelled rows in the judged share; fewer: ``too_few_labels`` decides
+    min_accuracy: float = 0.85
+    min_improvement: float = 0.0
+    confidence: float = 0.95
+    too_few_labels: str = "holdout"  # "holdout": the pipeline's own gate decides alone; "block"
+
+    @classmethod
+    def from_section(cls, section: Any) -> WindowGate:
+        if not isinstance(section, dict):
+            raise PolicyError("retraining.window_gate: must be a mapping")
+        if unknown := sorted(set(section) - GATE_KEYS):
+            raise PolicyError(f"retraining.window_gate: unknown field(s) {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        if "window" in section:
+            values["window_s"] = span_s(section["window"], "retraining.window_gate.window")
+        for key, low, high, inside in (("gate_share", 0, 1, True), ("confidence", 0, 1, True),
+                                       ("min_accuracy", 0, 1, False), ("min_improvement", -1, 1, False)):
+            if key in section:
+                value = section[key]
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                if not number or not (low < value < high if inside else low <= value <= high):
+                    bounds = f"between {low} and {high}" + (" (not either)" if inside else "")
+                    raise PolicyError(f"retraining.window_gate.{key}: {value!r} is not {bounds}")
+                values[key] = float(value)
+        if "min_labels" in section:
+            if not isinstance(section["min_labels"], int) or isinstance(section["min_labels"], bool) \
+                    or section["min_labels"] < 2:
+                raise PolicyError(f"retraining.window_gate.min_labels: {section['min_labels']!r} is not a whole "
+                                  "number of at least 2")
+            values["min_labels"] = section["min_labels"]
+        if "too_few_labels" in section:
+            if section["too_few_labels"] not in ("holdout", "block"):
+                raise PolicyError(f"retraining.window_gate.too_few_labels: {section['too_few_labels']!r} is not "
+                                  "holdout or block")
+            values["too_few_labels"] = section["too_few_labels"]
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class RetrainPolicy:
     triggers: tuple[Trigger, ...] = (Trigger("drift_alert"), Trigger("performance_alert"),
                                      Trigger("skew_alert", ("warning", "critical")))
@@ -56,6 +113,7 @@ class RetrainPolicy:
     circuit_breaker: int = 3
     dry_run: bool = False
     rollout_steps: tuple[int, ...] = DEFAULT_STEPS
+    window_gate: WindowGate = WindowGate()
 
     def triggered_by(self, alert: dict[str, Any]) -> bool:
         """A firing alert of a configured type and severity (a resolution never retrains)."""
@@ -96,6 +154,8 @@ class RetrainPolicy:
             except ValueError as exc:
                 raise PolicyError(f"retraining.rollout_steps: {exc}") from None
             values["rollout_steps"] = steps
+        if "window_gate" in section:
+            values["window_gate"] = WindowGate.from_section(section["window_gate"])
         return cls(**values)
 
 
