@@ -9,16 +9,21 @@ import copy
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
+from lifecycle.data import generate, training_frame
 from lifecycle.pipeline import definition, runner
 from lifecycle.pipeline.validator import validate
 from lifecycle.registry import Registry
 from lifecycle.retrain.controller import Controller, load
-from lifecycle.retrain.policy import Past, PolicyError, RetrainPolicy, Trigger, Verdict, decide
+from lifecycle.retrain.policy import Past, PolicyError, RetrainPolicy, Trigger, Verdict, WindowGate, decide
 from lifecycle.retrain.record import EXPERIMENT, TRAINING_TAG, DecisionLog
+from lifecycle.retrain.window import compare
 from mlops.mlflow_backend import Backend
+from mlops.schema import LABEL, MODEL_FEATURES, TIMESTAMP
 from mlops.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,9 +135,31 @@ def setup(tmp_path):
     return registry, name
 
 
-def controller(tmp_path, registry, name, policy=None, lease_s=120.0, **gate) -> Controller:
-    return Controller(Settings(), registry, pipeline_file(tmp_path, name, **gate),
+class GivenWindow(Controller):
+    """The controller with its labelled window given as rows (tests/test_retrain_window.py reads the real one
+    from the broker); empty by default: too few labels, so the pipeline's holdout gate decides alone."""
+
+    window = pd.DataFrame(columns=["request_id", TIMESTAMP, *MODEL_FEATURES, LABEL])
+
+    def read_window(self, since, until) -> pd.DataFrame:
+        return self.window
+
+
+def controller(tmp_path, registry, name, policy=None, lease_s=120.0, window=None, **gate) -> GivenWindow:
+    ctl = GivenWindow(Settings(), registry, pipeline_file(tmp_path, name, **gate),
                       policy or RetrainPolicy(cooldown_s=0), name, lease_s)
+    if window is not None:
+        ctl.window = window
+    return ctl
+
+
+def recent(n: int, seed: int, flip: bool = False) -> pd.DataFrame:
+    """``n`` labelled rows like served traffic's (the generator's, another seed), oldest first; ``flip``: the
+    labels turned over (a concept the trained models do not know)."""
+    frame = training_frame(generate(300, n, seed=seed)).head(n).sort_values(TIMESTAMP).reset_index(drop=True)
+    if flip:
+        frame[LABEL] = 1 - frame[LABEL]
+    return frame.assign(request_id=[f"q{i}" for i in range(len(frame))])
 
 
 def test_a_drift_alert_retrains_gates_and_starts_the_rollout_once(tmp_path, setup):
@@ -201,3 +228,72 @@ def test_a_retrain_whose_controller_died_is_closed_and_the_alert_acted_on_again(
     assert registry.client.get_run(orphan.info.run_id).info.status == "KILLED"
     assert [d.tags["outcome"] for d in DecisionLog(registry).decisions(name)] == \
         ["rollout_started", "skip", "interrupted"]
+
+
+def test_the_window_gate_judges_the_candidate_on_recent_labelled_traffic(tmp_path, setup):
+    """The newest half of the window is judged on (the older half trained on): a candidate that beats the
+    weak Production there with confidence rolls out; on traffic whose labels turned over since it cannot, and
+    is blocked with the interval in the reason."""
+    registry, name = setup
+    policy = RetrainPolicy(cooldown_s=0, max_per_day=10)
+    good = controller(tmp_path, registry, name, policy, window=recent(2_000, seed=11)).handle(
+        alert(model=name), "t:0:1")
+    assert good["outcome"] == "rollout_started", good
+    assert good["window_gate"].startswith("accuracy ") and good["window_rows_trained"] == "1000"
+    metrics = registry.client.get_run(good["decision_run_id"]).data.metrics
+    assert metrics["window_rows"] == 1000 and metrics["window_difference_low"] >= 0
+    assert registry.client.get_run(good["training_run_id"]).data.metrics["labelled_rows"] == 1000
+    from lifecycle.rollout.state import Rollouts
+
+    Rollouts(registry).abort(name, "test", "next case")
+    # the judged (newest) half's labels turned over after the trained-on half: the holdout gate passes, the
+    # window shows the candidate wrong on today's traffic
+    turned = pd.concat([recent(1_000, seed=12), recent(1_000, seed=14, flip=True)], ignore_index=True)
+    turned[TIMESTAMP] = pd.date_range("2026-12-01", periods=len(turned), freq="s", tz="UTC")
+    flipped = controller(tmp_path, registry, name, policy, window=turned).handle(alert(model=name), "t:0:2")
+    assert flipped["outcome"] == "gate_blocked", flipped
+    assert flipped["outcome_reason"].startswith("window gate: accuracy") and "below" in flipped["outcome_reason"]
+
+
+def test_too_few_labels_leave_the_holdout_gate_alone_or_block(tmp_path, setup):
+    registry, name = setup
+    few = recent(100, seed=13)
+    holdout = controller(tmp_path, registry, name, window=few).handle(alert(model=name), "t:0:1")
+    assert holdout["outcome"] == "rollout_started"
+    assert holdout["window_gate"] == "50 labelled rows to judge on, fewer than 200: the pipeline's holdout gate " \
+                                     "decided alone"
+    from lifecycle.rollout.state import Rollouts
+
+    Rollouts(registry).abort(name, "test", "next case")
+    strict = RetrainPolicy(cooldown_s=0, window_gate=WindowGate(too_few_labels="block"))
+    blocked = controller(tmp_path, registry, name, strict, window=few).handle(alert(model=name), "t:0:2")
+    assert (blocked["outcome"], blocked["outcome_reason"]) == (
+        "gate_blocked", "window gate: 50 labelled rows to judge on, fewer than 200")
+
+
+def test_the_paired_interval_covers_the_true_difference_as_often_as_it_says():
+    """1,000 windows of 1,000 rows from two models of equal accuracy that disagree on 20 % of rows: the 95 %
+    interval of the difference covers 0 in 93-97 % of them."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    for _ in range(1_000):
+        y = rng.integers(0, 2, 1_000)
+        right_a = rng.random(1_000) < 0.85
+        disagree = rng.random(1_000) < 0.2
+        right_b = np.where(disagree, rng.random(1_000) < 0.85, right_a)
+        a, b = np.where(right_a, y, 1 - y).astype(float), np.where(right_b, y, 1 - y).astype(float)
+        result = compare(y, a, b, threshold=0.5)
+        covered += result.low <= 0 <= result.high
+    assert 930 <= covered <= 970, covered
+
+
+def test_the_command_refuses_bad_arguments_and_files_in_one_line(tmp_path, capsys):
+    from lifecycle.retrain.controller import main
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**copy.deepcopy(BASE), "retraining": {"cooldown": "x"}}))
+    for argv, expected in ((["--pipeline", str(tmp_path / "nope.yaml")], "cannot read"),
+                           (["--pipeline", str(tmp_path / "bad.yaml")], "retraining.cooldown: 'x' is not a span"),
+                           (["--lease-s", "0"], "--lease-s and --max-seconds must be > 0")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err

@@ -9,7 +9,7 @@ Partition keys name the output files and depend only on the input, so a job run 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -133,11 +133,19 @@ def read_log(partition: Partition, kafka: dict[str, Any], chunk_rows: int,
     """The partition's events as rows: what was asked (customer, time, amount), the store features it was
     served with (``logged_*``) and what Production answered (``served_*``). Unreadable events are rows with a
     ``log_error``, so they are rejected and counted, never skipped."""
+    from mlops import events
+
+    return read_range(partition, kafka, chunk_rows, lambda raw, offset: log_row(raw, offset, events), LOG_COLUMNS,
+                      stall_s)
+
+
+def read_range(partition: Partition, kafka: dict[str, Any], chunk_rows: int,
+               row: Callable[[bytes | None, int], dict[str, Any]], columns: Sequence[str],
+               stall_s: float = 60.0) -> Iterator[pd.DataFrame]:
+    """The partition's offsets read exactly, as frames of ``row(value, offset)`` (``columns``, in every chunk)."""
     import time
 
     from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    from mlops import events
 
     consumer = Consumer({**kafka, "group.id": "mlops-score", "enable.auto.commit": False, "log_level": 2,
                          "enable.partition.eof": True})
@@ -165,17 +173,17 @@ def read_log(partition: Partition, kafka: dict[str, Any], chunk_rows: int,
                     offset = partition.end
                     break
                 offset = message.offset() + 1
-                rows.append(_log_row(message.value(), message.offset(), events))
+                rows.append(row(message.value(), message.offset()))
                 if len(rows) >= chunk_rows:
-                    yield pd.DataFrame(rows, columns=list(LOG_COLUMNS))
+                    yield pd.DataFrame(rows, columns=list(columns))
                     rows = []
         if rows:
-            yield pd.DataFrame(rows, columns=list(LOG_COLUMNS))
+            yield pd.DataFrame(rows, columns=list(columns))
     finally:
         consumer.close()
 
 
-def _log_row(raw: bytes | None, offset: int, events) -> dict[str, Any]:
+def log_row(raw: bytes | None, offset: int, events) -> dict[str, Any]:
     try:
         event = events.decode(raw or b"")
     except Exception as exc:  # msgspec's DecodeError/ValidationError: one reject row, the job goes on

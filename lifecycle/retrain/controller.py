@@ -1,7 +1,9 @@
 """`mlops-retrain`: alerts in, retrains out. Reads the alerts topic as a consumer group of one; each firing
 alert of a configured kind for the model goes through the guard rails (:mod:`lifecycle.retrain.policy`), and
 one that passes runs the training pipeline on fresh data (the pipeline's own gate included, against
-Production on the same holdout) and, when the candidate passes, starts its progressive rollout — the rollout
+Production on the same holdout) on the offline store's history plus the older part of the recent labelled
+window (logged predictions with their outcomes), then judges the candidate against Production on the window's
+newest part with a confidence interval, and when it passes starts its progressive rollout — the rollout
 controller takes it from there.
 
 Exactly once on the alerts it acts on: an alert's offset is committed only after its decision is on record,
@@ -18,15 +20,24 @@ import logging
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
+from lifecycle.batch.runtimes import OnnxModel
 from lifecycle.pipeline import definition, runner
 from lifecycle.pipeline.stages import StageFailed
 from lifecycle.registry import Registry, RegistryError
 from lifecycle.retrain.policy import RetrainPolicy, Verdict, decide
 from lifecycle.retrain.record import TRAINING_TAG, DecisionLog
+from lifecycle.retrain.window import compare, labelled_window
+from lifecycle.retrain.window import split as window_split
 from lifecycle.rollout.state import Rollouts
+from mlops import models
+from mlops.schema import LABEL, MODEL_FEATURES
 from mlops.settings import Settings
 
 log = logging.getLogger("retrain")
@@ -81,9 +92,13 @@ class Controller:
 
         heart = threading.Thread(target=beat, daemon=True, name="retrain-heartbeat")
         heart.start()
+        gate = self.policy.window_gate
         try:
+            now = datetime.now(UTC)
+            window = self.read_window(now - timedelta(seconds=gate.window_s), now)
+            trained_on, judged_on = window_split(window, gate.gate_share)
             summary = runner.run(self.pipeline, self.registry, model_name=self.name, settings=self.settings,
-                                 tags={TRAINING_TAG: decision_id, "retrain_alert": alert_id})
+                                 tags={TRAINING_TAG: decision_id, "retrain_alert": alert_id}, labelled=trained_on)
         except StageFailed as exc:
             links = {"training_run_id": str(getattr(exc, "summary", {}).get("mlflow_run_id", ""))}
             outcome = "gate_blocked" if exc.stage == "gate" else "failed"
@@ -94,7 +109,15 @@ class Controller:
             beating.set()
             heart.join()
         candidate = summary["registered"]["version"]
-        links = {"training_run_id": summary["mlflow_run_id"], "candidate": candidate}
+        links = {"training_run_id": summary["mlflow_run_id"], "candidate": candidate,
+                 "window_rows_trained": str(len(trained_on))}
+        try:
+            passed, why = self._window_gate(decision_id, candidate, judged_on)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded or scored: no rollout
+            return "failed", f"the window gate could not run: {type(exc).__name__}: {str(exc)[:1000]}", links
+        links["window_gate"] = why
+        if not passed:
+            return "gate_blocked", f"window gate: {why}", links
         try:
             state = self.rollouts.start(self.name, candidate, self.policy.rollout_steps, actor=ACTOR,
                                         reason=f"retrain on {alert.get('type')} {alert_id} (decision {decision_id})")
@@ -102,6 +125,39 @@ class Controller:
             return "failed", f"the candidate {candidate} passed its gate but its rollout did not start: {exc}", links
         return "rollout_started", f"candidate {candidate} passed the gate; rollout {state.id} started", {
             **links, "rollout_id": state.id}
+
+    def read_window(self, since: datetime, until: datetime) -> pd.DataFrame:
+        """The recent labelled window from the real topics (predictions with the outcomes that arrived)."""
+        from mlops.connections import kafka_config
+
+        return labelled_window(kafka_config(self.settings), self.settings.predictions_topic,
+                               self.settings.outcomes_topic, since, until)
+
+    def _window_gate(self, decision_id: str, candidate: str, rows: pd.DataFrame) -> tuple[bool, str]:
+        """Candidate and Production on the same judged rows; the comparison goes on the decision's record."""
+        gate = self.policy.window_gate
+        if len(rows) < gate.min_labels:
+            why = f"{len(rows)} labelled rows to judge on, fewer than {gate.min_labels}"
+            if gate.too_few_labels == "block":
+                return False, why
+            return True, f"{why}: the pipeline's holdout gate decided alone"
+        production = self.registry.production(self.name)
+        if production is None:
+            return True, "no Production version to compare with: the pipeline's holdout gate decided alone"
+        x = rows[list(MODEL_FEATURES)].to_numpy(np.float32)
+        scores = {version: OnnxModel(models.load(self.name, version, self.registry.backend).onnx_path.read_bytes(),
+                                     threads=0).positive_proba(x) for version in (candidate, production.version)}
+        result = compare(rows[LABEL].to_numpy(), scores[candidate], scores[production.version],
+                         self.settings.decision_threshold, gate.confidence)
+        self.log.metrics(decision_id, result.to_dict())
+        why = (f"accuracy {result.candidate:.4f} against Production {production.version}'s {result.production:.4f} "
+               f"on {result.rows} labelled rows, difference {result.difference:+.4f} "
+               f"({gate.confidence:.0%} interval {result.low:+.4f} to {result.high:+.4f})")
+        if result.candidate < gate.min_accuracy:
+            return False, f"{why}: below the floor {gate.min_accuracy}"
+        if result.low < gate.min_improvement:
+            return False, f"{why}: the interval's lower end is below the minimum improvement {gate.min_improvement:+}"
+        return True, why
 
     def run(self, max_seconds: float | None = None, poll_s: float = 1.0) -> int:
         """Consume the alerts topic until stopped (or ``max_seconds``); returns the alerts handled."""

@@ -79,6 +79,12 @@ class DecisionLog:
             self.client.set_terminated(run.info.run_id, "FINISHED")
         return Decision(run.info.run_id, "RUNNING" if verdict.action == "retrain" else "FINISHED", tags)
 
+    def metrics(self, run_id: str, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in values.items()])
+
     def heartbeat(self, run_id: str) -> None:
         self.client.set_tag(run_id, PREFIX + "heartbeat", repr(time.time()))
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from lifecycle.batch import inputs
-from mlops.schema import LABEL, MODEL_FEATURES, STORE_FEATURES
+from mlops.schema import LABEL, MODEL_FEATURES, STORE_FEATURES, TIMESTAMP
 
 OUTCOME_COLUMNS = ("log_offset", "log_error", "request_id", LABEL, "outcome_at")
 PLAN_OFFSETS = 1_000_000  # offsets per planned range (ranges are read one after another here)
@@ -44,7 +44,7 @@ def labelled_window(kafka: dict[str, Any], predictions_topic: str, outcomes_topi
     """Predictions logged in [since, until) that have an outcome (outcomes are read up to ``until`` too: a
     label known later is not in the window yet). One row per request (the log is at-least-once: the first
     copy; the newest outcome of a request wins), columns ``request_id``, the model's features, ``label``,
-    ``served_version``, ``served_prediction``."""
+    ``served_version``, ``served_prediction``, oldest first."""
     from mlops import events
 
     predictions = read_topic(kafka, predictions_topic, since, until,
@@ -55,8 +55,15 @@ def labelled_window(kafka: dict[str, Any], predictions_topic: str, outcomes_topi
     joined = predictions.merge(outcomes[["request_id", LABEL]], on="request_id", how="inner")
     joined = joined.rename(columns={f"logged_{name}": name for name in STORE_FEATURES})
     joined = joined.dropna(subset=list(MODEL_FEATURES))
-    return joined[["request_id", *MODEL_FEATURES, LABEL, "served_version", "served_prediction"]].reset_index(
-        drop=True).astype({LABEL: np.int64})
+    return joined[["request_id", TIMESTAMP, *MODEL_FEATURES, LABEL, "served_version", "served_prediction"]] \
+        .sort_values(TIMESTAMP, kind="stable").reset_index(drop=True).astype({LABEL: np.int64})
+
+
+def split(window: pd.DataFrame, gate_share: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(older rows: trained on, newest ``gate_share``: judged on) by prediction time — the gate never sees a row
+    the candidate learnt from, and judges it on the most recent traffic."""
+    cut = len(window) - int(round(len(window) * gate_share))
+    return window.iloc[:cut].reset_index(drop=True), window.iloc[cut:].reset_index(drop=True)
 
 
 @dataclass(frozen=True)

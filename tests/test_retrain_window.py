@@ -1,0 +1,74 @@
+"""The retrain's labelled window read from the real broker: predictions logged in the range joined with the
+outcomes that arrived, by request_id — one row per request however often the log or the outcome repeated,
+the newest outcome winning, unreadable events and unlabelled predictions left out, nothing outside the range."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from lifecycle.retrain.window import labelled_window, split
+from mlops import events, outcomes
+from mlops.connections import kafka_config
+from mlops.schema import LABEL, MODEL_FEATURES, TIMESTAMP
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_the_labelled_window_is_read_exactly_from_the_topics(workspace):
+    from confluent_kafka import Producer
+
+    from tools.services import create_topics
+
+    settings = workspace.settings
+    predictions, labels = f"win-pred-{uuid.uuid4().hex[:8]}", f"win-out-{uuid.uuid4().hex[:8]}"
+    create_topics(settings.kafka_bootstrap, {predictions: 3, labels: 2})
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    features = {"total_purchases": 3.0, "avg_order_value": 40.0, "days_since_last_order": 2.0,
+                "lifetime_value": 120.0}
+
+    def predict(i: int, copies: int = 1) -> None:
+        event = events.PredictionEvent(request_id=f"r{i}", timestamp=datetime.now(UTC), model_name="m",
+                                       model_version="v1", customer_id=f"C{i}", prediction=0.25,
+                                       features={**features, "transaction_amount": float(i)})
+        for _ in range(copies):
+            producer.produce(predictions, events.encode(event), key=f"C{i}".encode())
+
+    def outcome(i: int, label: int) -> None:
+        event = outcomes.OutcomeEvent(request_id=f"r{i}", label=label, timestamp=datetime.now(UTC))
+        producer.produce(labels, outcomes.encode(event), key=f"r{i}".encode())
+
+    for i in range(10):  # before the window
+        predict(i)
+        outcome(i, 1)
+    assert producer.flush(30) == 0
+    time.sleep(1.5)
+    since = datetime.now(UTC)
+    for i in range(10, 50):
+        predict(i, copies=2 if i == 11 else 1)  # r11 logged twice (at-least-once)
+    for i in range(10, 40):  # r40..r49 never get a label
+        outcome(i, i % 2)
+    outcome(12, 1)  # r12's label corrected: the newest wins
+    producer.produce(predictions, b"{not json", key=b"x")
+    producer.produce(labels, b"{not json", key=b"y")
+    assert producer.flush(30) == 0
+    time.sleep(1.5)
+    until = datetime.now(UTC)
+    for i in range(50, 60):  # after the window
+        predict(i)
+        outcome(i, 1)
+    assert producer.flush(30) == 0
+
+    window = labelled_window(kafka_config(settings), predictions, labels, since, until)
+    assert sorted(window["request_id"]) == sorted(f"r{i}" for i in range(10, 40))
+    labels_by_id = dict(zip(window["request_id"], window[LABEL], strict=True))
+    assert labels_by_id["r12"] == 1 and labels_by_id["r13"] == 1 and labels_by_id["r14"] == 0
+    assert list(window.columns) == ["request_id", TIMESTAMP, *MODEL_FEATURES, LABEL, "served_version",
+                                    "served_prediction"]
+    assert window[TIMESTAMP].is_monotonic_increasing and not window[list(MODEL_FEATURES)].isna().any().any()
+    assert window.set_index("request_id").loc["r25", "transaction_amount"] == 25.0
+    older, newest = split(window, 0.5)
+    assert (len(older), len(newest)) == (15, 15) and older[TIMESTAMP].max() <= newest[TIMESTAMP].min()
