@@ -131,3 +131,14 @@ def test_the_batch_figures_in_the_docs_are_the_committed_runs():
         assert peak[10_000_000] < 1.2 * peak[1_000_000], peak
     on_gpu = [p50(variant(run, "tensorised-torch-cuda"), 65536) for run in runs()]
     assert max(on_gpu) < 2 and "batches of 65,536 rows in under 2 ms" in text
+
+
+def test_where_batch_scoring_time_goes_is_the_committed_profile():
+    profile = json.loads((RESULTS / "batch-profile.json").read_text())
+    text = " ".join((RESULTS.parents[1] / "docs" / "batch.md").read_text().split())
+    shares = profile["shares"]
+    for name, words in (("opening the Feast store", "opening the Feast store"),
+                        ("point-in-time join", "the point-in-time join"), ("row checks", "the row checks"),
+                        ("loading the model from MLflow", "loading the model from MLflow"),
+                        ("model call (compiled trees)", "the model call")):
+        assert f"{words} {shares[name]:.0%}".replace("%", " %") in text, name

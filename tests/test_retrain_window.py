@@ -4,6 +4,7 @@ the newest outcome winning, unreadable events and unlabelled predictions left ou
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -72,3 +73,45 @@ def test_the_labelled_window_is_read_exactly_from_the_topics(workspace):
     assert window.set_index("request_id").loc["r25", "transaction_amount"] == 25.0
     older, newest = split(window, 0.5)
     assert (len(older), len(newest)) == (15, 15) and older[TIMESTAMP].max() <= newest[TIMESTAMP].min()
+
+
+def test_the_controller_acts_once_on_each_alert_of_the_topic_across_restarts(workspace, tmp_path):
+    """Alerts on the real broker, the consumer loop twice: each alert decided once, the retrain handed to a
+    rollout, the second run (a restart) deciding nothing again — the offsets were committed after the record."""
+    from confluent_kafka import Producer
+
+    from lifecycle.registry import Registry
+    from lifecycle.retrain.controller import Controller
+    from lifecycle.retrain.policy import RetrainPolicy
+    from lifecycle.retrain.record import DecisionLog
+    from mlops.mlflow_backend import Backend
+    from tests.test_retrain import alert, pipeline_file
+    from tools.services import create_topics
+
+    registry = Registry(Backend.for_uri(str(tmp_path / "m.db")))
+    name = "retrain_loop"
+    weak = pipeline_file(tmp_path, name, min_auc=0.5, min_accuracy=0.5)
+    next(s for s in weak.stages if s.kind == "train").params = {"n_estimators": 2, "max_depth": 1}
+    from lifecycle.pipeline import runner
+
+    registry.promote(name, runner.run(weak, registry, model_name=name)["registered"]["version"], "production")
+    topics = {kind: f"retrain-{kind}-{uuid.uuid4().hex[:8]}" for kind in ("alerts", "predictions", "outcomes")}
+    create_topics(workspace.settings.kafka_bootstrap, {t: 1 for t in topics.values()})
+    settings = workspace.settings.model_copy(update={f"{k}_topic": t for k, t in topics.items()})
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for body in (alert(model=name), alert(status="resolved", model=name), b"{not json",
+                 alert("performance_alert", model=name), alert(model="another")):
+        producer.produce(topics["alerts"], body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert producer.flush(30) == 0
+
+    def run_once(seconds: float) -> int:
+        controller = Controller(settings, registry, pipeline_file(tmp_path, name), RetrainPolicy(cooldown_s=0), name)
+        return controller.run(max_seconds=seconds, poll_s=0.5)
+
+    assert run_once(20) == 4  # four readable alerts, of which two trigger
+    decided = DecisionLog(registry).decisions(name)
+    assert [(d.tags["alert_id"], d.tags["action"], d.tags["outcome"]) for d in decided] == [
+        (f"{topics['alerts']}:0:3", "skip", "skip"), (f"{topics['alerts']}:0:0", "retrain", "rollout_started")]
+    assert registry.rollout(name).id == decided[1].tags["rollout_id"]
+    assert run_once(10) == 0  # a restart: nothing read again, nothing decided again
+    assert len(DecisionLog(registry).decisions(name)) == 2

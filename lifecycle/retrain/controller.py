@@ -31,6 +31,7 @@ from lifecycle.batch.runtimes import OnnxModel
 from lifecycle.pipeline import definition, runner
 from lifecycle.pipeline.stages import StageFailed
 from lifecycle.registry import Registry, RegistryError
+from lifecycle.retrain import metrics
 from lifecycle.retrain.policy import RetrainPolicy, Verdict, decide
 from lifecycle.retrain.record import TRAINING_TAG, DecisionLog
 from lifecycle.retrain.window import compare, labelled_window
@@ -72,10 +73,18 @@ class Controller:
             decision = self.log.open(self.name, alert_id, alert, verdict)
         log.info("alert %s (%s %s): %s — %s", alert_id, alert.get("type"), alert.get("severity"), verdict.action,
                  verdict.reason)
+        metrics.DECISIONS.labels(self.name, verdict.action, verdict.rail or "none").inc()
         if verdict.action != "retrain":
             return decision.to_dict()
-        outcome, reason, links = self._retrain(decision.run_id, alert_id, alert, verdict)
+        metrics.RUNNING.labels(self.name).set(1)
+        try:
+            outcome, reason, links = self._retrain(decision.run_id, alert_id, alert, verdict)
+        finally:
+            metrics.RUNNING.labels(self.name).set(0)
         self.log.finish(decision.run_id, outcome, reason, **links)
+        metrics.RETRAINS.labels(self.name, outcome).inc()
+        if outcome == "rollout_started" and (at := _alert_time(alert)) is not None:
+            metrics.ALERT_TO_ROLLOUT.labels(self.name).observe(max(0.0, time.time() - at))
         log.info("alert %s: %s — %s", alert_id, outcome, reason)
         return {**decision.to_dict(), "outcome": outcome, "outcome_reason": reason, **links}
 
@@ -180,6 +189,7 @@ class Controller:
                     log.warning("alerts topic: %s", message.error())  # librdkafka reconnects by itself
                     continue
                 alert_id = f"{message.topic()}:{message.partition()}:{message.offset()}"
+                metrics.ALERTS_READ.labels(self.name).inc()
                 try:
                     alert = json.loads(message.value())
                 except (ValueError, TypeError):
@@ -200,6 +210,13 @@ class Controller:
         return handled
 
 
+def _alert_time(alert: dict[str, Any]) -> float | None:
+    try:
+        return datetime.fromisoformat(str(alert["timestamp"])).timestamp()
+    except (KeyError, ValueError):
+        return None
+
+
 def load(pipeline_path: Path) -> tuple[definition.Pipeline, RetrainPolicy]:
     """The pipeline and its ``retraining:`` policy; DefinitionError/PolicyError for a bad file."""
     pipeline = definition.load(pipeline_path)
@@ -215,14 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline", type=Path, default=Path("pipeline.yaml"))
     p.add_argument("--model", help="default: the pipeline's model_name")
     p.add_argument("--max-seconds", type=float, help="stop after this long (default: run until stopped)")
+    p.add_argument("--metrics-port", type=int, default=9112, help="Prometheus port; 0: off")
     p.add_argument("--lease-s", type=float, default=120.0,
                    help="a retrain whose heartbeat stopped this long ago is taken as interrupted")
     args = p.parse_args(argv)
     from lifecycle.pipeline.definition import DefinitionError
     from lifecycle.retrain.policy import PolicyError
 
-    if not args.lease_s > 0 or (args.max_seconds is not None and not args.max_seconds > 0):
-        print("mlops-retrain: --lease-s and --max-seconds must be > 0", file=sys.stderr)
+    if not args.lease_s > 0 or (args.max_seconds is not None and not args.max_seconds > 0) \
+            or not 0 <= args.metrics_port <= 65535:
+        print("mlops-retrain: --lease-s and --max-seconds must be > 0, --metrics-port in 0..65535", file=sys.stderr)
         return 2
     try:
         pipeline, policy = load(args.pipeline)
@@ -235,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     controller = Controller(settings, Registry.from_settings(settings), pipeline, policy, args.model, args.lease_s)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(args.metrics_port)
+        except OSError as exc:
+            print(f"mlops-retrain: cannot serve metrics on :{args.metrics_port}: {exc.strerror}", file=sys.stderr)
+            return 2
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: controller.stop())
