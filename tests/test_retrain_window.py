@@ -4,6 +4,7 @@ the newest outcome winning, unreadable events and unlabelled predictions left ou
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import uuid
@@ -115,3 +116,79 @@ def test_the_controller_acts_once_on_each_alert_of_the_topic_across_restarts(wor
     assert registry.rollout(name).id == decided[1].tags["rollout_id"]
     assert run_once(10) == 0  # a restart: nothing read again, nothing decided again
     assert len(DecisionLog(registry).decisions(name)) == 2
+
+
+def test_a_controller_killed_mid_retrain_leaves_no_stuck_claim_and_no_second_retrain(workspace, tmp_path):
+    """`mlops-retrain` SIGKILLed while its candidate trains: the claim stops beating; the next controller
+    reads the same alert again (its offset was never committed), closes the claim and its training run as
+    interrupted, and retrains once — one rollout, one new version."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from confluent_kafka import Producer
+
+    from lifecycle.pipeline import runner
+    from lifecycle.registry import Registry
+    from lifecycle.retrain.record import DecisionLog
+    from mlops.mlflow_backend import Backend
+    from tests.test_retrain import alert, pipeline_file
+    from tools.services import create_topics
+
+    backend = Backend.for_uri(str(tmp_path / "m.db"))
+    registry = Registry(backend)
+    name = "retrain_kill"
+    weak = pipeline_file(tmp_path, name, min_auc=0.5, min_accuracy=0.5)
+    next(s for s in weak.stages if s.kind == "train").params = {"n_estimators": 2, "max_depth": 1}
+    registry.promote(name, runner.run(weak, registry, model_name=name)["registered"]["version"], "production")
+    slow = copy.deepcopy(pipeline_file(tmp_path, name).raw)
+    next(s for s in slow["stages"] if s["name"] == "train")["params"] = {"n_estimators": 3000, "max_depth": 3}
+    slow["retraining"] = {"cooldown": 0}
+    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(slow))
+    fast = {**slow, "stages": copy.deepcopy(pipeline_file(tmp_path, name).raw["stages"])}
+    (tmp_path / "fast.yaml").write_text(yaml.safe_dump(fast))
+    topics = {kind: f"retrain-{kind}-{uuid.uuid4().hex[:8]}" for kind in ("alerts", "predictions", "outcomes")}
+    create_topics(workspace.settings.kafka_bootstrap, {t: 1 for t in topics.values()})
+    producer = Producer({"bootstrap.servers": workspace.settings.kafka_bootstrap})
+    producer.produce(topics["alerts"], json.dumps(alert(model=name)).encode())
+    assert producer.flush(30) == 0
+    env = {**workspace.env, "MLOPS_MLFLOW_URI": backend.uri,
+           **{f"MLOPS_{kind.upper()}_TOPIC": topic for kind, topic in topics.items()}}
+    root = Path(__file__).resolve().parents[1]
+
+    def controller(pipeline: str, seconds: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "lifecycle.retrain", "--pipeline", str(tmp_path / pipeline),
+                                 "--model", name, "--lease-s", "3", "--metrics-port", "0", "--max-seconds",
+                                 str(seconds)], cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    first = controller("slow.yaml", 300)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the claim is on record and the pipeline is training
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        running = [d for d in DecisionLog(registry).decisions(name) if d.status == "RUNNING"]
+        if running and registry.client.search_runs([backend.experiment_id()],
+                                                   filter_string=f"tags.retrain_decision = '{running[0].run_id}'"):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the retrain never started")
+    time.sleep(1.0)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    time.sleep(3.5)  # past the lease: the claim is stale
+    second = controller("fast.yaml", 30)  # (the dead member's partition moves after its 10 s session)
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, out.decode()[-3000:]
+    decided = DecisionLog(registry).decisions(name)
+    assert [(d.tags["action"], d.tags["outcome"]) for d in decided] == [("retrain", "rollout_started"),
+                                                                         ("retrain", "interrupted")]
+    assert decided[0].tags["alert_id"] == decided[1].tags["alert_id"] == f"{topics['alerts']}:0:0"
+    killed = registry.client.search_runs([backend.experiment_id()],
+                                         filter_string=f"tags.retrain_decision = '{decided[1].run_id}'")
+    assert [r.info.status for r in killed] == ["KILLED"]
+    assert registry.rollout(name).candidate == decided[0].tags["candidate"]
+    assert len(registry.list(name)) == 2  # Production and the one candidate

@@ -176,7 +176,9 @@ class Controller:
 
         consumer = Consumer({**kafka_config(self.settings), "group.id": f"mlops-retrain-{self.name}",
                              "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                             "enable.partition.eof": False})
+                             "enable.partition.eof": False,
+                             # a killed controller's partitions pass to the next one after this long (not 45 s)
+                             "session.timeout.ms": 10_000, "heartbeat.interval.ms": 2_000})
         consumer.subscribe([self.settings.alerts_topic])
         deadline = time.monotonic() + max_seconds if max_seconds else None
         handled = 0
