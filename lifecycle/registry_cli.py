@@ -5,7 +5,7 @@
     registry list     [--name N] [--stage production]
     registry compare  --name N --versions V1 V2 [...]
     registry rollback --name N [--to VERSION] [--reason R]
-    registry history  --name N
+    registry history  --name N [--trace ALERT|RUN|VERSION|ROLLOUT]
     registry rollout  start|status|history|pause|resume|abort --name N ...   (lifecycle/rollout/cli.py)
     registry experiment plan|start|status|conclude ...
 
@@ -180,6 +180,11 @@ def compare(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def history(reg: Registry, args: argparse.Namespace) -> int:
+    if args.trace:
+        from lifecycle.retrain import trace
+
+        chain = trace.trace(reg, args.name, args.trace)
+        return emit(args, chain, trace.lines(chain))
     rows = reg.history(args.name)
     if args.json:
         return emit(args, rows, "")
@@ -238,6 +243,8 @@ def parser() -> OneLineParser:
     rb.add_argument("--reason", default="rollback")
     h = verb("history", "every stage change with time and reason")
     h.add_argument("--name", required=True)
+    h.add_argument("--trace", metavar="ID", help="one retraining decision from its alert to its alias change: an "
+                                                 "alert id, decision or training run id, candidate or rollout id")
     rollout_cli.add_verbs(sub, verb)
     return root
 

@@ -34,3 +34,19 @@ def settings_error(exc: ValidationError) -> str:
     first = exc.errors()[0]
     field = str(first["loc"][0]) if first.get("loc") else "?"
     return f"{ENV_PREFIX}{field.upper()}: {first['msg']} (got {first.get('input')!r})"
+
+
+def serve_metrics(port: int, prog: str) -> bool:
+    """Prometheus on ``port`` (0: off); False, with the one-line reason on stderr, when it cannot listen."""
+    if not port:
+        return True
+    import sys
+
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        print(f"{prog}: cannot serve metrics on :{port}: {exc.strerror}", file=sys.stderr)
+        return False
+    return True

@@ -99,9 +99,10 @@ def module_level(tree: ast.Module) -> list[ast.stmt]:
     return out
 
 
-# What the image runs (bentofile.yaml, deploy/k8s): the service, the stream consumers, the rollout controller.
+# What the image runs (bentofile.yaml, deploy/k8s): the service, the stream consumers, the rollout and
+# retraining controllers, the batch scorer.
 ENTRY_POINTS = ["service.service", "streaming.__main__", "streaming.cli", "lifecycle.rollout.controller",
-                "lifecycle.batch.cli"]
+                "lifecycle.batch.cli", "lifecycle.retrain.__main__"]
 
 
 def third_party_imports(entry_modules: list[str], local_files: set[Path] | None = None) -> set[str]:

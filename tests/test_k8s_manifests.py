@@ -294,3 +294,19 @@ def test_the_rayjob_checks_bite():
     unbounded = copy.deepcopy(job)
     del unbounded["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
     assert any("ray-head: no cpu/memory limits" in p for p in manifests.check_invariants([unbounded]))
+
+
+def test_the_retrain_controller_is_single_active_with_registry_kafka_and_offline_data(rendered):
+    deployment = by_name(rendered["production"], "Deployment", "retrain-controller")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    c = container(deployment)
+    assert c["command"][:5] == ["python", "-m", "lifecycle.retrain", "--pipeline", "pipeline.yaml"]
+    from lifecycle.retrain.controller import load
+
+    load(manifests.ROOT / c["command"][4])  # the file it names parses, guard rails included
+    mounted = {m["mountPath"].rsplit("/", 1)[-1] for m in c["volumeMounts"] if m["name"] == "offline-data"}
+    assert mounted == {"customer_stats.parquet", "transactions.parquet"}
+    assert all(m["readOnly"] for m in c["volumeMounts"] if m["name"] == "offline-data")
+    policy = by_name(rendered["production"], "NetworkPolicy", "retrain-controller")
+    ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert {9092, 5000} <= ports and 6379 not in ports  # Kafka and MLflow; no Redis

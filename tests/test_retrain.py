@@ -6,6 +6,7 @@ mid-retrain leaves no stuck claim — every decision on record with its links.""
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -17,10 +18,13 @@ import yaml
 from lifecycle.data import generate, training_frame
 from lifecycle.pipeline import definition, runner
 from lifecycle.pipeline.validator import validate
-from lifecycle.registry import Registry
+from lifecycle.registry import Registry, RegistryError
+from lifecycle.registry_cli import main as registry_main
 from lifecycle.retrain.controller import Controller, load
 from lifecycle.retrain.policy import Past, PolicyError, RetrainPolicy, Trigger, Verdict, WindowGate, decide
 from lifecycle.retrain.record import EXPERIMENT, TRAINING_TAG, DecisionLog
+from lifecycle.retrain.trace import lines as trace_lines
+from lifecycle.retrain.trace import trace
 from lifecycle.retrain.window import compare
 from mlops.mlflow_backend import Backend
 from mlops.schema import LABEL, MODEL_FEATURES, TIMESTAMP
@@ -122,17 +126,20 @@ def pipeline_file(tmp_path: Path, name: str, **gate) -> definition.Pipeline:
     return definition.load(path)
 
 
+def weak_production(tmp_path: Path, name: str) -> Registry:
+    """A registry (SQLite in ``tmp_path``) whose Production is a weak model (2 stumps): the pipeline's
+    candidate beats it."""
+    registry = Registry(Backend.for_uri(str(tmp_path / "m.db")))
+    weak = pipeline_file(tmp_path, name, min_auc=0.5, min_accuracy=0.5)
+    next(s for s in weak.stages if s.kind == "train").params = {"n_estimators": 2, "max_depth": 1}
+    registry.promote(name, runner.run(weak, registry, model_name=name)["registered"]["version"], "production")
+    return registry
+
+
 @pytest.fixture
 def setup(tmp_path):
-    """A registry whose Production is a weak model (2 stumps): the shipped pipeline's candidate beats it."""
-    registry = Registry(Backend.for_uri(str(tmp_path / "m.db")))
     name = f"retrain_{tmp_path.name[-10:].replace('-', '_').lower()}"
-    weak = pipeline_file(tmp_path, name, min_auc=0.5, min_accuracy=0.5)
-    stage = next(s for s in weak.stages if s.kind == "train")
-    stage.params = {"n_estimators": 2, "max_depth": 1}
-    first = runner.run(weak, registry, model_name=name)
-    registry.promote(name, first["registered"]["version"], "production")
-    return registry, name
+    return weak_production(tmp_path, name), name
 
 
 class GivenWindow(Controller):
@@ -162,7 +169,7 @@ def recent(n: int, seed: int, flip: bool = False) -> pd.DataFrame:
     return frame.assign(request_id=[f"q{i}" for i in range(len(frame))])
 
 
-def test_a_drift_alert_retrains_gates_and_starts_the_rollout_once(tmp_path, setup):
+def test_a_drift_alert_retrains_gates_and_starts_the_rollout_once(tmp_path, setup, capsys):
     registry, name = setup
     ctl = controller(tmp_path, registry, name)
     assert ctl.handle(alert(model="another"), "t:0:1") is None  # not this model: not on record
@@ -186,6 +193,23 @@ def test_a_drift_alert_retrains_gates_and_starts_the_rollout_once(tmp_path, setu
     skipped = ctl.handle(alert("performance_alert", model=name), "t:1:7")
     assert (skipped["action"], skipped["rail"]) == ("skip", "rollout_active")
     assert [d.tags["alert_id"] for d in DecisionLog(registry).decisions(name)] == ["t:1:7", "t:0:3"]
+    # the chain, traced from any of its links
+    for ident in ("t:0:3", got["decision_run_id"], got["training_run_id"], got["candidate"], got["rollout_id"]):
+        chain = trace(registry, name, ident)
+        assert chain["decision"]["run_id"] == got["decision_run_id"], ident
+    assert chain["alert"]["type"] == "drift_alert" and chain["training"]["gate"] == "passed"
+    assert [step["action"] for step in chain["rollout"]] == ["start"]
+    assert [row["to_stage"] for row in chain["stages"]] == ["Staging"]
+    text = trace_lines(chain).splitlines()
+    assert text[0] == "alert     t:0:3: drift_alert critical on transaction_amount (version 1, " \
+                      "2026-12-04T10:00:00+00:00)"
+    assert [line.split()[0] for line in text] == ["alert", "decision", "training", "window", "rollout", "registry"]
+    with pytest.raises(RegistryError, match="no retraining decision of .* links to 'nope'"):
+        trace(registry, name, "nope")
+    capsys.readouterr()
+    assert registry_main(["--mlflow-uri", registry.backend.uri, "history", "--name", name, "--trace", "t:0:3",
+                          "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["decision"]["rollout_id"] == got["rollout_id"]
 
 
 def test_failed_candidates_trip_the_circuit_breaker_until_a_reset(tmp_path, setup):

@@ -6,25 +6,33 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
+import yaml
+from confluent_kafka import Producer
 
+from lifecycle.retrain.controller import Controller
+from lifecycle.retrain.policy import RetrainPolicy
+from lifecycle.retrain.record import DecisionLog
 from lifecycle.retrain.window import labelled_window, split
 from mlops import events, outcomes
 from mlops.connections import kafka_config
 from mlops.schema import LABEL, MODEL_FEATURES, TIMESTAMP
+from tests.test_retrain import alert, pipeline_file, weak_production
+from tools.services import create_topics
 
 pytestmark = [pytest.mark.integration]
 
 
 def test_the_labelled_window_is_read_exactly_from_the_topics(workspace):
-    from confluent_kafka import Producer
-
-    from tools.services import create_topics
-
     settings = workspace.settings
     predictions, labels = f"win-pred-{uuid.uuid4().hex[:8]}", f"win-out-{uuid.uuid4().hex[:8]}"
     create_topics(settings.kafka_bootstrap, {predictions: 3, labels: 2})
@@ -79,23 +87,8 @@ def test_the_labelled_window_is_read_exactly_from_the_topics(workspace):
 def test_the_controller_acts_once_on_each_alert_of_the_topic_across_restarts(workspace, tmp_path):
     """Alerts on the real broker, the consumer loop twice: each alert decided once, the retrain handed to a
     rollout, the second run (a restart) deciding nothing again — the offsets were committed after the record."""
-    from confluent_kafka import Producer
-
-    from lifecycle.registry import Registry
-    from lifecycle.retrain.controller import Controller
-    from lifecycle.retrain.policy import RetrainPolicy
-    from lifecycle.retrain.record import DecisionLog
-    from mlops.mlflow_backend import Backend
-    from tests.test_retrain import alert, pipeline_file
-    from tools.services import create_topics
-
-    registry = Registry(Backend.for_uri(str(tmp_path / "m.db")))
     name = "retrain_loop"
-    weak = pipeline_file(tmp_path, name, min_auc=0.5, min_accuracy=0.5)
-    next(s for s in weak.stages if s.kind == "train").params = {"n_estimators": 2, "max_depth": 1}
-    from lifecycle.pipeline import runner
-
-    registry.promote(name, runner.run(weak, registry, model_name=name)["registered"]["version"], "production")
+    registry = weak_production(tmp_path, name)
     topics = {kind: f"retrain-{kind}-{uuid.uuid4().hex[:8]}" for kind in ("alerts", "predictions", "outcomes")}
     create_topics(workspace.settings.kafka_bootstrap, {t: 1 for t in topics.values()})
     settings = workspace.settings.model_copy(update={f"{k}_topic": t for k, t in topics.items()})
@@ -122,28 +115,9 @@ def test_a_controller_killed_mid_retrain_leaves_no_stuck_claim_and_no_second_ret
     """`mlops-retrain` SIGKILLed while its candidate trains: the claim stops beating; the next controller
     reads the same alert again (its offset was never committed), closes the claim and its training run as
     interrupted, and retrains once — one rollout, one new version."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import yaml
-    from confluent_kafka import Producer
-
-    from lifecycle.pipeline import runner
-    from lifecycle.registry import Registry
-    from lifecycle.retrain.record import DecisionLog
-    from mlops.mlflow_backend import Backend
-    from tests.test_retrain import alert, pipeline_file
-    from tools.services import create_topics
-
-    backend = Backend.for_uri(str(tmp_path / "m.db"))
-    registry = Registry(backend)
     name = "retrain_kill"
-    weak = pipeline_file(tmp_path, name, min_auc=0.5, min_accuracy=0.5)
-    next(s for s in weak.stages if s.kind == "train").params = {"n_estimators": 2, "max_depth": 1}
-    registry.promote(name, runner.run(weak, registry, model_name=name)["registered"]["version"], "production")
+    registry = weak_production(tmp_path, name)
+    backend = registry.backend
     slow = copy.deepcopy(pipeline_file(tmp_path, name).raw)
     next(s for s in slow["stages"] if s["name"] == "train")["params"] = {"n_estimators": 3000, "max_depth": 3}
     slow["retraining"] = {"cooldown": 0}

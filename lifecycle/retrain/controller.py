@@ -228,7 +228,7 @@ def load(pipeline_path: Path) -> tuple[definition.Pipeline, RetrainPolicy]:
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
-    from mlops.cli_args import OneLineParser, settings_error
+    from mlops.cli_args import OneLineParser, serve_metrics, settings_error
 
     p = OneLineParser(prog="mlops-retrain", description=__doc__.splitlines()[0])
     p.add_argument("--pipeline", type=Path, default=Path("pipeline.yaml"))
@@ -256,14 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     controller = Controller(settings, Registry.from_settings(settings), pipeline, policy, args.model, args.lease_s)
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        try:
-            start_http_server(args.metrics_port)
-        except OSError as exc:
-            print(f"mlops-retrain: cannot serve metrics on :{args.metrics_port}: {exc.strerror}", file=sys.stderr)
-            return 2
+    if not serve_metrics(args.metrics_port, "mlops-retrain"):
+        return 2
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: controller.stop())

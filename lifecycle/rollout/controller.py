@@ -25,7 +25,6 @@ import time
 from datetime import datetime
 
 from mlflow.exceptions import MlflowException
-from prometheus_client import start_http_server
 from pydantic import ValidationError
 
 from lifecycle.registry import Registry, RegistryError
@@ -33,7 +32,7 @@ from lifecycle.rollout.analysis import Decision, decide
 from lifecycle.rollout.metrics import ACTIVE, DECISIONS, FAILURES, LAST_DECISION, STEP, STEP_AGE, STUCK
 from lifecycle.rollout.state import Rollouts
 from lifecycle.rollout.step_data import StepReader
-from mlops.cli_args import OneLineParser, settings_error
+from mlops.cli_args import OneLineParser, serve_metrics, settings_error
 from mlops.connections import kafka_config
 from mlops.rollout import RolloutState
 from mlops.settings import Settings
@@ -188,12 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             controller.close()
         print(json.dumps(decision.to_dict() if decision else None, indent=2, default=float))
         return 0
-    if args.metrics_port:
-        try:
-            start_http_server(args.metrics_port)
-        except OSError as exc:
-            print(f"mlops-rollout: cannot serve metrics on :{args.metrics_port}: {exc.strerror}", file=sys.stderr)
-            return 2
+    if not serve_metrics(args.metrics_port, "mlops-rollout"):
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: controller.stop())
     signal.signal(signal.SIGINT, lambda *_: controller.stop())
     log.info("watching the rollouts of %s every %gs", name, args.interval)
