@@ -7,6 +7,7 @@ function that applies them to an alert and the decisions already on record.
         - {type: performance_alert, severity: [critical]}
         - {type: skew_alert, severity: [warning, critical]}
       cooldown: 6h                    # after a retrain started, alerts within this only go on record
+      max_alert_age: 1h               # older alerts (a backlog a new controller reads) start nothing
       max_per_day: 3                  # retrains started in any 24 hours
       circuit_breaker: 3              # this many failed candidates in a row stop retraining until a reset
       dry_run: false                  # decide and record, never train
@@ -27,8 +28,10 @@ says why an alert did not retrain in words an operator can act on.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from mlops.rollout import DEFAULT_STEPS, check_steps
@@ -37,7 +40,8 @@ SPAN = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>[smhd]?)")
 UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 ALERT_TYPES = ("drift_alert", "performance_alert", "skew_alert")
 SEVERITIES = ("warning", "critical")
-KEYS = {"triggers", "cooldown", "max_per_day", "circuit_breaker", "dry_run", "rollout_steps", "window_gate"}
+KEYS = {"triggers", "cooldown", "max_per_day", "circuit_breaker", "dry_run", "rollout_steps", "window_gate",
+        "max_alert_age"}
 GATE_KEYS = {"window", "gate_share", "min_labels", "min_accuracy", "min_improvement", "confidence",
              "too_few_labels"}
 FAILED = ("gate_blocked", "failed", "interrupted")  # candidate outcomes the circuit breaker counts
@@ -114,10 +118,18 @@ class RetrainPolicy:
     dry_run: bool = False
     rollout_steps: tuple[int, ...] = DEFAULT_STEPS
     window_gate: WindowGate = WindowGate()
+    max_alert_age_s: float = 3600.0  # older alerts (a backlog read by a new controller) start nothing
 
-    def triggered_by(self, alert: dict[str, Any]) -> bool:
-        """A firing alert of a configured type and severity (a resolution never retrains)."""
-        return alert.get("status") == "firing" and any(t.matches(alert) for t in self.triggers)
+    def triggered_by(self, alert: dict[str, Any], now: float | None = None) -> bool:
+        """A firing alert of a configured type and severity, at most ``max_alert_age_s`` old (a resolution
+        never retrains; an alert without a readable time counts as new)."""
+        if alert.get("status") != "firing" or not any(t.matches(alert) for t in self.triggers):
+            return False
+        try:
+            at = datetime.fromisoformat(str(alert["timestamp"])).timestamp()
+        except (KeyError, ValueError):
+            return True
+        return (time.time() if now is None else now) - at <= self.max_alert_age_s
 
     @classmethod
     def from_section(cls, section: dict[str, Any] | None) -> RetrainPolicy:
@@ -135,6 +147,8 @@ class RetrainPolicy:
                                   "watch without training)")
         if "cooldown" in section:
             values["cooldown_s"] = span_s(section["cooldown"], "retraining.cooldown")
+        if "max_alert_age" in section:
+            values["max_alert_age_s"] = span_s(section["max_alert_age"], "retraining.max_alert_age")
         for key in ("max_per_day", "circuit_breaker"):
             if key in section:
                 value = section[key]
