@@ -15,11 +15,13 @@ stops, which the next one closes as ``interrupted`` before acting on the alert a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from lifecycle.pipeline import definition, runner
 from lifecycle.pipeline.stages import StageFailed
 from lifecycle.registry import Registry, RegistryError
 from lifecycle.retrain import metrics
-from lifecycle.retrain.policy import RetrainPolicy, Verdict, decide
+from lifecycle.retrain.policy import RetrainPolicy, alert_time, decide
 from lifecycle.retrain.record import TRAINING_TAG, DecisionLog
 from lifecycle.retrain.window import compare, labelled_window
 from lifecycle.retrain.window import split as window_split
@@ -77,19 +79,20 @@ class Controller:
         if verdict.action != "retrain":
             return decision.to_dict()
         metrics.RUNNING.labels(self.name).set(1)
-        try:
-            outcome, reason, links = self._retrain(decision.run_id, alert_id, alert, verdict)
-        finally:
-            metrics.RUNNING.labels(self.name).set(0)
-        self.log.finish(decision.run_id, outcome, reason, **links)
+        with self._heartbeat(decision.run_id):  # the claim stays fresh until the outcome is on record
+            try:
+                outcome, reason, links = self._retrain(decision.run_id, alert_id, alert)
+            finally:
+                metrics.RUNNING.labels(self.name).set(0)
+            self.log.finish(decision.run_id, outcome, reason, **links)
         metrics.RETRAINS.labels(self.name, outcome).inc()
-        if outcome == "rollout_started" and (at := _alert_time(alert)) is not None:
+        if outcome == "rollout_started" and (at := alert_time(alert)) is not None:
             metrics.ALERT_TO_ROLLOUT.labels(self.name).observe(max(0.0, time.time() - at))
         log.info("alert %s: %s — %s", alert_id, outcome, reason)
         return {**decision.to_dict(), "outcome": outcome, "outcome_reason": reason, **links}
 
-    def _retrain(self, decision_id: str, alert_id: str, alert: dict[str, Any],
-                 verdict: Verdict) -> tuple[str, str, dict[str, str]]:
+    @contextlib.contextmanager
+    def _heartbeat(self, decision_id: str) -> Iterator[None]:
         beating = threading.Event()
 
         def beat() -> None:
@@ -101,6 +104,13 @@ class Controller:
 
         heart = threading.Thread(target=beat, daemon=True, name="retrain-heartbeat")
         heart.start()
+        try:
+            yield
+        finally:
+            beating.set()
+            heart.join()
+
+    def _retrain(self, decision_id: str, alert_id: str, alert: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
         gate = self.policy.window_gate
         try:
             now = datetime.now(UTC)
@@ -114,9 +124,6 @@ class Controller:
             return outcome, f"{exc.stage}: {exc.reason}", links
         except Exception as exc:  # noqa: BLE001 - a broken store, a crash in training: on record, not a crash here
             return "failed", f"{type(exc).__name__}: {str(exc)[:2000]}", {}
-        finally:
-            beating.set()
-            heart.join()
         candidate = summary["registered"]["version"]
         links = {"training_run_id": summary["mlflow_run_id"], "candidate": candidate,
                  "window_rows_trained": str(len(trained_on))}
@@ -210,13 +217,6 @@ class Controller:
         finally:
             consumer.close()
         return handled
-
-
-def _alert_time(alert: dict[str, Any]) -> float | None:
-    try:
-        return datetime.fromisoformat(str(alert["timestamp"])).timestamp()
-    except (KeyError, ValueError):
-        return None
 
 
 def load(pipeline_path: Path) -> tuple[definition.Pipeline, RetrainPolicy]:

@@ -125,11 +125,8 @@ class RetrainPolicy:
         never retrains; an alert without a readable time counts as new)."""
         if alert.get("status") != "firing" or not any(t.matches(alert) for t in self.triggers):
             return False
-        try:
-            at = datetime.fromisoformat(str(alert["timestamp"])).timestamp()
-        except (KeyError, ValueError):
-            return True
-        return (time.time() if now is None else now) - at <= self.max_alert_age_s
+        at = alert_time(alert)
+        return at is None or (time.time() if now is None else now) - at <= self.max_alert_age_s
 
     @classmethod
     def from_section(cls, section: dict[str, Any] | None) -> RetrainPolicy:
@@ -219,6 +216,14 @@ def decide(policy: RetrainPolicy, history: Sequence[Past], now: float, rollout: 
     if policy.dry_run:
         return Verdict("dry_run", "dry run: this alert would start a retrain", "dry_run")
     return Verdict("retrain", "guard rails passed")
+
+
+def alert_time(alert: dict[str, Any]) -> float | None:
+    """The alert's own time (epoch seconds), None when it has none that reads."""
+    try:
+        return datetime.fromisoformat(str(alert["timestamp"])).timestamp()
+    except (KeyError, ValueError):
+        return None
 
 
 def span_s(value: Any, where: str) -> float:
