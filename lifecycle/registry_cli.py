@@ -6,6 +6,7 @@
     registry compare  --name N --versions V1 V2 [...]
     registry rollback --name N [--to VERSION] [--reason R]
     registry history  --name N [--trace ALERT|RUN|VERSION|ROLLOUT]
+    registry retrain  decisions|reset --name N   (the retraining controller's record, lifecycle/retrain)
     registry rollout  start|status|history|pause|resume|abort --name N ...   (lifecycle/rollout/cli.py)
     registry experiment plan|start|status|conclude ...
 
@@ -194,6 +195,20 @@ def history(reg: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
+def retrain(reg: Registry, args: argparse.Namespace) -> int:
+    from lifecycle.retrain.record import DecisionLog
+
+    log = DecisionLog(reg)
+    if args.action == "reset":
+        d = log.reset(args.name, "cli", args.reason)
+        return emit(args, d.to_dict(), f"{args.name}: circuit breaker reset ({d.run_id}); failed candidates before "
+                                       "it no longer count")
+    rows = [d.to_dict() for d in log.decisions(args.name)]
+    text = "\n".join(f"{r.get('alert_id', ''):<40} {r.get('action', ''):<8} {r.get('outcome', ''):<16} "
+                     f"{r.get('outcome_reason') or r.get('reason', '')}" for r in rows)
+    return emit(args, rows, text)
+
+
 def promote(reg: Registry, args: argparse.Namespace) -> int:
     v = reg.promote(args.name, args.version, args.stage, args.reason)
     return emit(args, v.to_dict(), f"{v.name}:{v.version} is now in {v.stage}")
@@ -246,11 +261,22 @@ def parser() -> OneLineParser:
     h.add_argument("--trace", metavar="ID", help="one retraining decision from its alert to its alias change: an "
                                                  "alert id, decision or training run id, candidate or rollout id")
     rollout_cli.add_verbs(sub, verb)
+    rt = verb("retrain", "the retraining controller's record: decisions, and closing its circuit breaker")
+    rt_actions = rt.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
+    for action_name, text in (("decisions", "every decision on an alert, newest first"),
+                              ("reset", "close the circuit breaker: failed candidates before this no longer count")):
+        a = rt_actions.add_parser(action_name, help=text)
+        a.add_argument("--name", required=True)
+        a.add_argument("--mlflow-uri", "--registry", dest="mlflow_uri", default=argparse.SUPPRESS, help=uri_help)
+        a.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+        if action_name == "reset":
+            a.add_argument("--reason", default="reset")
     return root
 
 
 COMMANDS = {"register": register, "promote": promote, "list": show_list, "compare": compare, "rollback": rollback,
-            "history": history, "rollout": rollout_cli.rollout, "experiment": rollout_cli.experiment}
+            "history": history, "rollout": rollout_cli.rollout, "experiment": rollout_cli.experiment,
+            "retrain": retrain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,7 +217,7 @@ def test_a_drift_alert_retrains_gates_and_starts_the_rollout_once(tmp_path, setu
     assert json.loads(capsys.readouterr().out)["decision"]["rollout_id"] == got["rollout_id"]
 
 
-def test_failed_candidates_trip_the_circuit_breaker_until_a_reset(tmp_path, setup):
+def test_failed_candidates_trip_the_circuit_breaker_until_a_reset(tmp_path, setup, capsys):
     registry, name = setup
     ctl = controller(tmp_path, registry, name, RetrainPolicy(cooldown_s=0, circuit_breaker=2, max_per_day=10),
                      min_auc=0.9999)  # no candidate can pass
@@ -226,8 +226,16 @@ def test_failed_candidates_trip_the_circuit_breaker_until_a_reset(tmp_path, setu
     assert outcomes[0]["outcome_reason"].startswith("gate: auc") and outcomes[2]["rail"] == "circuit_breaker"
     assert registry.client.get_run(outcomes[0]["training_run_id"]).info.status == "FAILED"
     assert registry.rollout(name) is None
-    DecisionLog(registry).reset(name, "test", "threshold fixed")
+    assert "`registry retrain reset --name" in outcomes[2]["reason"]
+    assert registry_main(["--mlflow-uri", registry.backend.uri, "retrain", "reset", "--name", name, "--reason",
+                          "threshold fixed"]) == 0
     assert ctl.handle(alert(model=name), "t:0:9")["outcome"] == "gate_blocked"  # tried again after the reset
+    capsys.readouterr()
+    assert registry_main(["--mlflow-uri", registry.backend.uri, "--json", "retrain", "decisions", "--name",
+                          name]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [r["action"] for r in listed] == ["retrain", "reset", "skip", "retrain", "retrain"]
+    assert listed[1]["reason"] == "threshold fixed"
 
 
 def test_dry_run_decides_and_records_without_training(tmp_path, setup):

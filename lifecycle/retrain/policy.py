@@ -201,8 +201,8 @@ def decide(policy: RetrainPolicy, history: Sequence[Past], now: float, rollout: 
         failures += p.action == "retrain"
     if failures >= policy.circuit_breaker:
         return Verdict("skip", f"circuit breaker open: the last {failures} candidates failed (limit "
-                               f"{policy.circuit_breaker}); `registry retrain reset` closes it", "circuit_breaker",
-                       {"failures": failures})
+                               f"{policy.circuit_breaker}); `registry retrain reset --name <model>` closes it",
+                       "circuit_breaker", {"failures": failures})
     if rollout:
         return Verdict("skip", f"rollout {rollout} is in progress: never two at once", "rollout_active")
     if retrains and now - retrains[0].at < policy.cooldown_s:
