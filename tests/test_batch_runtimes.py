@@ -100,3 +100,18 @@ def test_the_build_is_cached_by_graph(served, tmp_path):
     cached = list((tmp_path / "cache" / "mlops-stack" / "compiled-trees").glob("*.so"))
     assert len(cached) == 1 and cached[0].read_bytes() == first
     assert runtimes.compile_trees(served) == first
+
+
+def test_the_parity_verdict_is_cached_beside_the_library(served, tmp_path, monkeypatch):
+    assert runtimes.choose("auto", served).runtime == "compiled"
+    verdicts = list((tmp_path / "cache" / "mlops-stack" / "compiled-trees").glob("*.parity"))
+    assert len(verdicts) == 1 and float(verdicts[0].read_text()) <= runtimes.PARITY
+
+    def not_again(*_):
+        raise AssertionError("the parity check ran again")
+
+    monkeypatch.setattr(runtimes, "parity_difference", not_again)
+    assert runtimes.choose("compiled", served).runtime == "compiled"
+    verdicts[0].write_text(repr(1.0))  # a verdict of a failed check is kept too: the job says so
+    with pytest.raises(runtimes.NotCompilable, match="differ from onnxruntime by 1"):
+        runtimes.choose("compiled", served)

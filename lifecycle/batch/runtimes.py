@@ -53,7 +53,7 @@ def choose(requested: str, onnx: bytes) -> Choice:
         return Choice("onnxruntime")
     try:
         library = compile_trees(onnx)
-        difference = parity_difference(onnx, library)
+        difference = _checked_parity(onnx, library)
         if difference > PARITY:
             raise NotCompilable(f"the compiled trees differ from onnxruntime by {difference:.3g} (> {PARITY:g})")
     except NotCompilable as exc:
@@ -69,10 +69,8 @@ def compile_trees(onnx: bytes) -> bytes:
     if compiler is None:
         raise NotCompilable("no C compiler (gcc or clang) on PATH")
     import tl2cgen
-    import treelite
 
-    key = hashlib.sha256(onnx + f"{treelite.__version__}/{tl2cgen.__version__}".encode()).hexdigest()[:32]
-    cached = _cache() / f"{key}.so"
+    cached = _cached(onnx, ".so")
     if cached.exists():
         return cached.read_bytes()
     model = tree_model(onnx)
@@ -86,29 +84,52 @@ def compile_trees(onnx: bytes) -> bytes:
         except Exception as exc:  # the compiler's or tl2cgen's failure: the job goes on without it
             raise NotCompilable(f"the C build failed ({str(exc).strip().splitlines()[0][:200]})") from None
         library = path.read_bytes()
+    _keep(cached, library)
+    return library
+
+
+def _checked_parity(onnx: bytes, library: bytes) -> float:
+    """The parity check's largest difference, run once per graph and library: its verdict is cached beside
+    the library (the check is ~0.3 s of every job otherwise)."""
+    verdict = _cached(onnx + hashlib.sha256(library).digest(), ".parity")
+    try:
+        return float(verdict.read_text())
+    except (OSError, ValueError):
+        difference = parity_difference(onnx, library)
+        _keep(verdict, repr(difference).encode())
+        return difference
+
+
+def _cached(content: bytes, suffix: str) -> Path:
+    """The cache's file for ``content`` (a graph), keyed with the compiler chain's versions."""
+    import tl2cgen
+    import treelite
+
+    key = hashlib.sha256(content + f"{treelite.__version__}/{tl2cgen.__version__}".encode()).hexdigest()[:32]
+    return _cache() / f"{key}{suffix}"
+
+
+def _keep(path: Path, content: bytes) -> None:
     try:  # a cache, nothing more: written whole under another name, then renamed
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(library)
-        os.replace(partial, cached)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(content)
+        os.replace(partial, path)
     except OSError:
         pass
-    return library
 
 
 def tree_model(onnx: bytes):
     """Treelite's model of the graph's TreeEnsembleClassifier, node for node (thresholds and leaves float32,
     as onnxruntime reads them)."""
-    import onnx as onnx_lib
     from treelite.model_builder import Metadata, ModelBuilder, PostProcessorFunc, TreeAnnotation
 
-    graph = onnx_lib.load_from_string(onnx).graph
+    graph, n_features, a = _ensemble(onnx)
     ensembles = [n for n in graph.node if n.op_type == "TreeEnsembleClassifier"]
     others = [n.op_type for n in graph.node if n.op_type not in ("TreeEnsembleClassifier", "Identity")]
     if len(ensembles) != 1 or others:
         raise NotCompilable("the graph is not one TreeEnsembleClassifier "
                             f"(nodes: {', '.join(n.op_type for n in graph.node)})")
-    a = {attr.name: onnx_lib.helper.get_attribute_value(attr) for attr in ensembles[0].attribute}
     if "nodes_values_as_tensor" in a or "class_weights_as_tensor" in a or "base_values_as_tensor" in a:
         raise NotCompilable("double-precision tree attributes")
     if len(a.get("classlabels_int64s", a.get("classlabels_strings", []))) != 2 or set(a["class_ids"]) != {0}:
@@ -119,7 +140,6 @@ def tree_model(onnx: bytes):
     modes = set(a["nodes_modes"]) - {b"LEAF"}
     if not modes <= OPERATORS.keys():
         raise NotCompilable(f"branch modes {sorted(m.decode() for m in modes - OPERATORS.keys())}")
-    n_features = graph.input[0].type.tensor_type.shape.dim[1].dim_value
     leaves: dict[tuple[int, int], float] = {}
     for tree, node, weight in zip(a["class_treeids"], a["class_nodeids"], a["class_weights"], strict=True):
         leaves[(tree, node)] = leaves.get((tree, node), 0.0) + weight
@@ -154,14 +174,21 @@ def tree_model(onnx: bytes):
     return builder.commit()
 
 
-def probe_rows(onnx: bytes, rows: int = 20_000, seed: int = 0) -> np.ndarray:
-    """Rows whose every feature sits on one of that feature's thresholds, or the float32 just above or below
-    it, or between them: every branch taken both ways, and every comparison tried at equality."""
+def _ensemble(onnx: bytes) -> tuple[Any, int, dict[str, Any]]:
+    """The graph, its input's feature count and the (first) tree ensemble's attributes ({} without one)."""
     import onnx as onnx_lib
 
     graph = onnx_lib.load_from_string(onnx).graph
     n_features = graph.input[0].type.tensor_type.shape.dim[1].dim_value
-    a = {attr.name: onnx_lib.helper.get_attribute_value(attr) for node in graph.node for attr in node.attribute}
+    node = next((n for n in graph.node if n.op_type == "TreeEnsembleClassifier"), None)
+    return graph, n_features, {} if node is None else {
+        attr.name: onnx_lib.helper.get_attribute_value(attr) for attr in node.attribute}
+
+
+def probe_rows(onnx: bytes, rows: int = 20_000, seed: int = 0) -> np.ndarray:
+    """Rows whose every feature sits on one of that feature's thresholds, or the float32 just above or below
+    it, or between them: every branch taken both ways, and every comparison tried at equality."""
+    _, n_features, a = _ensemble(onnx)
     rng = np.random.default_rng(seed)
     x = np.empty((rows, n_features), dtype=np.float32)
     features = np.asarray(a.get("nodes_featureids", []))
