@@ -9,17 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pandas as pd
 
 from lifecycle import data as datamod
 from lifecycle import model_store, train
-from lifecycle.onnx_export import ParityError
+from lifecycle.onnx_export import ParityError, onnx_positive_proba
 from lifecycle.pipeline.validator import DEFAULT_MIN_IMPROVEMENT, THRESHOLD_KEYS
 from lifecycle.registry import Registry, RegistryError, check_metrics, register_stage
 from lifecycle.tracking import TrainingRun
 from mlops import offline
-from mlops.onnx_contract import INPUT_NAME, positive_proba
 from mlops.schema import ENTITY, LABEL, MODEL_FEATURES, STORE_FEATURES, TIMESTAMP
 from mlops.settings import Settings
 
@@ -170,9 +168,8 @@ def gate(ctx: Context, params: dict[str, Any]) -> str:
     if params.get("compare_to_production", False) and production is not None:
         margin = float(params.get("min_improvement", DEFAULT_MIN_IMPROVEMENT))
         stored = model_store.load(ctx.model_name, production.version, ctx.registry.backend)
-        session = ort.InferenceSession(str(stored.onnx_path), providers=["CPUExecutionProvider"])
-        x = ctx.values["x_holdout"].astype(np.float32)
-        prod_metrics = train.score_metrics(ctx.values["y_holdout"], positive_proba(session.run(None, {INPUT_NAME: x})))
+        prod_metrics = train.score_metrics(ctx.values["y_holdout"],
+                                           onnx_positive_proba(stored.onnx_path.read_bytes(), ctx.values["x_holdout"]))
         ctx.summary["production"] = {"version": production.version, **prod_metrics}
         ctx.run.log_metrics({"production_auc": prod_metrics["auc"],
                              "auc_improvement": metrics["auc"] - prod_metrics["auc"]})
