@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from lifecycle.pipeline import definition, runner
 from lifecycle.pipeline.validator import validate
 from lifecycle.registry import Registry, RegistryError
 from lifecycle.registry_cli import main as registry_main
-from lifecycle.retrain.controller import Controller, load
+from lifecycle.retrain.controller import Controller, Stopped, load
 from lifecycle.retrain.policy import Past, PolicyError, RetrainPolicy, Trigger, Verdict, WindowGate, decide
 from lifecycle.retrain.record import EXPERIMENT, TRAINING_TAG, DecisionLog
 from lifecycle.retrain.trace import lines as trace_lines
@@ -64,6 +65,11 @@ def test_the_shipped_pipeline_declares_its_guard_rails_and_validates_strictly():
     ({"dry_run": "yes"}, "retraining.dry_run: 'yes' is not true or false"),
     ({"rollout_steps": [5, 50]}, "the last step must be 100"),
     ({"cooldwn": "1h"}, "unknown field(s) cooldwn"),
+    ({"window_gate": {"wait_for_labels": "soon"}}, "retraining.window_gate.wait_for_labels: 'soon' is not a span"),
+    ({"rollout_policy": {"min_samples": 0}}, "retraining.rollout_policy: min_samples >= 1"),
+    ({"rollout_policy": {"min_samples": 2.5}}, "retraining.rollout_policy.min_samples: 2.5 is not a whole number"),
+    ({"rollout_policy": {"min_agreement": "high"}}, "retraining.rollout_policy.min_agreement: 'high' is not a"),
+    ({"rollout_policy": {"min_sample": 5}}, "retraining.rollout_policy: unknown field(s) min_sample"),
 ])
 def test_a_bad_retraining_section_is_named_by_the_validator(tmp_path, section, message):
     with pytest.raises(PolicyError) as info:
@@ -107,6 +113,15 @@ def past(action: str = "retrain", outcome: str = "rollout_started", ago: float =
     ([past(ago=3600 * h) for h in (2, 5, 20)], None, RetrainPolicy(cooldown_s=60), "max_per_day"),
     ([past(ago=3600 * h) for h in (2, 5, 25)], None, RetrainPolicy(cooldown_s=60), ""),
     ([], None, RetrainPolicy(dry_run=True), "dry_run"),
+    # a candidate its rollout rolled back failed too; one promoted is a success
+    ([past(outcome="rolled_back")] * 3, None, RetrainPolicy(), "circuit_breaker"),
+    ([past(outcome="promoted")] + [past(outcome="rolled_back")] * 3, None, RetrainPolicy(), ""),
+    # stopped (the controller was told to stop) and aborted by a person: neither failure nor success
+    ([past(outcome="gate_blocked"), past(outcome="stopped"), past(outcome="rollout_aborted"),
+      past(outcome="failed"), past(outcome="gate_blocked")], None, RetrainPolicy(), "circuit_breaker"),
+    # a retrain cut short made no candidate: it does not hold the next attempt back
+    ([past(outcome="interrupted", ago=60)], None, RetrainPolicy(cooldown_s=7200), ""),
+    ([past(outcome="stopped", ago=60)], None, RetrainPolicy(cooldown_s=7200), ""),
 ])
 def test_each_guard_rail(history, rollout, policy, rail):
     verdict = decide(policy, history, NOW, rollout)
@@ -334,3 +349,77 @@ def test_the_command_refuses_bad_arguments_and_files_in_one_line(tmp_path, capsy
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err
+
+
+def test_the_rollout_runs_under_the_retraining_policy_and_its_end_goes_on_the_decision(tmp_path, setup):
+    """The rollout a retrain starts is judged by ``retraining.rollout_policy``; when it completes the decision
+    becomes ``promoted`` with the time from the alert to the new Production (record and histogram); one
+    rolled back becomes ``rolled_back``, a failed candidate for the circuit breaker."""
+    from lifecycle.retrain import metrics
+    from lifecycle.rollout.state import Rollouts
+    from mlops.rollout import Policy
+
+    registry, name = setup
+    quick = Policy(min_samples=50, min_step_s=1, max_step_s=60)
+    ctl = controller(tmp_path, registry, name, RetrainPolicy(cooldown_s=0, rollout_policy=quick),
+                     compare_to_production=False)  # the second candidate need not beat the first
+    alerted = datetime.fromtimestamp(time.time() - 30, UTC).isoformat()
+    got = ctl.handle(alert(model=name, at=alerted), "t:0:1")
+    state = registry.rollout(name)
+    assert state.policy == quick and state.id == got["rollout_id"]
+    assert ctl.follow_rollouts() == []  # still running
+    rollouts = Rollouts(registry)
+    for i in range(len(state.steps)):
+        rollouts.apply(name, state.id, i, "promote", "test", "every check passed")
+    before = metrics.ALERT_TO_PRODUCTION.labels(name)._sum.get()
+    ended = ctl.follow_rollouts()
+    assert [e["outcome"] for e in ended] == ["promoted"]
+    assert registry.production(name).version == got["candidate"]
+    done = ctl.log.find(name, "t:0:1")
+    seconds = float(done.tags["alert_to_production_s"])
+    assert 30 <= seconds < 300 and registry.client.get_run(done.run_id).data.metrics["alert_to_production_s"] == \
+        pytest.approx(seconds, abs=0.1)
+    assert metrics.ALERT_TO_PRODUCTION.labels(name)._sum.get() - before == pytest.approx(seconds, abs=0.1)
+    assert ctl.follow_rollouts() == []  # once
+    assert trace_lines(trace(registry, name, "t:0:1")).splitlines()[-1].startswith(
+        f"result    {got['candidate']} in Production ")
+    # the next candidate is rolled back by its rollout: a failed candidate
+    second = ctl.handle(alert(model=name), "t:0:2")
+    assert second["outcome"] == "rollout_started", second
+    rollouts.apply(name, second["rollout_id"], 0, "rollback", "test", "predictions: agreement 0.41")
+    assert [e["outcome"] for e in ctl.follow_rollouts()] == ["rolled_back"]
+    assert [p.outcome for p in ctl.log.history(name)] == ["rolled_back", "promoted"]
+
+
+def test_a_retrain_waits_for_the_labels_of_the_traffic_after_its_alert(tmp_path, setup):
+    """``wait_for_labels``: a drift alert comes before the labels of the traffic it is about. ``min_labels``
+    rows predicted after the alert in the judged share: the retrain goes on at once; rows from before it only:
+    the retrain waits the whole wait, says so, and goes on; told to stop while waiting: on record as stopped,
+    the alert open for the next controller."""
+    registry, name = setup
+    window = recent(600, seed=15)
+    window[TIMESTAMP] = pd.date_range(datetime.now(UTC), periods=len(window), freq="10ms")  # after the alert
+    gate = WindowGate(min_labels=200, wait_for_labels_s=2, min_accuracy=0.0, min_improvement=-1.0)  # (passes)
+    policy = RetrainPolicy(cooldown_s=0, max_per_day=10, window_gate=gate)
+    alerted = datetime.fromtimestamp(time.time() - 5, UTC).isoformat()
+    fresh = controller(tmp_path, registry, name, policy, window=window).handle(alert(model=name, at=alerted), "t:0:1")
+    assert fresh["label_wait"] == "waited 0 s for labels: 300 of the judged 300 rows are from after the alert", fresh
+    from lifecycle.rollout.state import Rollouts
+
+    Rollouts(registry).abort(name, "test", "next case")
+    late = datetime.fromtimestamp(time.time() + 3600, UTC).isoformat()  # every row is older than this alert
+    started = time.monotonic()
+    stale = controller(tmp_path, registry, name, policy, window=window).handle(alert(model=name, at=late), "t:0:2")
+    assert time.monotonic() - started >= 2
+    assert fresh["outcome"] == "rollout_started" and stale["label_wait"] == (
+        "waited the whole 2 s for labels: 0 of the judged 300 rows are from after the alert (asked: 200)")
+    Rollouts(registry).abort(name, "test", "next case")
+    waiting = controller(tmp_path, registry, name, RetrainPolicy(
+        cooldown_s=0, max_per_day=10, window_gate=WindowGate(wait_for_labels_s=600)), window=window)
+    threading.Timer(1.0, waiting.stop).start()
+    with pytest.raises(Stopped):
+        waiting.handle(alert(model=name, at=late), "t:0:3")
+    assert waiting.log.find(name, "t:0:3") is None  # open again
+    stopped = waiting.log.decisions(name)[0]
+    assert (stopped.status, stopped.tags["outcome"]) == ("KILLED", "stopped")
+    assert stopped.tags["outcome_reason"].startswith("the controller stopped while waiting for labels")

@@ -154,8 +154,14 @@ def test_a_controller_killed_mid_retrain_leaves_no_stuck_claim_and_no_second_ret
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     time.sleep(3.5)  # past the lease: the claim is stale
-    second = controller("fast.yaml", 30)  # (the dead member's partition moves after its 10 s session)
-    out, _ = second.communicate(timeout=120)
+    second = controller("fast.yaml", 120)  # (the dead member's partition moves after its 10 s session)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and second.poll() is None and \
+            not any(d.tags.get("outcome") == "rollout_started" for d in DecisionLog(registry).decisions(name)):
+        time.sleep(0.5)
+    time.sleep(1.0)  # its offset commit, then a graceful stop
+    second.send_signal(signal.SIGTERM)
+    out, _ = second.communicate(timeout=60)
     assert second.returncode == 0, out.decode()[-3000:]
     decided = DecisionLog(registry).decisions(name)
     assert [(d.tags["action"], d.tags["outcome"]) for d in decided] == [("retrain", "rollout_started"),

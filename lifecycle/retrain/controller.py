@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lifecycle.batch.runtimes import OnnxModel
+from lifecycle.onnx_export import onnx_positive_proba
 from lifecycle.pipeline import definition, runner
 from lifecycle.pipeline.stages import StageFailed
 from lifecycle.registry import Registry, RegistryError
@@ -40,20 +40,30 @@ from lifecycle.retrain.window import compare, labelled_window
 from lifecycle.retrain.window import split as window_split
 from lifecycle.rollout.state import Rollouts
 from mlops import models
-from mlops.schema import LABEL, MODEL_FEATURES
+from mlops.rollout import FINAL
+from mlops.schema import LABEL, MODEL_FEATURES, TIMESTAMP
 from mlops.settings import Settings
 
 log = logging.getLogger("retrain")
 ACTOR = "retrain-controller"
+FOLLOW_S = 5.0  # how often the rollouts this controller started are looked at
+
+
+class Stopped(Exception):
+    """The controller was asked to stop in the middle of a retrain."""
 
 
 class Controller:
     def __init__(self, settings: Settings, registry: Registry, pipeline: definition.Pipeline,
-                 policy: RetrainPolicy, name: str | None = None, lease_s: float = 120.0) -> None:
+                 policy: RetrainPolicy, name: str | None = None, lease_s: float = 120.0,
+                 group: str | None = None, from_now: bool = False) -> None:
         self.settings, self.registry, self.pipeline, self.policy = settings, registry, pipeline, policy
         self.name = name or pipeline.model_name
+        self.group = group or f"mlops-retrain-{self.name}"
+        self.from_now = from_now  # a group without offsets starts at the topic's end, not its beginning
         self.log = DecisionLog(registry, lease_s)
         self.rollouts = Rollouts(registry)
+        self.assigned = threading.Event()  # set once the consumer holds the alerts topic's partitions
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -82,6 +92,10 @@ class Controller:
         with self._heartbeat(decision.run_id):  # the claim stays fresh until the outcome is on record
             try:
                 outcome, reason, links = self._retrain(decision.run_id, alert_id, alert)
+            except Stopped as exc:  # on record, not a failed candidate: the alert stays open for the next controller
+                self.log.finish(decision.run_id, "stopped", str(exc), status="KILLED")
+                metrics.RETRAINS.labels(self.name, "stopped").inc()
+                raise
             finally:
                 metrics.RUNNING.labels(self.name).set(0)
             self.log.finish(decision.run_id, outcome, reason, **links)
@@ -113,11 +127,12 @@ class Controller:
     def _retrain(self, decision_id: str, alert_id: str, alert: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
         gate = self.policy.window_gate
         try:
-            now = datetime.now(UTC)
-            window = self.read_window(now - timedelta(seconds=gate.window_s), now)
+            window, waited = self._labelled(alert_time(alert))
             trained_on, judged_on = window_split(window, gate.gate_share)
             summary = runner.run(self.pipeline, self.registry, model_name=self.name, settings=self.settings,
                                  tags={TRAINING_TAG: decision_id, "retrain_alert": alert_id}, labelled=trained_on)
+        except Stopped:
+            raise
         except StageFailed as exc:
             links = {"training_run_id": str(getattr(exc, "summary", {}).get("mlflow_run_id", ""))}
             outcome = "gate_blocked" if exc.stage == "gate" else "failed"
@@ -126,7 +141,7 @@ class Controller:
             return "failed", f"{type(exc).__name__}: {str(exc)[:2000]}", {}
         candidate = summary["registered"]["version"]
         links = {"training_run_id": summary["mlflow_run_id"], "candidate": candidate,
-                 "window_rows_trained": str(len(trained_on))}
+                 "window_rows_trained": str(len(trained_on)), **({"label_wait": waited} if waited else {})}
         try:
             passed, why = self._window_gate(decision_id, candidate, judged_on)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded or scored: no rollout
@@ -135,12 +150,71 @@ class Controller:
         if not passed:
             return "gate_blocked", f"window gate: {why}", links
         try:
-            state = self.rollouts.start(self.name, candidate, self.policy.rollout_steps, actor=ACTOR,
+            state = self.rollouts.start(self.name, candidate, self.policy.rollout_steps,
+                                        policy=self.policy.rollout_policy, actor=ACTOR,
                                         reason=f"retrain on {alert.get('type')} {alert_id} (decision {decision_id})")
         except RegistryError as exc:  # a person started a rollout meanwhile, Production went away, ...
             return "failed", f"the candidate {candidate} passed its gate but its rollout did not start: {exc}", links
         return "rollout_started", f"candidate {candidate} passed the gate; rollout {state.id} started", {
             **links, "rollout_id": state.id}
+
+    def _labelled(self, alerted_at: float | None) -> tuple[pd.DataFrame, str]:
+        """The recent labelled window; with ``wait_for_labels``, read again until its judged share holds
+        ``min_labels`` rows predicted after the alert (the traffic the alert is about, with its outcomes) or the
+        wait is over. Returns the window and what the wait was (empty: none)."""
+        gate = self.policy.window_gate
+        started = time.monotonic()
+        every = min(60.0, max(1.0, gate.wait_for_labels_s / 60))
+        while True:
+            now = datetime.now(UTC)
+            window = self.read_window(now - timedelta(seconds=gate.window_s), now)
+            if not gate.wait_for_labels_s or alerted_at is None:
+                return window, ""
+            _, judged = window_split(window, gate.gate_share)
+            after = int((pd.to_datetime(judged[TIMESTAMP], utc=True) >= pd.Timestamp(alerted_at, unit="s", tz="UTC"))
+                        .sum())
+            waited = time.monotonic() - started
+            if after >= gate.min_labels:
+                return window, (f"waited {waited:.0f} s for labels: {after} of the judged {len(judged)} rows are "
+                                "from after the alert")
+            if waited >= gate.wait_for_labels_s:
+                return window, (f"waited the whole {gate.wait_for_labels_s:.0f} s for labels: {after} of the judged "
+                                f"{len(judged)} rows are from after the alert (asked: {gate.min_labels})")
+            if self._stop.wait(every):
+                raise Stopped(f"the controller stopped while waiting for labels ({waited:.0f} s in)")
+
+    def follow_rollouts(self) -> list[dict[str, str]]:
+        """Rollouts this controller started that have ended since: each decision's outcome becomes the rollout's
+        result (``promoted``, ``rolled_back`` — a failed candidate for the circuit breaker — or
+        ``rollout_aborted``), with the time from the alert to the new Production for a promotion."""
+        ended = []
+        for d in self.log.decisions(self.name):
+            if d.tags.get("outcome") != "rollout_started" or not (rollout_id := d.tags.get("rollout_id")):
+                continue
+            status, at = self._rollout_end(rollout_id)
+            if status is None:
+                continue
+            result = {"completed": "promoted", "rolled_back": "rolled_back"}.get(status, "rollout_aborted")
+            values = {"outcome": result, "rollout_ended_at": at}
+            alerted = alert_time({"timestamp": d.tags.get("alert_at", "")})
+            if result == "promoted" and alerted is not None:
+                seconds = max(0.0, datetime.fromisoformat(at).timestamp() - alerted)
+                values["alert_to_production_s"] = f"{seconds:.1f}"
+                self.log.metrics(d.run_id, {"alert_to_production_s": seconds})
+                metrics.ALERT_TO_PRODUCTION.labels(self.name).observe(seconds)
+            self.log.update(d.run_id, **values)
+            metrics.ROLLOUTS_ENDED.labels(self.name, result).inc()
+            log.info("rollout %s of decision %s ended: %s", rollout_id, d.run_id, result)
+            ended.append({"decision_run_id": d.run_id, **values})
+        return ended
+
+    def _rollout_end(self, rollout_id: str) -> tuple[str | None, str]:
+        """(final status, when) of a rollout that ended; (None, "") while it runs."""
+        state = self.registry.rollout(self.name)
+        if state is not None and state.id == rollout_id:
+            return (state.status, state.updated_at) if not state.active else (None, "")
+        final = [r for r in self.registry.rollout_decisions(self.name, rollout_id) if r["status"] in FINAL]
+        return (final[-1]["status"], final[-1]["at"]) if final else (None, "")
 
     def read_window(self, since: datetime, until: datetime) -> pd.DataFrame:
         """The recent labelled window from the real topics (predictions with the outcomes that arrived)."""
@@ -161,8 +235,8 @@ class Controller:
         if production is None:
             return True, "no Production version to compare with: the pipeline's holdout gate decided alone"
         x = rows[list(MODEL_FEATURES)].to_numpy(np.float32)
-        scores = {version: OnnxModel(models.load(self.name, version, self.registry.backend).onnx_path.read_bytes(),
-                                     threads=0).positive_proba(x) for version in (candidate, production.version)}
+        scores = {version: onnx_positive_proba(models.load(self.name, version, self.registry.backend).onnx_path
+                                               .read_bytes(), x) for version in (candidate, production.version)}
         result = compare(rows[LABEL].to_numpy(), scores[candidate], scores[production.version],
                          self.settings.decision_threshold, gate.confidence)
         self.log.metrics(decision_id, result.to_dict())
@@ -181,16 +255,22 @@ class Controller:
 
         from mlops.connections import kafka_config
 
-        consumer = Consumer({**kafka_config(self.settings), "group.id": f"mlops-retrain-{self.name}",
-                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
+        consumer = Consumer({**kafka_config(self.settings), "group.id": self.group, "enable.auto.commit": False,
+                             "auto.offset.reset": "latest" if self.from_now else "earliest",
                              "enable.partition.eof": False,
                              # a killed controller's partitions pass to the next one after this long (not 45 s)
                              "session.timeout.ms": 10_000, "heartbeat.interval.ms": 2_000})
-        consumer.subscribe([self.settings.alerts_topic])
+        consumer.subscribe([self.settings.alerts_topic], on_assign=lambda *_: self.assigned.set())
         deadline = time.monotonic() + max_seconds if max_seconds else None
-        handled = 0
+        handled, followed = 0, 0.0
         try:
             while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                if time.monotonic() - followed >= FOLLOW_S:
+                    followed = time.monotonic()
+                    try:
+                        self.follow_rollouts()
+                    except Exception as exc:  # noqa: BLE001 - MLflow away: the next round reads it again
+                        log.warning("following rollouts failed: %s", exc)
                 message = consumer.poll(poll_s)
                 if message is None:
                     continue
@@ -204,7 +284,10 @@ class Controller:
                 except (ValueError, TypeError):
                     alert = None
                 if isinstance(alert, dict):
-                    self.handle(alert, alert_id)
+                    try:
+                        self.handle(alert, alert_id)
+                    except Stopped:
+                        break  # its offset stays uncommitted: the next controller acts on the alert
                     handled += 1
                 while True:  # the decision is on record: now the offset (a failed commit is retried, never lost)
                     try:

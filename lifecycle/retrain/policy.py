@@ -12,6 +12,7 @@ function that applies them to an alert and the decisions already on record.
       circuit_breaker: 3              # this many failed candidates in a row stop retraining until a reset
       dry_run: false                  # decide and record, never train
       rollout_steps: [0, 5, 25, 50, 100]
+      rollout_policy: {min_samples: 500, min_step_s: 60}   # the rollout's Policy (mlops.rollout), as a person's
       window_gate:                    # the candidate against Production on recent labelled traffic
         window: 7d                    # logged predictions of the last 7 days that have their outcome
         gate_share: 0.5               # the newest half judged on (kept out of training), the rest trained on
@@ -20,6 +21,7 @@ function that applies them to an alert and the decisions already on record.
         min_improvement: 0.0          # the lower end of the interval of (candidate − Production)
         confidence: 0.95
         too_few_labels: holdout       # holdout: the pipeline's own gate alone; block: no rollout
+        wait_for_labels: 0s           # wait up to this long for min_labels judged rows from after the alert
 
 The rails are checked in a fixed order, and the first that holds names the decision's reason, so the record
 says why an alert did not retrain in words an operator can act on.
@@ -30,21 +32,22 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from mlops.rollout import DEFAULT_STEPS, check_steps
+from mlops.rollout import DEFAULT_STEPS, Policy, check_steps
 
 SPAN = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>[smhd]?)")
 UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 ALERT_TYPES = ("drift_alert", "performance_alert", "skew_alert")
 SEVERITIES = ("warning", "critical")
 KEYS = {"triggers", "cooldown", "max_per_day", "circuit_breaker", "dry_run", "rollout_steps", "window_gate",
-        "max_alert_age"}
+        "max_alert_age", "rollout_policy"}
 GATE_KEYS = {"window", "gate_share", "min_labels", "min_accuracy", "min_improvement", "confidence",
-             "too_few_labels"}
-FAILED = ("gate_blocked", "failed", "interrupted")  # candidate outcomes the circuit breaker counts
+             "too_few_labels", "wait_for_labels"}
+FAILED = ("gate_blocked", "failed", "interrupted", "rolled_back")  # candidate outcomes the circuit breaker counts
+NEUTRAL = ("stopped", "rollout_aborted")  # neither: the controller was stopped, a person aborted the rollout
 DAY_S = 86_400.0
 
 
@@ -75,6 +78,10 @@ class WindowGate:
     min_improvement: float = 0.0
     confidence: float = 0.95
     too_few_labels: str = "holdout"  # "holdout": the pipeline's own gate decides alone; "block"
+    # A drift alert comes before the labels of the traffic it is about: a retrain then would learn nothing new,
+    # and be judged on traffic from before the change. With a wait, the retrain (its claim held) waits until the
+    # judged share holds ``min_labels`` rows predicted after the alert, or the wait is over.
+    wait_for_labels_s: float = 0.0
 
     @classmethod
     def from_section(cls, section: Any) -> WindowGate:
@@ -85,6 +92,8 @@ class WindowGate:
         values: dict[str, Any] = {}
         if "window" in section:
             values["window_s"] = span_s(section["window"], "retraining.window_gate.window")
+        if "wait_for_labels" in section:
+            values["wait_for_labels_s"] = span_s(section["wait_for_labels"], "retraining.window_gate.wait_for_labels")
         for key, low, high, inside in (("gate_share", 0, 1, True), ("confidence", 0, 1, True),
                                        ("min_accuracy", 0, 1, False), ("min_improvement", -1, 1, False)):
             if key in section:
@@ -118,6 +127,7 @@ class RetrainPolicy:
     dry_run: bool = False
     rollout_steps: tuple[int, ...] = DEFAULT_STEPS
     window_gate: WindowGate = WindowGate()
+    rollout_policy: Policy = Policy()  # how the started rollout judges its steps
     max_alert_age_s: float = 3600.0  # older alerts (a backlog read by a new controller) start nothing
 
     def triggered_by(self, alert: dict[str, Any], now: float | None = None) -> bool:
@@ -167,7 +177,27 @@ class RetrainPolicy:
             values["rollout_steps"] = steps
         if "window_gate" in section:
             values["window_gate"] = WindowGate.from_section(section["window_gate"])
+        if "rollout_policy" in section:
+            values["rollout_policy"] = _rollout_policy(section["rollout_policy"])
         return cls(**values)
+
+
+def _rollout_policy(section: Any) -> Policy:
+    if not isinstance(section, dict):
+        raise PolicyError("retraining.rollout_policy: must be a mapping")
+    known = [f.name for f in fields(Policy)]
+    if unknown := sorted(set(section) - set(known)):
+        raise PolicyError(f"retraining.rollout_policy: unknown field(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(known)})")
+    for key, value in section.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise PolicyError(f"retraining.rollout_policy.{key}: {value!r} is not a number")
+    if not isinstance(section.get("min_samples", 1), int):
+        raise PolicyError(f"retraining.rollout_policy.min_samples: {section['min_samples']!r} is not a whole number")
+    try:
+        return Policy(**{k: int(v) if k == "min_samples" else float(v) for k, v in section.items()})
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"retraining.rollout_{exc}") from None
 
 
 @dataclass(frozen=True)
@@ -176,7 +206,8 @@ class Past:
 
     alert_id: str
     action: str  # "retrain", "skip", "dry_run", "reset"
-    outcome: str  # for a retrain: "running", "rollout_started", "gate_blocked", "failed", "interrupted"
+    outcome: str  # for a retrain: "running", "rollout_started" → "promoted" | "rolled_back" | "rollout_aborted",
+    #               "gate_blocked", "failed", "interrupted" (its controller died), "stopped"
     at: float  # when it was decided (epoch seconds)
 
 
@@ -196,15 +227,17 @@ def decide(policy: RetrainPolicy, history: Sequence[Past], now: float, rollout: 
         return Verdict("skip", f"a retrain is running (alert {running[0].alert_id})", "running")
     failures = 0
     for p in history:  # newest first: failed candidates since the last success or reset
-        if p.action == "reset" or (p.action == "retrain" and p.outcome not in FAILED):
+        if p.action == "reset" or (p.action == "retrain" and p.outcome not in FAILED + NEUTRAL):
             break
-        failures += p.action == "retrain"
+        failures += p.action == "retrain" and p.outcome in FAILED
     if failures >= policy.circuit_breaker:
         return Verdict("skip", f"circuit breaker open: the last {failures} candidates failed (limit "
                                f"{policy.circuit_breaker}); `registry retrain reset --name <model>` closes it",
                        "circuit_breaker", {"failures": failures})
     if rollout:
         return Verdict("skip", f"rollout {rollout} is in progress: never two at once", "rollout_active")
+    # A retrain cut short (its controller died or stopped) made no candidate: the next attempt is not held back.
+    retrains = [p for p in retrains if p.outcome not in ("interrupted", "stopped")]
     if retrains and now - retrains[0].at < policy.cooldown_s:
         left = policy.cooldown_s - (now - retrains[0].at)
         return Verdict("skip", f"cooldown: the last retrain started {now - retrains[0].at:.0f} s ago "

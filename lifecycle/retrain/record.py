@@ -19,6 +19,7 @@ from lifecycle.retrain.policy import Past, Verdict
 
 EXPERIMENT = "model-retraining-decisions"
 PREFIX = "retrain."
+REOPENED = ("interrupted", "stopped")  # a decision cut short by its controller's end leaves the alert open
 TRAINING_TAG = "retrain_decision"  # on the pipeline's training run: the decision that started it
 
 
@@ -58,9 +59,9 @@ class DecisionLog:
         return [d.past for d in self.decisions(model)]
 
     def find(self, model: str, alert_id: str) -> Decision | None:
-        """The decision that answered this alert, unless it was interrupted (then the alert is open again)."""
+        """The decision that answered this alert, unless it was cut short (then the alert is open again)."""
         return next((d for d in self.decisions(model) if d.tags.get("alert_id") == alert_id
-                     and d.tags.get("outcome") != "interrupted"), None)
+                     and d.tags.get("outcome") not in REOPENED), None)
 
     def open(self, model: str, alert_id: str, alert: dict[str, Any], verdict: Verdict) -> Decision:
         """A retrain's record stays RUNNING (the claim); a skip or a dry run is finished at once."""
@@ -88,11 +89,13 @@ class DecisionLog:
     def heartbeat(self, run_id: str) -> None:
         self.client.set_tag(run_id, PREFIX + "heartbeat", repr(time.time()))
 
-    def finish(self, run_id: str, outcome: str, reason: str, **links: str) -> None:
-        for key, value in {"outcome": outcome, "outcome_reason": reason[:4000], "finished_at_s": repr(time.time()),
-                           **links}.items():
+    def finish(self, run_id: str, outcome: str, reason: str, status: str = "FINISHED", **links: str) -> None:
+        self.update(run_id, outcome=outcome, outcome_reason=reason[:4000], finished_at_s=repr(time.time()), **links)
+        self.client.set_terminated(run_id, status)
+
+    def update(self, run_id: str, **tags: str) -> None:
+        for key, value in tags.items():
             self.client.set_tag(run_id, PREFIX + key, str(value))
-        self.client.set_terminated(run_id, "FINISHED")
 
     def close_stale(self, model: str) -> list[str]:
         """Retrains whose heartbeat stopped for longer than the lease: closed as ``interrupted`` (KILLED)."""

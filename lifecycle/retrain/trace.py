@@ -55,6 +55,8 @@ def lines(chain: dict[str, Any]) -> str:
     if t := chain.get("training"):
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(t["metrics"].items()))
         out.append(f"training  {t['run_id']}: {t['status']}, gate {t['gate']}" + (f", {metrics}" if metrics else ""))
+    if d.get("label_wait"):
+        out.append(f"labels    {d['label_wait']}")
     if d.get("window_gate"):
         out.append(f"window    {d['window_gate']}")
     for step in chain.get("rollout", []):
@@ -63,4 +65,7 @@ def lines(chain: dict[str, Any]) -> str:
     for row in chain.get("stages", []):
         out.append(f"registry  {row['at'][:19]} {row['version']}: {row['from_stage']} -> {row['to_stage']} "
                    f"({row.get('reason') or ''})")
+    if d.get("alert_to_production_s"):
+        out.append(f"result    {d.get('candidate')} in Production {float(d['alert_to_production_s']):.0f} s after the "
+                   "alert")
     return "\n".join(out)
