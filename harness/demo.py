@@ -1,7 +1,10 @@
 """The whole path once, for real: services → data → train → store → Feast → serve → predict → Kafka → drift →
-outcomes and live quality → skew → pipeline, promotion and rollback → rollouts judged by the controller.
+outcomes and live quality → skew → pipeline, promotion and rollback → rollouts judged by the controller →
+experiment → batch scoring → the closed loop (drift alert → retrain → gate → rollout → Production).
 
-    python -m harness.demo [--keep-running]
+    python -m harness.demo [--keep-running] [--closed-loop [--closed-loop-result FILE]]
+
+``--closed-loop`` runs the set-up and the closed loop alone (a few minutes).
 
 Stops what it started unless ``--keep-running`` is given (then `mlops-services down` and Ctrl+C on the
 printed server pid clean up).
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import uuid
@@ -22,6 +26,7 @@ from harness import server_process, workspace
 from harness.demo_batch import demo_batch
 from harness.demo_experiment import demo_experiment
 from harness.demo_quality import demo_quality, demo_skew
+from harness.demo_retrain import demo_retrain
 from harness.demo_rollout import demo_rollout
 from harness.kafka_read import new_events, read_events, tail
 from harness.traffic import Traffic
@@ -53,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=svc.DEFAULT_RUN_DIR)
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--keep-running", action="store_true")
+    parser.add_argument("--closed-loop", action="store_true", help="the set-up, then the closed loop alone")
+    parser.add_argument("--closed-loop-result", type=Path, help="write the closed loop's timeline as JSON here")
     args = parser.parse_args(argv)
+    # SIGTERM (a CI runner's stop, `kill`) unwinds like Ctrl+C, so what the demo started is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     step("starting Redis and Kafka")
     started_services = not all(i["running"] for i in svc.status(args.run_dir).values())
@@ -93,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ready at {server.url} (pid {server.process.pid}); info: {httpx.get(server.url + '/info/').text}")
         print(f"gRPC at {server.grpc_target} (a free port the demo picked; `bentoml serve` alone uses 3001)")
 
+        if args.closed_loop:
+            step(CLOSED_LOOP)
+            if not demo_retrain(registry, ws, server.url, args.run_dir, args.closed_loop_result):
+                print("the closed loop did not end as expected", file=sys.stderr)
+                return 1
+            step("done: a drift alert closed by a retrained model in Production, a bad candidate blocked, the "
+                 "circuit breaker open, no failed request")
+            return 0
         step("sending predictions")
         ids = set()
         for body in SAMPLE_REQUESTS:
@@ -152,10 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         if not demo_batch(registry, ws.model.name, ws.feature_repo, serve_env, args.run_dir):
             print("batch scoring or the backfill failed", file=sys.stderr)
             return 1
+        step(CLOSED_LOOP)
+        if not demo_retrain(registry, ws, server.url, args.run_dir, args.closed_loop_result):
+            print("the closed loop did not end as expected (retrained candidate in Production, a bad one blocked, "
+                  "the circuit breaker open)", file=sys.stderr)
+            return 1
         step(f"done: {len(ids)} predictions served, {len(events)} events read back from Kafka, "
              f"{len(alerts)} drift alerts, {len(performance)} performance alerts, promotion and rollback with no "
              "failed request, a bad candidate rolled back and a good one rolled out by the controller, an A/B "
-             "experiment concluded, a batch scored and a backfill")
+             "experiment concluded, a batch scored and a backfill, a drift alert closed by a retrain in Production")
         print(f"browse the training runs and the registry: .venv/bin/mlflow ui --backend-store-uri "
               f"{backend.display_uri} --port 5000   (then http://127.0.0.1:5000)")
         if args.keep_running:
@@ -170,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 BASELINE_PARAMS = {"n_estimators": 60, "max_depth": 2}
+CLOSED_LOOP = ("closed loop (`mlops-retrain`): drift alert → wait for labels → retrain on fresh data → gate on recent "
+               "labelled traffic → rollout → Production; then a bad training change blocked, the circuit breaker")
 
 
 def demo_lifecycle(registry: Registry, name: str, url: str, settings: Settings) -> bool:

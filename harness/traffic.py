@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import NamedTuple
 
 import httpx
@@ -26,9 +27,10 @@ class Outcome(NamedTuple):
 
 class Traffic:
     def __init__(self, url: str, clients: int = 4, customers: int = 300, rate: float | None = None,
-                 watch_readiness: bool = False) -> None:
+                 watch_readiness: bool = False, body: Callable[[int, int], dict] | None = None) -> None:
         self.url = url
         self.customers = customers
+        self.body = body  # (client, i) -> the request's fields; default: a fixed amount over ``customers``
         self.interval = 1.0 / rate if rate else 0.0
         self.results: list[Outcome] = []
         self.readiness: list[tuple[float, int]] = []  # (monotonic time, /readyz status)
@@ -42,7 +44,8 @@ class Traffic:
             i = 0
             while not self._stop.is_set():
                 request_id = f"traffic-{n}-{i}-{uuid.uuid4().hex[:6]}"
-                body = {"customer_id": f"C{(n * 97 + i) % self.customers:06d}", "transaction_amount": 80.0,
+                body = {**(self.body(n, i) if self.body else {"customer_id": f"C{(n * 97 + i) % self.customers:06d}",
+                                                               "transaction_amount": 80.0}),
                         "request_id": request_id}
                 started = time.monotonic()
                 try:

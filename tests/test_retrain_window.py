@@ -104,11 +104,28 @@ def test_the_controller_acts_once_on_each_alert_of_the_topic_across_restarts(wor
 
     assert run_once(20) == 4  # four readable alerts, of which two trigger
     decided = DecisionLog(registry).decisions(name)
-    assert [(d.tags["alert_id"], d.tags["action"], d.tags["outcome"]) for d in decided] == [
+    assert [(d.tags["alert_id"].rsplit(":", 1)[0], d.tags["action"], d.tags["outcome"]) for d in decided] == [
         (f"{topics['alerts']}:0:3", "skip", "skip"), (f"{topics['alerts']}:0:0", "retrain", "rollout_started")]
     assert registry.rollout(name).id == decided[1].tags["rollout_id"]
     assert run_once(10) == 0  # a restart: nothing read again, nothing decided again
     assert len(DecisionLog(registry).decisions(name)) == 2
+    # the topic deleted and made again: its first alert has offset 0 again, and is a new alert, not a duplicate
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    for future in admin.delete_topics([topics["alerts"]], operation_timeout=30).values():
+        future.result()
+    deadline = time.monotonic() + 60
+    while topics["alerts"] in admin.list_topics(timeout=10).topics and time.monotonic() < deadline:
+        time.sleep(0.5)
+    create_topics(settings.kafka_bootstrap, {topics["alerts"]: 1})
+    producer.produce(topics["alerts"], json.dumps(alert(model=name)).encode())
+    assert producer.flush(30) == 0
+    assert run_once(30) == 1
+    newest = DecisionLog(registry).decisions(name)[0]
+    assert newest.tags["alert_id"].startswith(f"{topics['alerts']}:0:0:") and newest.tags["alert_id"] != \
+        decided[1].tags["alert_id"]
+    assert (newest.tags["action"], newest.tags["rail"]) == ("skip", "rollout_active")  # decided, not "duplicate"
 
 
 def test_a_controller_killed_mid_retrain_leaves_no_stuck_claim_and_no_second_retrain(workspace, tmp_path):
@@ -166,7 +183,8 @@ def test_a_controller_killed_mid_retrain_leaves_no_stuck_claim_and_no_second_ret
     decided = DecisionLog(registry).decisions(name)
     assert [(d.tags["action"], d.tags["outcome"]) for d in decided] == [("retrain", "rollout_started"),
                                                                          ("retrain", "interrupted")]
-    assert decided[0].tags["alert_id"] == decided[1].tags["alert_id"] == f"{topics['alerts']}:0:0"
+    assert decided[0].tags["alert_id"] == decided[1].tags["alert_id"]
+    assert decided[0].tags["alert_id"].startswith(f"{topics['alerts']}:0:0:")
     killed = registry.client.search_runs([backend.experiment_id()],
                                          filter_string=f"tags.retrain_decision = '{decided[1].run_id}'")
     assert [r.info.status for r in killed] == ["KILLED"]

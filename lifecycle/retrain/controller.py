@@ -126,6 +126,7 @@ class Controller:
 
     def _retrain(self, decision_id: str, alert_id: str, alert: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
         gate = self.policy.window_gate
+        waited = ""
         try:
             window, waited = self._labelled(alert_time(alert))
             trained_on, judged_on = window_split(window, gate.gate_share)
@@ -134,11 +135,12 @@ class Controller:
         except Stopped:
             raise
         except StageFailed as exc:
-            links = {"training_run_id": str(getattr(exc, "summary", {}).get("mlflow_run_id", ""))}
+            links = {"training_run_id": str(getattr(exc, "summary", {}).get("mlflow_run_id", "")),
+                     **({"label_wait": waited} if waited else {})}
             outcome = "gate_blocked" if exc.stage == "gate" else "failed"
             return outcome, f"{exc.stage}: {exc.reason}", links
         except Exception as exc:  # noqa: BLE001 - a broken store, a crash in training: on record, not a crash here
-            return "failed", f"{type(exc).__name__}: {str(exc)[:2000]}", {}
+            return "failed", f"{type(exc).__name__}: {str(exc)[:2000]}", {"label_wait": waited} if waited else {}
         candidate = summary["registered"]["version"]
         links = {"training_run_id": summary["mlflow_run_id"], "candidate": candidate,
                  "window_rows_trained": str(len(trained_on)), **({"label_wait": waited} if waited else {})}
@@ -277,7 +279,9 @@ class Controller:
                 if message.error():
                     log.warning("alerts topic: %s", message.error())  # librdkafka reconnects by itself
                     continue
-                alert_id = f"{message.topic()}:{message.partition()}:{message.offset()}"
+                # The message's own time too: a topic deleted and made again numbers its messages from 0, and
+                # an id of offsets alone would find the old topic's decisions ("already decided") for new alerts.
+                alert_id = f"{message.topic()}:{message.partition()}:{message.offset()}:{message.timestamp()[1]}"
                 metrics.ALERTS_READ.labels(self.name).inc()
                 try:
                     alert = json.loads(message.value())

@@ -1,5 +1,5 @@
 """Every retraining decision as one MLflow run (experiment ``model-retraining-decisions``): the alert it answered
-(its ``topic:partition:offset`` is its id), the action and the guard rail that chose it, and, for a retrain,
+(its ``topic:partition:offset:time`` is its id), the action and the guard rail that chose it, and, for a retrain,
 the links onward: the training run, the candidate version, the rollout. A retrain's run stays RUNNING while it
 trains, with a heartbeat: the record is also the claim that stops a second retrain, and one whose heartbeat
 stopped (its controller died) is closed as ``interrupted`` so the alert can be acted on again.

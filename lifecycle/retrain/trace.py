@@ -1,6 +1,6 @@
 """`registry history --name N --trace ID`: one retraining decision followed from its alert to its alias change.
 
-ID is any link of the chain: the alert's ``topic:partition:offset``, the decision's run id, the training run's
+ID is any link of the chain: the alert's ``topic:partition:offset:time``, the decision's run id, the training run's
 id, the candidate's version or the rollout's id. The answer: the alert, the decision (action, guard rail,
 reason, outcome), the training run (status, gate, holdout metrics), the rollout's decisions step by step, and
 the candidate's stage changes in the registry.
