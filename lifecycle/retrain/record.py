@@ -94,18 +94,19 @@ class DecisionLog:
         self.client.set_terminated(run_id, status)
 
     def update(self, run_id: str, **tags: str) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(run_id, PREFIX + key, str(value))
+        """All at once (one batch): a reader never sees an outcome without its links."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(PREFIX + key, str(value)) for key, value in tags.items()])
 
     def close_stale(self, model: str) -> list[str]:
         """Retrains whose heartbeat stopped for longer than the lease: closed as ``interrupted`` (KILLED)."""
         closed = []
         for d in self.decisions(model):
             if d.status == "RUNNING" and time.time() - float(d.tags.get("heartbeat", "0")) > self.lease_s:
-                self.client.set_tag(d.run_id, PREFIX + "outcome", "interrupted")
-                self.client.set_tag(d.run_id, PREFIX + "outcome_reason",
-                                    f"its controller ({d.tags.get('controller')}) stopped mid-retrain (no heartbeat "
-                                    f"for {self.lease_s:g} s)")
+                self.update(d.run_id, outcome="interrupted",
+                            outcome_reason=f"its controller ({d.tags.get('controller')}) stopped mid-retrain (no "
+                                           f"heartbeat for {self.lease_s:g} s)")
                 self._end_training(d.run_id)
                 self.client.set_terminated(d.run_id, "KILLED")
                 closed.append(d.run_id)
