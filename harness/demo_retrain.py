@@ -146,6 +146,9 @@ def demo_retrain(registry: Registry, ws: Workspace, url: str, run_dir: Path, res
                 _print_decision(d, t0)
         return decisions
 
+    from bench.common import git_state
+
+    commit = git_state()  # the code this run ran (the tree may change while it runs)
     start_version = registry.production(name).version  # type: ignore[union-attr]
     result: dict[str, Any] = {"production_before": start_version}
     try:
@@ -242,7 +245,7 @@ def demo_retrain(registry: Registry, ws: Workspace, url: str, run_dir: Path, res
         if last and last[-1].get("rail") == "circuit_breaker":
             print(f"  the circuit breaker is open: `registry retrain reset --name {name}` closes it after a fix")
         if result_file is not None:
-            _write(result_file, result)
+            _write(result_file, result, commit)
         return ok
     finally:
         retrain.stop()
@@ -278,11 +281,11 @@ def _rollout_timeline(registry: Registry, name: str, rollout_id: str, t0: float)
         print(f"    +{offset:6.1f}s  {r['action']:<8} -> {step:<7} {r['status']:<11} {r['reason'][:90]}")
 
 
-def _write(path: Path, result: dict[str, Any]) -> None:
-    from bench.common import git_state, machine
+def _write(path: Path, result: dict[str, Any], commit: dict[str, Any]) -> None:
+    from bench.common import machine
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": "closed-loop-demo", "at": datetime.now(UTC).isoformat(),
-                                "git": git_state(), "machine": machine(), "policy": POLICY, "result": result},
+                                "git": commit, "machine": machine(), "policy": POLICY, "result": result},
                                indent=2, default=str) + "\n")
     print(f"  wrote {path}")

@@ -142,3 +142,39 @@ def test_where_batch_scoring_time_goes_is_the_committed_profile():
                         ("loading the model from MLflow", "loading the model from MLflow"),
                         ("model call (compiled trees)", "the model call")):
         assert f"{words} {shares[name]:.0%}".replace("%", " %") in text, name
+
+
+def closed_loop_sentences(run: dict) -> dict[str, str]:
+    """The figures docs/retrain.md quotes from the committed closed-loop run, as it words them."""
+    import re
+
+    r = run["result"]
+    m = re.fullmatch(r"accuracy ([\d.]+) against Production \S+ ([\d.]+) on (\d+) labelled rows, difference \S+ "
+                     r"\(95% interval (\S+) to (\S+)\)", r["window_gate"])
+    assert m, r["window_gate"]
+    p = r["phases"]
+    return {
+        "RUN": f"commit {run['git']['sha'][:7]}",
+        "WINDOW": f"the window gate judged the candidate at accuracy {m[1]} against Production's {m[2]} on "
+                  f"{int(m[3]):,} labelled rows (95 % interval of the difference {m[4]} to {m[5]})",
+        "ALERT_TO_PRODUCTION": f"{r['alert_to_production_s']:.0f}",
+        "PHASES": f"{p['label_wait_s']:.0f} s waiting for labels, {p['training_s']:.0f} s training, "
+                  f"{p['rollout_steps_s']:.0f} s of rollout steps (the rest under a second)",
+        "REQUESTS": f"{r['requests']:,}", "FAILED": f"{r['failed_requests']}",
+    }
+
+
+def test_the_closed_loop_figures_in_the_docs_are_the_committed_run():
+    """docs/retrain.md's closed-loop demo: the committed run ended as the issue asks (retrained candidate in
+    Production, two blocked, the breaker open, no failed request) and the page quotes its figures."""
+    run = json.loads((RESULTS / "closed-loop.json").read_text())
+    r = run["result"]
+    assert r["passed"] and r["failed_requests"] == 0 and r["outcome"] == "promoted" and not run["git"]["dirty"]
+    assert [(d["outcome"], d["rail"]) for d in r["decisions"]][-3:] == [
+        ("gate_blocked", ""), ("gate_blocked", ""), ("skip", "circuit_breaker")]
+    assert abs(sum(r["phases"].values()) - r["alert_to_production_s"]) < 1
+    text = " ".join((RESULTS.parents[1] / "docs" / "retrain.md").read_text().split())
+    sentence = ("The committed run (`bench/results/closed-loop.json`, {RUN}): {WINDOW}. **{ALERT_TO_PRODUCTION} s "
+                "from the drift alert to the new version in Production**: {PHASES}. {REQUESTS} predictions served "
+                "during the run (steady requests and batched transactions), {FAILED} failed")
+    assert sentence.format(**closed_loop_sentences(run)) in text
