@@ -111,8 +111,15 @@ def start(system: System, ws, port: int) -> Running:
 
     env = {**ws.env, "MLOPS_WORKERS": str(system.workers), **system.env}
     if system.peer is None:
-        server = server_process.start(port, env, ws.root / f"server-{system.name}-{port}.log", timeout=300)
-        return Running(server.url, server.process, server.grpc_port, server.log_path)
+        for attempt in range(3):
+            try:
+                server = server_process.start(port, env, ws.root / f"server-{system.name}-{port}.log", timeout=300)
+                return Running(server.url, server.process, server.grpc_port, server.log_path)
+            except RuntimeError as exc:  # a free port taken by another process before the server bound it
+                if attempt == 2 or not any(s in str(exc) for s in ("could not bind", "Address already in use")):
+                    raise
+                print(f"bench: {system.label} could not bind its ports, started again on others", flush=True)
+                port = free_port()
     log_path = ws.root / f"peer-{system.name}-{port}.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", PEER_APPS[system.peer], "--host", "127.0.0.1", "--port", str(port),
