@@ -423,3 +423,7 @@ def test_a_retrain_waits_for_the_labels_of_the_traffic_after_its_alert(tmp_path,
     stopped = waiting.log.decisions(name)[0]
     assert (stopped.status, stopped.tags["outcome"]) == ("KILLED", "stopped")
     assert stopped.tags["outcome_reason"].startswith("the controller stopped while waiting for labels")
+    # the consumer group keeps a controller that waits and trains between two polls (librdkafka's ceiling: a day)
+    assert waiting.max_poll_interval_ms == (600 + 3600) * 1000
+    assert controller(tmp_path, registry, name, RetrainPolicy(window_gate=WindowGate(wait_for_labels_s=2 * 86400))
+                      ).max_poll_interval_ms == 86_400_000

@@ -218,6 +218,12 @@ class Controller:
         final = [r for r in self.registry.rollout_decisions(self.name, rollout_id) if r["status"] in FINAL]
         return (final[-1]["status"], final[-1]["at"]) if final else (None, "")
 
+    @property
+    def max_poll_interval_ms(self) -> int:
+        """Longer than the longest handling of one alert (label wait, then up to an hour of training and gating),
+        so the group does not drop this controller mid-retrain; librdkafka's ceiling is a day."""
+        return int(min(86_400.0, max(300.0, self.policy.window_gate.wait_for_labels_s + 3_600.0)) * 1000)
+
     def read_window(self, since: datetime, until: datetime) -> pd.DataFrame:
         """The recent labelled window from the real topics (predictions with the outcomes that arrived)."""
         from mlops.connections import kafka_config
@@ -261,7 +267,9 @@ class Controller:
                              "auto.offset.reset": "latest" if self.from_now else "earliest",
                              "enable.partition.eof": False,
                              # a killed controller's partitions pass to the next one after this long (not 45 s)
-                             "session.timeout.ms": 10_000, "heartbeat.interval.ms": 2_000})
+                             "session.timeout.ms": 10_000, "heartbeat.interval.ms": 2_000,
+                             # one alert is handled between two polls: the label wait and the training included
+                             "max.poll.interval.ms": self.max_poll_interval_ms})
         consumer.subscribe([self.settings.alerts_topic], on_assign=lambda *_: self.assigned.set())
         deadline = time.monotonic() + max_seconds if max_seconds else None
         handled, followed = 0, 0.0
@@ -293,12 +301,13 @@ class Controller:
                     except Stopped:
                         break  # its offset stays uncommitted: the next controller acts on the alert
                     handled += 1
-                while True:  # the decision is on record: now the offset (a failed commit is retried, never lost)
+                for attempt in range(3):  # the decision is on record: now the offset
                     try:
                         consumer.commit(message=message, asynchronous=False)
                         break
-                    except KafkaException as exc:
-                        log.warning("offset commit of %s failed (%s): retrying", alert_id, exc)
+                    except KafkaException as exc:  # (a rebalance meanwhile): redelivered, found on record, no act
+                        log.warning("offset commit of %s failed (%s)%s", alert_id, exc,
+                                    ": retrying" if attempt < 2 else "; a redelivery finds its decision")
                         if self._stop.wait(1.0):
                             break
         finally:
