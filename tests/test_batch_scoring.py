@@ -138,16 +138,26 @@ def ray_cluster(workspace, tmp_path):
 
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths stop at 107 bytes
     port = free_port()
+    # Every port a free one: the dashboard agent's default (52365) may still be held by an earlier Ray of this
+    # machine, and the raylet shares the agent's fate (ray-project/ray#51705, #55638).
+    ports = [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                              "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port",
+                              "--ray-client-server-port") for arg in (flag, str(free_port()))]
     with (tmp_path / "ray-head.log").open("wb") as log:
         head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port",
                                  str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--include-dashboard",
-                                 "false", "--disable-usage-stats", "--temp-dir", temp],
+                                 "false", "--disable-usage-stats", "--temp-dir", temp, *ports],
                                 cwd=ROOT, stdout=log,
                                 # Ray 2.60's `ray start` turns token authentication on; a test cluster on
                                 # this machine goes without (a real one: RAY_AUTH_TOKEN in the job's env)
                                 env={**workspace.env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.monotonic() + 90
+        while b"Ray runtime started" not in (tmp_path / "ray-head.log").read_bytes():  # up before the driver
+            assert head.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "ray-head.log").read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
         for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):  # (SIGTERM alone drains for 30 s)
@@ -162,8 +172,9 @@ def ray_cluster(workspace, tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.skip(reason="hung in 1 of 4 runs (clean-clone CI of cf53cc5: the job waited 300 s on the cluster, "
-                         "cause not found yet); passed in the other 3 — issue 20 follow-up")
+@pytest.mark.skip(reason="hung in 1 of 4 runs (clean-clone CI of cf53cc5: the job waited 300 s on the cluster); "
+                         "suspected: the dashboard agent's default port held by an earlier Ray (the raylet shares its "
+                         "fate) — the fixture now gives every port a free one and waits for the head; not yet re-run")
 def test_a_ray_cluster_by_address_scores_as_one_process(workspace, tmp_path, score_here, ray_cluster):
     """`--address`: the driver is a client of a running cluster; the cluster's own workers load the compiled
     trees the driver built and shipped, and write what the single process writes."""
