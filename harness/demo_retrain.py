@@ -146,7 +146,7 @@ def demo_retrain(registry: Registry, ws: Workspace, url: str, run_dir: Path, res
                 _print_decision(d, t0)
         return decisions
 
-    from bench.common import git_state
+    from mlops.provenance import git_state
 
     commit = git_state()  # the code this run ran (the tree may change while it runs)
     start_version = registry.production(name).version  # type: ignore[union-attr]
@@ -282,7 +282,7 @@ def _rollout_timeline(registry: Registry, name: str, rollout_id: str, t0: float)
 
 
 def _write(path: Path, result: dict[str, Any], commit: dict[str, Any]) -> None:
-    from bench.common import machine
+    from mlops.provenance import machine
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": "closed-loop-demo", "at": datetime.now(UTC).isoformat(),
