@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from confluent_kafka import Producer
 
+from harness.demo_rollout import timeline
 from harness.traffic import Traffic
 from harness.workspace import Workspace
 from lifecycle import data as datamod
@@ -191,7 +192,7 @@ def demo_retrain(registry: Registry, ws: Workspace, url: str, run_dir: Path, res
                          and d.tags.get("outcome") in ("promoted", "rolled_back", "rollout_aborted"), 300):
                 print("  the rollout did not end within 5 minutes")
                 return False
-            _rollout_timeline(registry, name, first["rollout_id"], t0)
+            timeline(registry, name, first["rollout_id"], t0)
             done = log.find(name, first["alert_id"])
             assert done is not None
             result.update(candidate=candidate, outcome=done.tags.get("outcome"),
@@ -270,15 +271,6 @@ def _phases(registry: Registry, tags: dict[str, str]) -> dict[str, float]:
 def _with_training(pipeline: definition.Pipeline, params: dict[str, Any]) -> definition.Pipeline:
     stages = [dataclasses.replace(s, params=dict(params)) if s.type == "train" else s for s in pipeline.stages]
     return dataclasses.replace(pipeline, stages=stages)
-
-
-def _rollout_timeline(registry: Registry, name: str, rollout_id: str, t0: float) -> None:
-    for r in registry.rollout_decisions(name, rollout_id):
-        if r["action"] == "hold":
-            continue
-        step = "shadow" if r["step"] == 0 else f"{r['step']} %"
-        offset = datetime.fromisoformat(r["at"]).timestamp() - t0
-        print(f"    +{offset:6.1f}s  {r['action']:<8} -> {step:<7} {r['status']:<11} {r['reason'][:90]}")
 
 
 def _write(path: Path, result: dict[str, Any], commit: dict[str, Any]) -> None:

@@ -35,12 +35,14 @@ def _candidate(registry: Registry, ws: Workspace, corrupted: bool) -> str:
     return stored.version
 
 
-def _timeline(registry: Registry, name: str, rollout_id: str) -> None:
+def timeline(registry: Registry, name: str, rollout_id: str, since: float | None = None) -> None:
+    """A rollout's decisions from its record (holds left out), as seconds after ``since`` (epoch seconds;
+    default: the rollout's start)."""
     record = [r for r in registry.rollout_decisions(name, rollout_id) if r["action"] != "hold"]
-    start = datetime.fromisoformat(record[0]["at"])
+    start = datetime.fromisoformat(record[0]["at"]).timestamp() if since is None else since
     for r in record:
         step = "shadow" if r["step"] == 0 else f"{r['step']} %"
-        offset = (datetime.fromisoformat(r["at"]) - start).total_seconds()
+        offset = datetime.fromisoformat(r["at"]).timestamp() - start
         print(f"    +{offset:5.1f}s  {r['action']:<8} -> {step:<7} {r['status']:<11} {r['reason'][:90]}")
 
 
@@ -64,7 +66,7 @@ def demo_rollout(registry: Registry, ws: Workspace, url: str, settings: Settings
                 while time.monotonic() < deadline and (current := registry.rollout(name)) and current.active:
                     time.sleep(0.5)
                 ended[version] = registry.rollout(name).status  # type: ignore[union-attr]
-                _timeline(registry, name, state.id)
+                timeline(registry, name, state.id)
             time.sleep(1.5)  # the replicas follow the last change under traffic
     finally:
         controller.stop()
