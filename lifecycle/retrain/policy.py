@@ -48,6 +48,7 @@ GATE_KEYS = {"window", "gate_share", "min_labels", "min_accuracy", "min_improvem
              "too_few_labels", "wait_for_labels"}
 FAILED = ("gate_blocked", "failed", "interrupted", "rolled_back")  # candidate outcomes the circuit breaker counts
 NEUTRAL = ("stopped", "rollout_aborted")  # neither: the controller was stopped, a person aborted the rollout
+CUT_SHORT = ("interrupted", "stopped")  # retrains that made no candidate: their alert is open again
 DAY_S = 86_400.0
 
 
@@ -237,7 +238,7 @@ def decide(policy: RetrainPolicy, history: Sequence[Past], now: float, rollout: 
     if rollout:
         return Verdict("skip", f"rollout {rollout} is in progress: never two at once", "rollout_active")
     # A retrain cut short (its controller died or stopped) made no candidate: the next attempt is not held back.
-    retrains = [p for p in retrains if p.outcome not in ("interrupted", "stopped")]
+    retrains = [p for p in retrains if p.outcome not in CUT_SHORT]
     if retrains and now - retrains[0].at < policy.cooldown_s:
         left = policy.cooldown_s - (now - retrains[0].at)
         return Verdict("skip", f"cooldown: the last retrain started {now - retrains[0].at:.0f} s ago "

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from lifecycle.registry import Registry
-from lifecycle.retrain.policy import Past, Verdict
+from lifecycle.retrain.policy import CUT_SHORT, Past, Verdict
 
 EXPERIMENT = "model-retraining-decisions"
 PREFIX = "retrain."
-REOPENED = ("interrupted", "stopped")  # a decision cut short by its controller's end leaves the alert open
 TRAINING_TAG = "retrain_decision"  # on the pipeline's training run: the decision that started it
 
 
@@ -61,7 +60,7 @@ class DecisionLog:
     def find(self, model: str, alert_id: str) -> Decision | None:
         """The decision that answered this alert, unless it was cut short (then the alert is open again)."""
         return next((d for d in self.decisions(model) if d.tags.get("alert_id") == alert_id
-                     and d.tags.get("outcome") not in REOPENED), None)
+                     and d.tags.get("outcome") not in CUT_SHORT), None)
 
     def open(self, model: str, alert_id: str, alert: dict[str, Any], verdict: Verdict) -> Decision:
         """A retrain's record stays RUNNING (the claim); a skip or a dry run is finished at once."""
