@@ -15,8 +15,10 @@ from typing import Any
 import yaml
 
 
-def repo_config(repo: Path, connection_string: str) -> Any:
-    """``RepoConfig`` of the repo at ``repo`` (its ``repo_path`` set); raises OSError when there is none."""
+def repo_config(repo: Path, connection_string: str, offline_store: dict[str, Any] | None = None) -> Any:
+    """``RepoConfig`` of the repo at ``repo`` (its ``repo_path`` set); raises OSError when there is none.
+    ``offline_store``: another offline store for the same definitions and sources (Feast's Ray store for a
+    pipeline on Ray), in place of the file's."""
     from feast import RepoConfig
 
     repo = Path(repo).resolve()
@@ -24,6 +26,8 @@ def repo_config(repo: Path, connection_string: str) -> Any:
     raw = yaml.safe_load(string.Template(text).safe_substitute(MLOPS_REDIS_ADDRESS=connection_string))
     if isinstance(raw, dict) and isinstance(raw.get("online_store"), dict):
         raw["online_store"]["connection_string"] = connection_string
+    if offline_store is not None and isinstance(raw, dict):
+        raw["offline_store"] = offline_store
     config = RepoConfig(**raw)
     config.repo_path = repo
     return config

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,17 +41,33 @@ def point_in_time(events: pd.DataFrame, history: pd.DataFrame, ttl: timedelta) -
     return joined[list(STORE_FEATURES)].set_index(events.index)
 
 
+TRAINING_COLUMNS = [ENTITY, "transaction_amount", LABEL, TIMESTAMP, *STORE_FEATURES]
+
+
+def join_training_rows(transactions: pd.DataFrame, history: pd.DataFrame, ttl: timedelta) -> pd.DataFrame:
+    """:func:`training_frame`'s rows from a history already loaded: the transactions with the store features as
+    of each one, in their order, those with no snapshot within the ttl dropped. Exact on any subset of
+    customers with all of their history (the join never crosses customers): the unit of a join spread over
+    workers by customer. The rows kept keep their position in ``transactions`` as their index."""
+    events = transactions.reset_index(drop=True)  # (the rows kept are named by their position)
+    events[TIMESTAMP] = pd.to_datetime(events[TIMESTAMP], utc=True).astype(NS_UTC)
+    features = point_in_time(events, history, ttl)
+    frame = pd.concat([events[[ENTITY, "transaction_amount", LABEL, TIMESTAMP]], features], axis=1)
+    return frame[TRAINING_COLUMNS].dropna(subset=list(STORE_FEATURES))
+
+
 class OfflineStoreError(RuntimeError):
     """The Feast repo cannot serve historical features (not applied, no data)."""
 
 
-def open_store(repo: Path, redis_address: str):
-    """The repo's store; the online address is filled in but never contacted by offline reads."""
+def open_store(repo: Path, redis_address: str, offline_store: dict[str, Any] | None = None):
+    """The repo's store; the online address is filled in but never contacted by offline reads.
+    ``offline_store``: the offline store to read through instead of the repo's (``{"type": "ray", ...}``)."""
     from feast import FeatureStore
 
     repo = Path(repo).resolve()
     try:
-        config = feast_config.repo_config(repo, redis_address)
+        config = feast_config.repo_config(repo, redis_address, offline_store)
     except OSError as exc:
         raise OfflineStoreError(f"no Feast repo at {repo}: {exc.strerror}") from None
     registry = getattr(config.registry, "path", config.registry)
@@ -59,20 +76,21 @@ def open_store(repo: Path, redis_address: str):
     return FeatureStore(repo_path=str(repo), config=config)
 
 
-def training_frame(repo: Path, transactions: pd.DataFrame, redis_address: str = "127.0.0.1:6379") -> pd.DataFrame:
+def training_frame(repo: Path, transactions: pd.DataFrame, redis_address: str = "127.0.0.1:6379",
+                   offline_store: dict[str, Any] | None = None) -> pd.DataFrame:
     """Transactions (``customer_id``, ``event_timestamp``, ``transaction_amount``, ``is_fraud``) with the store
-    features as of each one, in the transactions' order; rows with no snapshot within the ttl are dropped."""
+    features as of each one, in the transactions' order; rows with no snapshot within the ttl are dropped.
+    ``offline_store``: as :func:`open_store` (Feast's Ray store joins on Ray, the same definitions)."""
     missing = [c for c in (ENTITY, TIMESTAMP, "transaction_amount", LABEL) if c not in transactions.columns]
     if missing:
         raise OfflineStoreError(f"transactions lack columns {missing}")
-    store = open_store(repo, redis_address)
+    store = open_store(repo, redis_address, offline_store)
     entity_df = transactions[[ENTITY, TIMESTAMP, "transaction_amount", LABEL]]
     entity_df = entity_df.assign(**{ROW: np.arange(len(entity_df))})
     job = store.get_historical_features(entity_df=entity_df,
                                         features=[f"{FEATURE_VIEW}:{name}" for name in STORE_FEATURES])
     frame = job.to_df().sort_values(ROW).drop(columns=[ROW]).reset_index(drop=True)
-    columns = [ENTITY, "transaction_amount", LABEL, TIMESTAMP, *STORE_FEATURES]
-    return frame[columns].dropna(subset=list(STORE_FEATURES)).reset_index(drop=True)
+    return frame[TRAINING_COLUMNS].dropna(subset=list(STORE_FEATURES)).reset_index(drop=True)
 
 
 def features_as_of(repo: Path, entities: pd.DataFrame, redis_address: str = "127.0.0.1:6379",
@@ -116,6 +134,10 @@ class AsOfJoin:
         history = pd.read_parquet(path, columns=[ENTITY, TIMESTAMP, *STORE_FEATURES])
         history[TIMESTAMP] = pd.to_datetime(history[TIMESTAMP], utc=True).astype(NS_UTC)
         return cls(history.sort_values(TIMESTAMP, kind="stable").reset_index(drop=True), view.ttl)
+
+    def training_rows(self, transactions: pd.DataFrame) -> pd.DataFrame:
+        """As :func:`training_frame`, on the definition loaded here: the rows it keeps, in their order."""
+        return join_training_rows(transactions, self.history, self.ttl)
 
     def features(self, entities: pd.DataFrame) -> pd.DataFrame:
         """As :func:`features_as_of`: the store features of each row as of its time, NaN where none."""

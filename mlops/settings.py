@@ -72,6 +72,10 @@ class Settings(BaseSettings):
         "URI); empty: the embedded SQLite store in mlflow_dir")
     mlflow_dir: Path = Field(Path(".run/mlflow"), description="embedded MLflow store: mlflow.db and artifacts/")
     mlflow_experiment: str = Field("fraud-detector-training", description="MLflow experiment of the training runs")
+    ray_address: str | None = Field(
+        None, description="a Ray cluster (`ray://host:10001`, or `auto` inside one) on which the training pipeline "
+        "runs its point-in-time join and its training (the retraining controller's too); unset: the pipeline "
+        "file's `compute:` section, by default this process")
     registry_lock_timeout_s: float = Field(60.0, gt=0, description="longest wait for the registry's promotion lock")
     registry_lock_lease_s: float = Field(
         120.0, gt=0, description="lease of the registry's promotion lock: a holder that overruns it is refused "

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 import tomllib
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import yaml
 
 from mlops.settings import Settings
 from tools import manifests
@@ -19,6 +20,8 @@ from tools.services import TOPICS
 
 OVERLAYS = manifests.overlays()
 SECRETS_DIR = "/etc/mlops/secrets"
+BENTO_SRC = "/home/bentoml/bento/src"  # where a Bento image holds the project's code
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -268,17 +271,44 @@ def test_the_batch_rayjob_is_valid_and_runs_the_cli_with_arguments_it_accepts():
     assert job["metadata"]["namespace"] == "mlops"
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
     command = shlex.split(job["spec"]["entrypoint"])
-    assert command[0] == "mlops-score"
-    args = parser().parse_args(command[1:])
+    assert command[:3] == ["python", "-m", "lifecycle.batch.cli"]  # the image has the Bento's code, no scripts
+    args = parser().parse_args(command[3:])
     assert (args.engine, args.address) == ("ray", "auto")
+    _holds_the_bento_code_and_settings(objects, job)
+
+
+def _holds_the_bento_code_and_settings(objects: list[dict], job: dict) -> None:
+    """Every node of the job's cluster runs the stack's image with the Bento's code importable (the driver's
+    `python -m` and the tasks' `lifecycle.*`) and the jobs' settings, all of them real settings."""
     config = by_name(objects, "ConfigMap", "mlops-batch-config")
     pods = manifests.pod_specs(job)
     assert len(pods) == 2
     for pod in pods:
         c = pod["containers"][0]
         assert c["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
+        assert {"name": "PYTHONPATH", "value": BENTO_SRC} in c["env"]
         assert c["image"].startswith("registry.example.com/mlops/fraud-detector:")
     assert set(config["data"]) <= set(f"MLOPS_{name.upper()}" for name in Settings.model_fields)
+
+
+def test_the_retraining_rayjob_runs_the_shipped_pipeline_on_its_cluster():
+    """deploy/k8s/jobs/retrain.yaml: valid, its entrypoint a command line `pipeline run` accepts, on Ray at the
+    job's own cluster, with the pipeline file the Bento ships."""
+    import shlex
+
+    from lifecycle.pipeline.cli import parser
+
+    objects = manifests.render(manifests.JOBS)
+    assert manifests.validate_schema(objects) == []
+    assert manifests.check_invariants(objects) == []
+    job = by_name(objects, "RayJob", "retrain")
+    command = shlex.split(job["spec"]["entrypoint"])
+    assert command[:3] == ["python", "-m", "lifecycle.pipeline"]
+    args = parser().parse_args(command[3:])
+    assert (args.command, args.engine, args.address) == ("run", "ray", "auto")
+    assert args.pipeline == Path(BENTO_SRC) / "pipeline.yaml"
+    assert "pipeline.yaml" in yaml.safe_load((ROOT / "bentofile.yaml").read_text())["include"]
+    _holds_the_bento_code_and_settings(objects, job)
 
 
 def test_the_rayjob_checks_bite():

@@ -93,6 +93,10 @@ def test_dependencies_decide_the_order(tmp_path):
     (lambda b: b["stages"].append({"name": "deploy-to-mars", "type": "deploy"}), "UNKNOWN_STAGE"),
     (lambda b: stage(b, "train").update(type="data"), "STAGE_TYPE_MISMATCH"),
     (lambda b: b["rollback"].update(strategy="pray"), "INVALID_ROLLBACK"),
+    (lambda b: b.update(compute={"engine": "spark"}), "INVALID_COMPUTE"),
+    (lambda b: b.update(compute={"engine": "ray", "partitions": -1}), "INVALID_COMPUTE"),
+    (lambda b: b.update(compute={"engine": "ray", "workers": 4}), "INVALID_COMPUTE"),
+    (lambda b: b.update(compute=["ray"]), "INVALID_COMPUTE"),
 ])
 def test_errors_have_stable_codes(tmp_path, change, code):
     assert code in codes(edited(change), tmp_path)
@@ -215,3 +219,28 @@ def test_run_cli_fails_with_one_line_reason(tmp_path, capsys):
     invalid = write(tmp_path, edited(lambda b: b["stages"].remove(stage(b, "gate"))))
     assert pipeline_main(["run", "--pipeline", str(invalid)]) == 1
     assert "MISSING_GATE" in capsys.readouterr().err
+
+
+def test_where_the_heavy_stages_run_is_resolved_from_file_options_and_address():
+    from lifecycle.pipeline.compute import Compute
+
+    assert Compute.resolve() == Compute("local")  # auto, no address: this process
+    assert Compute.resolve({"engine": "auto", "address": "ray://head:10001"}) == Compute("ray", "ray://head:10001")
+    assert Compute.resolve({"engine": "ray", "partitions": 8}) == Compute("ray", None, 8)  # Ray in this process
+    assert Compute.resolve({"engine": "local"}, address="ray://h:10001") == Compute("local")  # the file said local
+    assert Compute.resolve({"engine": "local"}, engine="ray") == Compute("ray")  # the CLI's option wins
+    assert Compute.resolve({}, address="auto").engine == "ray"  # MLOPS_RAY_ADDRESS alone turns Ray on
+
+
+def test_run_cli_refuses_a_bad_engine_or_an_unreachable_ray_in_one_line(tmp_path, capsys):
+    path = write(tmp_path, small(copy.deepcopy(BASE)))
+    uri = Backend.for_uri(str(tmp_path / "r.db")).uri
+    assert pipeline_main(["run", "--pipeline", str(path), "--mlflow-uri", uri, "--engine", "ray",
+                          "--address", "nope://x"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pipeline:")]
+    assert err == ["pipeline: no Ray at nope://x: RuntimeError: Module: nope does not exist."]
+    client = Registry(Backend.for_uri(str(tmp_path / "r.db"))).client
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []  # no run started
+    bad = write(tmp_path, edited(lambda b: b.update(compute={"engine": "spark"})))
+    assert pipeline_main(["run", "--pipeline", str(bad)]) == 1
+    assert "INVALID_COMPUTE" in capsys.readouterr().err

@@ -7,22 +7,15 @@ few partitions whatever the input's size; tasks go with ``max_retries=3`` (Ray r
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
+from lifecycle import ray_runtime
 from lifecycle.batch.inputs import Partition
 from lifecycle.batch.scoring import Job, PartitionResult, score_partition
 
 ENGINES = ("auto", "local", "ray")
-# Ray keeps unix sockets under its temp folder and a socket path may not exceed 107 bytes: under a deep TMPDIR
-# (a test session's, a CI runner's) Ray in-process gets a short folder of its own in /tmp, removed afterwards.
-SHORT_TEMP = 40
 
 Done = Callable[[PartitionResult, Partition], None]
 
@@ -46,25 +39,7 @@ def run_ray(partitions: Sequence[Partition], job: Job, done: Done, address: str 
             workers: int | None = None) -> None:
     import ray
 
-    started_here, short_temp = not ray.is_initialized(), ""
-    if started_here:
-        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                   "logging_level": logging.ERROR}
-        if address:
-            options["address"] = address
-        else:
-            options["num_cpus"] = workers or os.cpu_count() or 1
-            if len(str(Path(tempfile.gettempdir()) / "ray")) > SHORT_TEMP:
-                short_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-                options["_temp_dir"] = short_temp
-        ray.init(**options)
-    try:
-        from ray.data import DataContext
-
-        context = DataContext.get_current()
-        context.enable_progress_bars = False  # the CLI draws one bar over rows, across engines
-        context.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # (its INFO lines on stderr, under our progress bar)
+    with ray_runtime.session(address, workers):
         by_key = {p.key: p for p in partitions}
         specs = ray.data.from_items([p.to_dict() for p in partitions], override_num_blocks=max(1, len(partitions)))
 
@@ -72,15 +47,10 @@ def run_ray(partitions: Sequence[Partition], job: Job, done: Done, address: str 
             result = score_partition(Partition(**spec), job).to_dict()
             return {**result, "reasons": json.dumps(result["reasons"])}  # (a dict per row: one Arrow schema)
 
-        size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        size = workers or ray_runtime.cpus()
         with warnings.catch_warnings():  # (fewer partitions than allowed tasks is no concern)
             warnings.simplefilter("ignore", UserWarning)
             for row in specs.map(task, compute=ray.data.TaskPoolStrategy(size=size), max_retries=3).iter_rows():
                 fields = {k: row[k] for k in PartitionResult.__dataclass_fields__}
                 result = PartitionResult(**{**fields, "reasons": json.loads(fields["reasons"])})
                 done(result, by_key[result.key])
-    finally:
-        if started_here:
-            ray.shutdown()
-        if short_temp:
-            shutil.rmtree(short_temp, ignore_errors=True)

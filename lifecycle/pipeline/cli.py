@@ -4,6 +4,9 @@
                                                                         exit 0 valid, 1 errors, 2 unreadable
     pipeline run --pipeline pipeline.yaml [--version V] [--data-dir D]  exit 0 registered, 1 a stage failed,
                                                                         2 bad arguments or an unusable backend
+    pipeline run --pipeline pipeline.yaml --engine ray [--address ray://head:10001]
+                                    the point-in-time join and the training on Ray (in this process without an
+                                    address); the same as MLOPS_RAY_ADDRESS or the file's compute: section
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from pydantic import ValidationError
 from lifecycle import model_store
 from lifecycle.cli_backend import BackendUnavailable, fail_fast, open_backend
 from lifecycle.pipeline import definition, runner
+from lifecycle.pipeline.compute import Compute, ComputeError
 from lifecycle.pipeline.stages import StageFailed
 from lifecycle.pipeline.validator import validate
+from lifecycle.ray_runtime import RayUnavailable
 from lifecycle.registry import Registry, RegistryError
 from lifecycle.tracking import TrackingError
 from mlops.cli_args import OneLineParser, settings_error
@@ -79,11 +84,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.mlflow_uri:
         settings = settings.model_copy(update={"mlflow_uri": args.mlflow_uri})
     try:
+        compute = Compute.resolve(pipeline.raw.get("compute"), args.engine, args.address or settings.ray_address)
+    except ComputeError as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return 2
+    try:
         with fail_fast():
             registry = Registry(open_backend(args.mlflow_uri, settings, create=True),
                                 settings.registry_lock_timeout_s)
-            summary = runner.run(pipeline, registry, args.version, args.data_dir, args.name, settings)
-    except BackendUnavailable as exc:
+            summary = runner.run(pipeline, registry, args.version, args.data_dir, args.name, settings,
+                                 compute=compute)
+    except (BackendUnavailable, RayUnavailable) as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return 2
     except (StageFailed, RegistryError, model_store.ModelStoreError) as exc:
@@ -104,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a in COMMANDS for a in argv[:1]) and not any(a in ("-h", "--help") for a in argv[:1]):
         argv = ["validate", *argv]  # the reference's command line: `pipeline --pipeline p.json --strict --json`
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    return cmd_validate(args) if args.command == "validate" else cmd_run(args)
+
+
+def parser() -> OneLineParser:
     parser = OneLineParser(prog="pipeline", description="Declarative training pipeline: validate (the default) or run.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     v = sub.add_parser("validate", help="check a pipeline file (also the default: `pipeline --pipeline F`)")
@@ -115,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--version", help="version to register (default: next vN)")
     r.add_argument("--name", help="model name (default: the pipeline's model_name)")
     r.add_argument("--data-dir", type=Path, help="for source: parquet/feast, the data folder")
+    r.add_argument("--engine", choices=("auto", "local", "ray"),
+                   help="where the join and the training run (default: the file's compute.engine, else auto: Ray "
+                        "when there is an address)")
+    r.add_argument("--address", help="a Ray cluster: ray://host:10001, or auto inside one (default: "
+                                     "MLOPS_RAY_ADDRESS, else the file's compute.address; none: Ray in this process)")
     r.add_argument("--mlflow-uri", help="MLflow tracking/registry URI (default: MLOPS_MLFLOW_URI, else embedded)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    return cmd_validate(args) if args.command == "validate" else cmd_run(args)
+    return parser
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ STAGE_NAME_ALIASES = {
 TYPE_ALIASES = {"ingest": "data", "validation": "data", "preprocess": "transform", "training": "train",
                 "evaluation": "evaluate", "deployment": "deploy", "register": "deploy"}
 REQUIRED_STAGES = ("fetch-data", "validate", "train", "evaluate", "gate", "register")
-TOP_LEVEL_KEYS = {"name", "model_name", "description", "stages", "rollback", "version", "retraining"}
+TOP_LEVEL_KEYS = {"name", "model_name", "description", "stages", "rollback", "version", "retraining", "compute"}
 STAGE_KEYS = {"name", "type", "params", "config", "depends_on", "description"}
 
 

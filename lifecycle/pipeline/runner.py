@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lifecycle.pipeline.compute import Compute
 from lifecycle.pipeline.definition import Pipeline
 from lifecycle.pipeline.stages import STAGES, Context, StageFailed
 from lifecycle.registry import Registry
@@ -23,16 +24,18 @@ log = logging.getLogger("pipeline")
 
 def run(pipeline: Pipeline, registry: Registry, version: str | None = None, data_dir: Path | None = None,
         model_name: str | None = None, settings: Settings | None = None,
-        tags: dict[str, str] | None = None, labelled: Any = None) -> dict[str, Any]:
+        tags: dict[str, str] | None = None, labelled: Any = None, compute: Compute | None = None) -> dict[str, Any]:
     """Returns a summary; raises :class:`StageFailed` for the stage that stopped the run. ``tags`` go on the run
     (the retraining controller links its decision this way); ``labelled``: recent logged rows with their true
-    labels, trained on beside the fetched data."""
+    labels, trained on beside the fetched data; ``compute``: where the heavy stages run (default: the
+    pipeline's ``compute:`` section with ``MLOPS_RAY_ADDRESS`` over it)."""
     name = model_name or pipeline.model_name
     settings = settings or Settings.load()
-    tags = {"pipeline": pipeline.name, "model_name": name, **(tags or {})}
-    with training_run(registry.backend, f"pipeline {pipeline.name}", tags) as tracked:
+    compute = compute or Compute.resolve(pipeline.raw.get("compute"), address=settings.ray_address)
+    tags = {"pipeline": pipeline.name, "model_name": name, "compute": compute.engine, **(tags or {})}
+    with compute.session(), training_run(registry.backend, f"pipeline {pipeline.name}", tags) as tracked:
         ctx = Context(model_name=name, registry=registry, run=tracked, settings=settings, version=version,
-                      data_dir=data_dir)
+                      data_dir=data_dir, compute=compute)
         if labelled is not None:
             ctx.values["labelled"] = labelled
         ctx.summary.update(pipeline=pipeline.name, mlflow_run_id=tracked.run_id, stages=[])

@@ -14,6 +14,7 @@ import pandas as pd
 from lifecycle import data as datamod
 from lifecycle import model_store, train
 from lifecycle.onnx_export import ParityError, onnx_positive_proba
+from lifecycle.pipeline.compute import Compute
 from lifecycle.pipeline.validator import DEFAULT_MIN_IMPROVEMENT, THRESHOLD_KEYS
 from lifecycle.registry import Registry, RegistryError, check_metrics, register_stage
 from lifecycle.tracking import TrainingRun
@@ -39,6 +40,7 @@ class Context:
     settings: Settings
     version: str | None = None
     data_dir: Path | None = None
+    compute: Compute = field(default_factory=Compute)
     values: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -46,7 +48,7 @@ class Context:
 def fetch_data(ctx: Context, params: dict[str, Any]) -> str:
     """``synthetic`` (seeded), ``parquet`` (a data folder) or ``feast``: the transactions of the Feast repo's data
     folder, joined point-in-time with ``customer_stats`` by Feast's offline store."""
-    source = params.get("source", "synthetic")
+    source, joined = params.get("source", "synthetic"), ""
     if source == "synthetic":
         ctx.values["dataset"] = datamod.generate(int(params.get("customers", 2_000)),
                                                  int(params.get("transactions", 40_000)), int(params.get("seed", 42)))
@@ -61,16 +63,18 @@ def fetch_data(ctx: Context, params: dict[str, Any]) -> str:
             raise StageFailed("fetch-data", str(exc)) from None
         if source == "feast":
             try:
-                ctx.values["frame"] = offline.training_frame(repo, ctx.values["dataset"].transactions,
-                                                             ctx.settings.redis_address)
+                ctx.values["frame"], joined = ctx.compute.join(repo, ctx.values["dataset"].transactions,
+                                                               ctx.settings.redis_address)
             except offline.OfflineStoreError as exc:
                 raise StageFailed("fetch-data", str(exc)) from None
+            ctx.run.set_tags({"point_in_time_join.how": joined})
     else:
         raise StageFailed("fetch-data", f"unknown source {source!r} (synthetic, parquet or feast)")
     d = ctx.values["dataset"]
     ctx.run.set_tags({"data_source": source, "point_in_time_join": "feast" if source == "feast" else "pandas"})
     return (f"{d.customers[ENTITY].nunique()} customers ({len(d.customers)} snapshots), {len(d.transactions)} "
-            f"transactions from {source}" + (", features joined point-in-time by Feast" if source == "feast" else ""))
+            f"transactions from {source}" + (f", features joined point-in-time by Feast's definition ({joined})"
+                                             if source == "feast" else ""))
 
 
 def validate_data(ctx: Context, params: dict[str, Any]) -> str:
@@ -131,9 +135,9 @@ def fit(ctx: Context, params: dict[str, Any]) -> str:
     if "x_train" not in ctx.values:
         preprocess(ctx, {})
     ctx.values["params"] = params
-    ctx.values["estimator"] = train.fit(ctx.values["x_train"], ctx.values["y_train"], params)
+    ctx.values["estimator"] = ctx.compute.fit(ctx.values["x_train"], ctx.values["y_train"], params)
     ctx.run.log_params({**train.DEFAULT_PARAMS, **params})
-    return f"GradientBoostingClassifier {params}"
+    return f"GradientBoostingClassifier {params}" + (" (a Ray task)" if ctx.compute.engine == "ray" else "")
 
 
 def evaluate(ctx: Context, params: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 codes. Reads our vocabulary and the reference tools' (see :mod:`lifecycle.pipeline.definition`).
 
 Errors: MISSING_STAGE, UNKNOWN_STAGE, DUPLICATE_STAGE, STAGE_TYPE_MISMATCH, STAGE_ORDER, MISSING_GATE,
-GATE_NO_THRESHOLD, INVALID_THRESHOLD, INVALID_ROLLBACK, UNKNOWN_DEPENDENCY, DEPENDENCY_CYCLE, INVALID_RETRAINING.
+GATE_NO_THRESHOLD, INVALID_THRESHOLD, INVALID_ROLLBACK, UNKNOWN_DEPENDENCY, DEPENDENCY_CYCLE, INVALID_RETRAINING,
+INVALID_COMPUTE.
 Warnings: MISSING_TRANSFORM, LOW_THRESHOLD, NO_PRODUCTION_COMPARISON, NO_MIN_IMPROVEMENT, REGISTER_TO_PRODUCTION,
 MISSING_ROLLBACK, ROLLBACK_DISABLED, UNKNOWN_FIELD.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lifecycle.pipeline.compute import Compute, ComputeError
 from lifecycle.pipeline.definition import KNOWN_STAGES, REQUIRED_STAGES, STAGE_TYPES, TOP_LEVEL_KEYS, Pipeline, Stage
 from lifecycle.retrain.policy import PolicyError, RetrainPolicy
 
@@ -92,6 +94,11 @@ def validate(pipeline: Pipeline, strict: bool = False) -> list[Finding]:
             RetrainPolicy.from_section(pipeline.raw["retraining"])
         except PolicyError as exc:
             error("INVALID_RETRAINING", str(exc))
+    if "compute" in pipeline.raw:  # where the heavy stages run (lifecycle/pipeline/compute.py)
+        try:
+            Compute.resolve(pipeline.raw["compute"])
+        except ComputeError as exc:
+            error("INVALID_COMPUTE", str(exc))
     for stage in pipeline.stages:
         for key in stage.extra_keys:
             warning("UNKNOWN_FIELD", f"unknown field {key!r} in stage {stage.name!r} is ignored", stage.name)

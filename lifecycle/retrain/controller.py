@@ -31,6 +31,7 @@ import pandas as pd
 
 from lifecycle.onnx_export import onnx_positive_proba
 from lifecycle.pipeline import definition, runner
+from lifecycle.pipeline.compute import Compute, ComputeError
 from lifecycle.pipeline.stages import StageFailed
 from lifecycle.registry import Registry, RegistryError
 from lifecycle.retrain import metrics
@@ -316,8 +317,9 @@ class Controller:
 
 
 def load(pipeline_path: Path) -> tuple[definition.Pipeline, RetrainPolicy]:
-    """The pipeline and its ``retraining:`` policy; DefinitionError/PolicyError for a bad file."""
+    """The pipeline and its ``retraining:`` policy; DefinitionError/PolicyError/ComputeError for a bad file."""
     pipeline = definition.load(pipeline_path)
+    Compute.resolve(pipeline.raw.get("compute"))  # (a bad compute section: refused at start, not at a retrain)
     return pipeline, RetrainPolicy.from_section(pipeline.raw.get("retraining"))
 
 
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"mlops-retrain: bad setting: {settings_error(exc)}", file=sys.stderr)
         return 2
-    except (DefinitionError, PolicyError, OSError) as exc:
+    except (DefinitionError, PolicyError, ComputeError, OSError) as exc:
         print(f"mlops-retrain: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
