@@ -257,6 +257,41 @@ def batch() -> list[str]:
     return lines
 
 
+def pipeline() -> list[str]:
+    """The training pipeline in this process and on Ray (`python -m bench.pipeline`, pipeline-run*.json)."""
+    found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("pipeline-run*.json"))]
+    if not found:
+        return []
+    shas = ", ".join(f"`{run['git']['sha'][:10]}`" for run in found)
+    lines = [f"The training pipeline in this process and on Ray in this process, seconds end to end (process "
+             f"start to exit) and peak resident memory of the process tree, run 1 / run 2 (`python -m "
+             f"bench.pipeline`, commits {shas}, {found[0]['settings']['cpus']} CPUs); × this process: > 1 where "
+             "faster.", ""]
+    for part, title, engines in (("whole", "`pipeline run` (pipeline.yaml)", ("local", "ray")),
+                                 ("join", "the point-in-time join alone", ("local", "ray", "feast-file",
+                                                                           "feast-ray"))):
+        sizes = sorted({r["transactions"] for r in _rows(found[0], part=part)})
+        lines += [f"| {title} | " + " | ".join(f"{n:,} transactions" for n in sizes) + " |",
+                  "|---|" + "---|" * len(sizes)]
+        for engine in engines:
+            cells = []
+            for size in sizes:
+                got = [_one(run, part=part, engine=engine, transactions=size) for run in found]
+                if not any(got):
+                    cells.append("–")
+                    continue
+                cell = (" / ".join(_num(r and r["seconds"], 1) for r in got) + " s ("
+                        + " / ".join(_num(r and r["peak_rss_mb"]) for r in got) + " MB)")
+                if engine != "local":
+                    cell += " ×" + " / ".join(_num(r and r.get("vs_local"), 2) for r in got)
+                cells.append(cell)
+            lines.append(f"| {ENGINE_NAMES[engine]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines[:-1]
+
+
+ENGINE_NAMES = {"local": "this process", "ray": "Ray (in this process)", "feast-file": "Feast's file offline store",
+                "feast-ray": "Feast's Ray offline store"}
 ROLLOUT_SYSTEMS = ("project", "project, shadow", "project, split 5 %")
 
 
@@ -334,7 +369,7 @@ def render(names: list[str]) -> str:
     durable = durability(runs)
     servers = grpc_servers()
     on_gpu = gpu()
-    batched = batch()
+    batched = batch() + (["", *trained] if (trained := pipeline()) else [])
     routed = routing() + (["", *rolled] if (rolled := rollout_serving()) else [])
     return "\n".join([intro, "", *closed_loop(runs), "", *latency_and_cpu(runs), "", *other_measures(runs),
                       *(["", *durable] if durable else []), *(["", *profile] if profile else []),

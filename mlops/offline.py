@@ -80,16 +80,15 @@ def training_frame(repo: Path, transactions: pd.DataFrame, redis_address: str = 
                    offline_store: dict[str, Any] | None = None) -> pd.DataFrame:
     """Transactions (``customer_id``, ``event_timestamp``, ``transaction_amount``, ``is_fraud``) with the store
     features as of each one, in the transactions' order; rows with no snapshot within the ttl are dropped.
-    ``offline_store``: as :func:`open_store` (Feast's Ray store joins on Ray, the same definitions)."""
+    ``offline_store``: as :func:`open_store` (Feast's Ray store joins on Ray, the same definitions). Two
+    transactions of a customer at the same time are two rows (Feast answers the pair once: asked once, given to
+    both)."""
     missing = [c for c in (ENTITY, TIMESTAMP, "transaction_amount", LABEL) if c not in transactions.columns]
     if missing:
         raise OfflineStoreError(f"transactions lack columns {missing}")
-    store = open_store(repo, redis_address, offline_store)
-    entity_df = transactions[[ENTITY, TIMESTAMP, "transaction_amount", LABEL]]
-    entity_df = entity_df.assign(**{ROW: np.arange(len(entity_df))})
-    job = store.get_historical_features(entity_df=entity_df,
-                                        features=[f"{FEATURE_VIEW}:{name}" for name in STORE_FEATURES])
-    frame = job.to_df().sort_values(ROW).drop(columns=[ROW]).reset_index(drop=True)
+    events = transactions.reset_index(drop=True)
+    features = features_as_of(repo, events, redis_address, store=open_store(repo, redis_address, offline_store))
+    frame = pd.concat([events[[ENTITY, "transaction_amount", LABEL, TIMESTAMP]], features], axis=1)
     return frame[TRAINING_COLUMNS].dropna(subset=list(STORE_FEATURES)).reset_index(drop=True)
 
 

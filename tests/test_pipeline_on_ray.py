@@ -35,14 +35,15 @@ def on_ray():
 
 def test_a_join_on_ray_gives_the_rows_of_feasts_own_join(workspace, on_ray):
     data = datamod.read(workspace.feature_repo / "data")
-    sample = data.transactions.sample(3_000, random_state=3).reset_index(drop=True)
+    sample = data.transactions.sample(3_000, random_state=3)
+    sample = pd.concat([sample, sample.head(50)], ignore_index=True)  # a customer twice at one time: two rows
     redis = workspace.settings.redis_address
     by_feast = offline.training_frame(workspace.feature_repo, sample, redis)
     local, how_local = Compute("local").join(workspace.feature_repo, sample, redis)
     on_parts, how_ray = Compute("ray", partitions=5).join(workspace.feature_repo, sample, redis)
     assert how_local == "one as-of join in this process"
     assert how_ray == "as-of join in 5 parts by customer on Ray"
-    assert len(by_feast) == len(sample)
+    assert len(by_feast) == len(sample) == 3_050
     pd.testing.assert_frame_equal(local, by_feast, check_dtype=False)
     pd.testing.assert_frame_equal(on_parts, by_feast, check_dtype=False)  # the transactions' order kept
 

@@ -48,6 +48,21 @@ def test_a_snapshot_written_after_a_transaction_never_reaches_its_row(workspace,
     assert by_amount == datamod.training_frame(case).set_index("transaction_amount")["total_purchases"].to_dict()
 
 
+def test_two_transactions_of_a_customer_at_the_same_time_are_two_training_rows(workspace, tmp_path):
+    """Feast's join answers a repeated (customer, time) pair once: the training set must not lose the second
+    transaction (it did through Feast's file store before)."""
+    repo = wsmod.copy_feature_repo(tmp_path / "repo")
+    case = _history_case()
+    twice = pd.concat([case.transactions, case.transactions.iloc[[1, 1]]], ignore_index=True)
+    twice.loc[len(case.transactions):, "transaction_amount"] = [60.0, 61.0]  # (told apart by their amounts)
+    datamod.write(datamod.Dataset(case.customers, twice), repo / "data")
+    feast_cli.feast(repo, workspace.env, "apply")
+    frame = offline.training_frame(repo, twice, workspace.settings.redis_address)
+    by_amount = frame.set_index("transaction_amount")["total_purchases"].to_dict()
+    assert by_amount == {5.0: 1, 6.0: 999, 7.0: 999, 60.0: 999, 61.0: 999}
+    assert frame["transaction_amount"].tolist() == [5.0, 6.0, 7.0, 60.0, 61.0]  # the transactions' order
+
+
 def test_offline_store_without_feast_apply_is_a_clear_error(tmp_path):
     repo = wsmod.copy_feature_repo(tmp_path / "repo")
     with pytest.raises(offline.OfflineStoreError, match="run `feast apply`"):
