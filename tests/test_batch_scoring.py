@@ -5,14 +5,11 @@ the rejects, bad input refused in one line, and a time range of the prediction l
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -126,50 +123,6 @@ def test_point_in_time_features_and_ray_gives_the_single_process_output(workspac
                               workspace.settings.redis_address)
     pd.testing.assert_frame_equal(a[list(STORE_FEATURES)], expected, check_dtype=False)
     assert len(list((tmp_path / "ray").glob("part-*.parquet"))) == 6
-
-
-@pytest.fixture
-def ray_cluster(workspace, tmp_path):
-    """A one-node Ray cluster started as an operator starts one (`ray start --head`), reached by its address:
-    the driver is only a client, the tasks run in the cluster's own worker processes."""
-    import psutil
-
-    from tools.services import free_port
-
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths stop at 107 bytes
-    port = free_port()
-    # Every port a free one: the dashboard agent's default (52365) may still be held by an earlier Ray of this
-    # machine, and the raylet shares the agent's fate (ray-project/ray#51705, #55638).
-    ports = [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
-                              "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port",
-                              "--ray-client-server-port") for arg in (flag, str(free_port()))]
-    with (tmp_path / "ray-head.log").open("wb") as log:
-        head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port",
-                                 str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--include-dashboard",
-                                 "false", "--disable-usage-stats", "--temp-dir", temp, *ports],
-                                cwd=ROOT, stdout=log,
-                                # Ray 2.60's `ray start` turns token authentication on; a test cluster on
-                                # this machine goes without (a real one: RAY_AUTH_TOKEN in the job's env)
-                                env={**workspace.env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while b"Ray runtime started" not in (tmp_path / "ray-head.log").read_bytes():  # up before the driver
-            assert head.poll() is None and time.monotonic() < deadline, \
-                (tmp_path / "ray-head.log").read_text(errors="replace")[-3000:]
-            time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):  # (SIGTERM alone drains for 30 s)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(head.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                head.wait(wait)
-        for proc in psutil.process_iter(["cmdline"]):  # and nothing of the cluster is left running
-            if temp in " ".join(proc.info["cmdline"] or []):
-                with contextlib.suppress(psutil.Error):
-                    proc.kill()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.skip(reason="hung in 1 of 4 runs (clean-clone CI of cf53cc5: the job waited 300 s on the cluster); "

@@ -178,3 +178,48 @@ def test_the_closed_loop_figures_in_the_docs_are_the_committed_run():
                 "from the drift alert to the new version in Production**: {PHASES}. {REQUESTS} predictions served "
                 "during the run (steady requests and batched transactions), {FAILED} failed")
     assert sentence.format(**closed_loop_sentences(run)) in text
+
+
+def pipeline_sentences(found: list[list[dict]]) -> list[str]:
+    """docs/retrain.md's measured figures of the training pipeline on Ray, from pipeline-run*.json."""
+
+    def pick(run: list[dict], part: str, engine: str, size: int) -> dict:
+        return next(r for r in run if (r["part"], r["engine"], r["transactions"]) == (part, engine, size))
+
+    def pair(part: str, engine: str, size: int, field: str, digits: int = 1) -> str:
+        return " / ".join(f"{pick(run, part, engine, size)[field]:,.{digits}f}" for run in found)
+
+    def ratio(part: str, size: int, engine: str = "ray") -> str:
+        return " / ×".join(f"{pick(run, part, engine, size)['vs_local']:.2f}" for run in found)
+
+    return [
+        f"The whole `pipeline run` took ×{ratio('whole', 40_000)} of this process's time at 40,000 transactions "
+        f"and ×{ratio('whole', 200_000)} at 200,000",
+        f"the training: {pair('whole', 'local', 200_000, 'stage_seconds_train')} s of "
+        f"{pair('whole', 'local', 200_000, 'seconds')} s at 200,000",
+        f"The join alone came within ×{ratio('join', 10_000_000)} at 10,000,000 transactions "
+        f"({pair('join', 'local', 10_000_000, 'seconds')} s here, {pair('join', 'ray', 10_000_000, 'seconds')} s "
+        f"on Ray, in {pair('join', 'ray', 10_000_000, 'peak_rss_mb', 0)} MB against "
+        f"{pair('join', 'local', 10_000_000, 'peak_rss_mb', 0)} MB)",
+        f"Feast's Ray offline store took {pair('join', 'feast-ray', 40_000, 'seconds')} s for the 40,000 "
+        f"transactions this process joined in {pair('join', 'local', 40_000, 'seconds')} s",
+        f"Feast's file store, end to end: ×{ratio('join', 40_000, 'feast-file')} of ours at 40,000 transactions, "
+        f"×{ratio('join', 200_000, 'feast-file')} at 200,000, the same rows",
+    ]
+
+
+def test_the_pipeline_figures_in_the_docs_are_the_committed_runs():
+    found = [json.loads(p.read_text())["results"] for p in sorted(RESULTS.glob("pipeline-run*.json"))]
+    assert len(found) == 2
+    for run in found:
+        for r in run:
+            r.update({f"stage_seconds_{k}": v for k, v in r.get("stage_seconds", {}).items()})
+        rays = [r for r in run if r["engine"] == "ray"]
+        assert rays and all(r["vs_local"] < 1 for r in rays), "Ray in this process pays off at no size measured"
+    text = " ".join((RESULTS.parents[1] / "docs" / "retrain.md").read_text().split())
+    sentences = pipeline_sentences(found)
+    for sentence in sentences:
+        assert sentence in text, sentence
+    page = " ".join((RESULTS.parents[1] / "docs" / "benchmarks.md").read_text().split())
+    join_at_10m = sentences[2].split("within ")[1].split(" (")[0]  # "×a / ×b at 10,000,000 transactions"
+    assert f"({join_at_10m})" in page and "pays off at no size measured" in page

@@ -77,3 +77,27 @@ def test_pipeline_run_on_ray_trains_gates_and_registers(workspace, tmp_path, on_
     run = Registry(Backend.for_uri(uri)).client.get_run(summary["mlflow_run_id"])
     assert run.data.tags["compute"] == "ray"
     assert run.data.tags["point_in_time_join.how"].endswith("on Ray")
+
+
+def test_pipeline_run_by_address_joins_and_trains_on_a_running_cluster(workspace, tmp_path, ray_cluster):
+    """`--address`: the driver is a client of a cluster started as an operator starts one; the join's parts
+    and the training run in the cluster's own workers (which import the project from their PYTHONPATH)."""
+    import subprocess
+    import sys
+
+    body = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
+    stages = {s["name"]: s for s in body["stages"]}
+    stages["fetch-data"]["params"] = {"source": "feast", "feature_repo": str(workspace.feature_repo)}
+    stages["train"]["params"] = {"n_estimators": 40, "max_depth": 3}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(body))
+    uri = Backend.for_uri(str(tmp_path / "mlflow.db")).uri
+    done = subprocess.run([sys.executable, "-m", "lifecycle.pipeline", "run", "--pipeline", str(path),
+                           "--mlflow-uri", uri, "--name", "cluster_model"], cwd=ROOT, capture_output=True, text=True,
+                          env={**workspace.env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
+                               "MLOPS_RAY_ADDRESS": ray_cluster}, timeout=300)  # the address alone: engine auto
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["registered"]["stage"] == "Staging"
+    run = Registry(Backend.for_uri(uri)).client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["compute"] == "ray" and run.data.tags["point_in_time_join.how"].endswith("on Ray")

@@ -253,6 +253,20 @@ def test_failed_candidates_trip_the_circuit_breaker_until_a_reset(tmp_path, setu
     assert listed[1]["reason"] == "threshold fixed"
 
 
+def test_a_ray_cluster_out_of_reach_is_neither_a_failed_candidate_nor_a_cooldown(tmp_path, setup):
+    """MLOPS_RAY_ADDRESS naming a cluster that cannot be reached: the retrain is on record as unavailable, the
+    circuit breaker does not count it and the cooldown does not hold it against the next alert."""
+    registry, name = setup
+    policy = RetrainPolicy(cooldown_s=3600, circuit_breaker=1, max_per_day=10)
+    ctl = GivenWindow(Settings(ray_address="nope://x"), registry, pipeline_file(tmp_path, name), policy, name)
+    outcomes = [ctl.handle(alert(model=name), f"t:0:{i}") for i in range(2)]
+    assert [(o["action"], o["outcome"]) for o in outcomes] == [("retrain", "unavailable")] * 2
+    assert outcomes[0]["outcome_reason"] == "no Ray at nope://x: RuntimeError: Module: nope does not exist."
+    assert registry.rollout(name) is None and len(registry.list(name)) == 1  # no candidate made
+    ok = GivenWindow(Settings(), registry, pipeline_file(tmp_path, name), policy, name)
+    assert ok.handle(alert(model=name), "t:0:9")["outcome"] == "rollout_started"  # the cluster back: retrained
+
+
 def test_dry_run_decides_and_records_without_training(tmp_path, setup):
     registry, name = setup
     ctl = controller(tmp_path, registry, name, RetrainPolicy(dry_run=True))

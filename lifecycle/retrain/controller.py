@@ -33,6 +33,7 @@ from lifecycle.onnx_export import onnx_positive_proba
 from lifecycle.pipeline import definition, runner
 from lifecycle.pipeline.compute import Compute, ComputeError
 from lifecycle.pipeline.stages import StageFailed
+from lifecycle.ray_runtime import RayUnavailable
 from lifecycle.registry import Registry, RegistryError
 from lifecycle.retrain import metrics
 from lifecycle.retrain.policy import RetrainPolicy, alert_time, decide
@@ -135,6 +136,8 @@ class Controller:
                                  tags={TRAINING_TAG: decision_id, "retrain_alert": alert_id}, labelled=trained_on)
         except Stopped:
             raise
+        except RayUnavailable as exc:  # the cluster, not the candidate: neither counted nor cooled down
+            return "unavailable", str(exc), {"label_wait": waited} if waited else {}
         except StageFailed as exc:
             links = {"training_run_id": str(getattr(exc, "summary", {}).get("mlflow_run_id", "")),
                      **({"label_wait": waited} if waited else {})}

@@ -47,8 +47,9 @@ KEYS = {"triggers", "cooldown", "max_per_day", "circuit_breaker", "dry_run", "ro
 GATE_KEYS = {"window", "gate_share", "min_labels", "min_accuracy", "min_improvement", "confidence",
              "too_few_labels", "wait_for_labels"}
 FAILED = ("gate_blocked", "failed", "interrupted", "rolled_back")  # candidate outcomes the circuit breaker counts
-NEUTRAL = ("stopped", "rollout_aborted")  # neither: the controller was stopped, a person aborted the rollout
-CUT_SHORT = ("interrupted", "stopped")  # retrains that made no candidate: their alert is open again
+# neither: the controller was stopped, the compute (a Ray cluster) was out of reach, a person aborted the rollout
+NEUTRAL = ("stopped", "unavailable", "rollout_aborted")
+CUT_SHORT = ("interrupted", "stopped", "unavailable")  # retrains that made no candidate: their alert is open again
 DAY_S = 86_400.0
 
 
@@ -208,7 +209,7 @@ class Past:
     alert_id: str
     action: str  # "retrain", "skip", "dry_run", "reset"
     outcome: str  # for a retrain: "running", "rollout_started" → "promoted" | "rolled_back" | "rollout_aborted",
-    #               "gate_blocked", "failed", "interrupted" (its controller died), "stopped"
+    #               "gate_blocked", "failed", "interrupted" (its controller died), "stopped", "unavailable"
     at: float  # when it was decided (epoch seconds)
 
 
