@@ -168,6 +168,10 @@ def ray_cluster(workspace, tmp_path):
     ports = [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
                               "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port",
                               "--ray-client-server-port") for arg in (flag, str(free_port()))]
+    # and the workers' range clear of them all (Ray's default, 10002-19999, may hold one: Ray refuses to start)
+    taken = {port, *(int(arg) for arg in ports[1::2])}
+    low = next(p for p in range(20_000, 32_000, 100) if not any(p <= t < p + 100 for t in taken))
+    ports += ["--min-worker-port", str(low), "--max-worker-port", str(low + 99)]
     with (tmp_path / "ray-head.log").open("wb") as log:
         head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port",
                                  str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--include-dashboard",
@@ -185,13 +189,16 @@ def ray_cluster(workspace, tmp_path):
             time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
+        cluster: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):  # the cluster's processes (its workers and actors retitle
+            cluster = psutil.Process(head.pid).children(recursive=True)  # themselves "ray::…")
         for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):  # (SIGTERM alone drains for 30 s)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(head.pid, sig)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 head.wait(wait)
-        for proc in psutil.process_iter(["cmdline"]):  # and nothing of the cluster is left running
-            if temp in " ".join(proc.info["cmdline"] or []):
+        for proc in [*cluster, *psutil.process_iter(["cmdline"])]:  # and nothing of the cluster is left running
+            if proc in cluster or temp in " ".join(proc.info["cmdline"] or []):
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
         shutil.rmtree(temp, ignore_errors=True)

@@ -107,3 +107,16 @@ def follower_env(backend: Backend, name: str, **extra: str) -> dict[str, str]:
     credentials = {k: os.environ[k] for k in MLFLOW_CREDENTIALS if k in os.environ}  # a secured server's
     return {"MLOPS_MODEL_VERSION": "", "MLOPS_MODEL_NAME": name, "MLOPS_MLFLOW_URI": backend.uri,
             "MLOPS_REGISTRY_POLL_S": "0.5", **credentials, **extra}
+
+
+def feast_pipeline(feature_repo: Path, dest: Path) -> Path:
+    """The shipped pipeline.yaml reading ``feature_repo`` through Feast, with a quick training step (40 trees)."""
+    import yaml
+
+    body = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
+    stages = {s["name"]: s for s in body["stages"]}
+    stages["fetch-data"]["params"] = {"source": "feast", "feature_repo": str(feature_repo)}
+    stages["train"]["params"] = {"n_estimators": 40, "max_depth": 3}
+    path = dest / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path

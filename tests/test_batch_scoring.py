@@ -125,9 +125,6 @@ def test_point_in_time_features_and_ray_gives_the_single_process_output(workspac
     assert len(list((tmp_path / "ray").glob("part-*.parquet"))) == 6
 
 
-@pytest.mark.skip(reason="hung in 1 of 4 runs (clean-clone CI of cf53cc5: the job waited 300 s on the cluster); "
-                         "suspected: the dashboard agent's default port held by an earlier Ray (the raylet shares its "
-                         "fate) — the fixture now gives every port a free one and waits for the head; not yet re-run")
 def test_a_ray_cluster_by_address_scores_as_one_process(workspace, tmp_path, score_here, ray_cluster):
     """`--address`: the driver is a client of a running cluster; the cluster's own workers load the compiled
     trees the driver built and shipped, and write what the single process writes."""

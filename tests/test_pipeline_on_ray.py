@@ -3,13 +3,11 @@ as Feast's own point-in-time join, no leakage across the parts, and `pipeline ru
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from harness import workspace as wsmod
 from lifecycle import data as datamod
@@ -19,6 +17,7 @@ from lifecycle.pipeline.compute import Compute
 from lifecycle.registry import Registry
 from lifecycle.tracking import Backend
 from mlops import offline
+from tests.support import feast_pipeline
 from tests.test_training import _history_case
 from tools import feast_cli
 
@@ -59,12 +58,7 @@ def test_a_snapshot_written_after_a_transaction_never_reaches_its_row_on_ray(wor
 
 
 def test_pipeline_run_on_ray_trains_gates_and_registers(workspace, tmp_path, on_ray, capsys):
-    body = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
-    stages = {s["name"]: s for s in body["stages"]}
-    stages["fetch-data"]["params"] = {"source": "feast", "feature_repo": str(workspace.feature_repo)}
-    stages["train"]["params"] = {"n_estimators": 40, "max_depth": 3}
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(copy.deepcopy(body)))
+    path = feast_pipeline(workspace.feature_repo, tmp_path)
     uri = Backend.for_uri(str(tmp_path / "mlflow.db")).uri
     code = pipeline_main(["run", "--pipeline", str(path), "--mlflow-uri", uri, "--name", "ray_model",
                           "--engine", "ray"])
@@ -85,12 +79,7 @@ def test_pipeline_run_by_address_joins_and_trains_on_a_running_cluster(workspace
     import subprocess
     import sys
 
-    body = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
-    stages = {s["name"]: s for s in body["stages"]}
-    stages["fetch-data"]["params"] = {"source": "feast", "feature_repo": str(workspace.feature_repo)}
-    stages["train"]["params"] = {"n_estimators": 40, "max_depth": 3}
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(body))
+    path = feast_pipeline(workspace.feature_repo, tmp_path)
     uri = Backend.for_uri(str(tmp_path / "mlflow.db")).uri
     done = subprocess.run([sys.executable, "-m", "lifecycle.pipeline", "run", "--pipeline", str(path),
                            "--mlflow-uri", uri, "--name", "cluster_model"], cwd=ROOT, capture_output=True, text=True,

@@ -3,12 +3,10 @@ a later snapshot, and the pipeline's data stage on the real Feast repo."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from harness import workspace as wsmod
 from lifecycle import data as datamod
@@ -17,6 +15,7 @@ from lifecycle.registry import Registry
 from lifecycle.tracking import Backend
 from mlops import offline
 from mlops.schema import STORE_FEATURES
+from tests.support import feast_pipeline
 from tests.test_training import _history_case
 from tools import feast_cli
 
@@ -70,12 +69,7 @@ def test_offline_store_without_feast_apply_is_a_clear_error(tmp_path):
 
 
 def test_pipeline_trains_from_feast(workspace, tmp_path):
-    body = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
-    stages = {s["name"]: s for s in body["stages"]}
-    stages["fetch-data"]["params"] = {"source": "feast", "feature_repo": str(workspace.feature_repo)}
-    stages["train"]["params"] = {"n_estimators": 40, "max_depth": 3}
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(copy.deepcopy(body)))
+    path = feast_pipeline(workspace.feature_repo, tmp_path)
     reg = Registry(Backend.for_uri(str(tmp_path / "mlflow.db")))
     summary = runner.run(definition.load(path), reg, version="f1", model_name="feast_model",
                          settings=workspace.settings)
