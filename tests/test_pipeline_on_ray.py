@@ -90,3 +90,36 @@ def test_pipeline_run_by_address_joins_and_trains_on_a_running_cluster(workspace
     assert summary["registered"]["stage"] == "Staging"
     run = Registry(Backend.for_uri(uri)).client.get_run(summary["mlflow_run_id"])
     assert run.data.tags["compute"] == "ray" and run.data.tags["point_in_time_join.how"].endswith("on Ray")
+
+
+def test_scoring_on_ray_gives_the_graphs_answers_in_order(workspace, on_ray, monkeypatch):
+    from lifecycle.onnx_export import onnx_positive_proba
+    from lifecycle.pipeline import compute
+    from mlops.schema import MODEL_FEATURES
+
+    monkeypatch.setattr(compute, "SCORE_ROWS", 700)  # several tasks, the last one short
+    frame = datamod.training_frame(workspace.dataset).head(3_000)
+    x = frame[list(MODEL_FEATURES)].to_numpy("float32")
+    onnx = workspace.model.onnx_path.read_bytes()
+    assert Compute("ray").score(onnx, x) == pytest.approx(onnx_positive_proba(onnx, x), abs=0)
+
+
+def test_the_retraining_controller_trains_and_judges_on_ray(tmp_path, on_ray):
+    """A pipeline whose compute: says ray: the retrain's training and its window gate's scoring run on Ray
+    (one Ray for both), and the candidate that beats the weak Production on the window rolls out, as in
+    tests/test_retrain.py's one-process case."""
+    from lifecycle.retrain.policy import RetrainPolicy
+    from mlops.settings import Settings
+    from tests.test_retrain import GivenWindow, alert, pipeline_file, recent, weak_production
+
+    name = "retrain_on_ray"
+    registry = weak_production(tmp_path, name)
+    pipeline = pipeline_file(tmp_path, name)
+    pipeline.raw["compute"] = {"engine": "ray", "partitions": 3}
+    ctl = GivenWindow(Settings(), registry, pipeline, RetrainPolicy(cooldown_s=0), name)
+    ctl.window = recent(2_000, seed=11)
+    got = ctl.handle(alert(model=name), "t:0:1")
+    assert (got["action"], got["outcome"]) == ("retrain", "rollout_started"), got
+    assert got["window_gate"].startswith("accuracy ") and "on 1000 labelled rows" in got["window_gate"]
+    training = registry.client.get_run(got["training_run_id"])
+    assert training.data.tags["compute"] == "ray"

@@ -11,8 +11,12 @@ or a cluster by its address), with the same code.
 - **Training** (one scikit-learn fit: it does not spread over machines) runs as one Ray task, on a worker with
   the memory for it, not in the driver (on Kubernetes: the controller's or the RayJob's submitter pod).
 
-Evaluation (holdout-sized) stays in the driver; scoring a candidate over days of logged traffic is batch
-scoring's job (``mlops-score --features logged --engine ray``).
+- **Scoring** a model over many rows (Production on the holdout at the gate; the candidate and Production on
+  the retraining controller's labelled window) runs as Ray tasks of ``SCORE_ROWS`` rows.
+
+The ONNX export and its parity check (the holdout through both sklearn and the graph) stay in the driver;
+scoring a candidate over days of logged traffic without labels is batch scoring's job (``mlops-score
+--features logged --engine ray``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from lifecycle import ray_runtime, train
+from lifecycle.onnx_export import onnx_positive_proba
 from mlops import offline
 from mlops.schema import ENTITY
 
@@ -35,6 +40,7 @@ ENGINES = ("auto", "local", "ray")
 KEYS = {"engine", "address", "partitions"}
 ROW = "_row"
 PARTS_PER_CPU = 2  # a part per core and one more queued: a slow part does not leave a core idle
+SCORE_ROWS = 250_000  # rows a scoring task takes (a few MB of features, well under a second of the model)
 
 
 class ComputeError(ValueError):
@@ -69,9 +75,6 @@ class Compute:
         if chosen == "auto":
             chosen = "ray" if where else "local"
         return cls(chosen, where if chosen == "ray" else None, parts)
-
-    def describe(self) -> str:
-        return "this process" if self.engine == "local" else f"Ray ({self.address or 'in this process'})"
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -114,6 +117,17 @@ class Compute:
         frame = pd.concat(joined) if joined else asof.training_rows(events.iloc[:0]).assign(**{ROW: 0})
         frame = frame.sort_values(ROW).drop(columns=[ROW], errors="ignore").reset_index(drop=True)
         return frame, f"as-of join in {len(pending)} parts by customer on Ray"
+
+    def score(self, onnx: bytes, x: Any) -> np.ndarray:
+        """The served graph's positive-class probability of each row, in order: one call here; on Ray, tasks of
+        ``SCORE_ROWS`` rows (the graph put in the object store once), retried when their worker dies."""
+        if self.engine == "local" or not len(x):
+            return onnx_positive_proba(onnx, x)
+        import ray
+
+        graph, task = ray.put(onnx), ray.remote(max_retries=3)(onnx_positive_proba)
+        parts = [task.remote(graph, x[start:start + SCORE_ROWS]) for start in range(0, len(x), SCORE_ROWS)]
+        return np.concatenate([ray.get(part) for part in parts])
 
     def fit(self, x: pd.DataFrame, y: pd.Series, params: dict[str, Any]) -> Any:
         """``train.fit``, here or as one Ray task (retried when its worker dies)."""

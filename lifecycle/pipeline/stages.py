@@ -13,7 +13,7 @@ import pandas as pd
 
 from lifecycle import data as datamod
 from lifecycle import model_store, train
-from lifecycle.onnx_export import ParityError, onnx_positive_proba
+from lifecycle.onnx_export import ParityError
 from lifecycle.pipeline.compute import Compute
 from lifecycle.pipeline.validator import DEFAULT_MIN_IMPROVEMENT, THRESHOLD_KEYS
 from lifecycle.registry import Registry, RegistryError, check_metrics, register_stage
@@ -173,7 +173,7 @@ def gate(ctx: Context, params: dict[str, Any]) -> str:
         margin = float(params.get("min_improvement", DEFAULT_MIN_IMPROVEMENT))
         stored = model_store.load(ctx.model_name, production.version, ctx.registry.backend)
         prod_metrics = train.score_metrics(ctx.values["y_holdout"],
-                                           onnx_positive_proba(stored.onnx_path.read_bytes(), ctx.values["x_holdout"]))
+                                           ctx.compute.score(stored.onnx_path.read_bytes(), ctx.values["x_holdout"]))
         ctx.summary["production"] = {"version": production.version, **prod_metrics}
         ctx.run.log_metrics({"production_auc": prod_metrics["auc"],
                              "auc_improvement": metrics["auc"] - prod_metrics["auc"]})

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lifecycle.onnx_export import onnx_positive_proba
 from lifecycle.pipeline import definition, runner
 from lifecycle.pipeline.compute import Compute, ComputeError
 from lifecycle.pipeline.stages import StageFailed
@@ -61,6 +60,9 @@ class Controller:
                  group: str | None = None, from_now: bool = False) -> None:
         self.settings, self.registry, self.pipeline, self.policy = settings, registry, pipeline, policy
         self.name = name or pipeline.model_name
+        # where the pipeline's heavy stages and the window gate's scoring run (its compute: section, with
+        # MLOPS_RAY_ADDRESS over it)
+        self.compute = Compute.resolve(pipeline.raw.get("compute"), address=settings.ray_address)
         self.group = group or f"mlops-retrain-{self.name}"
         self.from_now = from_now  # a group without offsets starts at the topic's end, not its beginning
         self.log = DecisionLog(registry, lease_s)
@@ -127,17 +129,27 @@ class Controller:
             heart.join()
 
     def _retrain(self, decision_id: str, alert_id: str, alert: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
-        gate = self.policy.window_gate
-        waited = ""
         try:
             window, waited = self._labelled(alert_time(alert))
-            trained_on, judged_on = window_split(window, gate.gate_share)
-            summary = runner.run(self.pipeline, self.registry, model_name=self.name, settings=self.settings,
-                                 tags={TRAINING_TAG: decision_id, "retrain_alert": alert_id}, labelled=trained_on)
         except Stopped:
             raise
+        except Exception as exc:  # noqa: BLE001 - the log unreadable: on record, not a crash here
+            return "failed", f"the labelled window could not be read: {type(exc).__name__}: {str(exc)[:2000]}", {}
+        try:  # one Ray (in this process, or the cluster's) for the training and the window gate
+            with self.compute.session():
+                return self._train_and_judge(decision_id, alert_id, alert, window, waited)
         except RayUnavailable as exc:  # the cluster, not the candidate: neither counted nor cooled down
             return "unavailable", str(exc), {"label_wait": waited} if waited else {}
+
+    def _train_and_judge(self, decision_id: str, alert_id: str, alert: dict[str, Any], window: pd.DataFrame,
+                         waited: str) -> tuple[str, str, dict[str, str]]:
+        trained_on, judged_on = window_split(window, self.policy.window_gate.gate_share)
+        try:
+            summary = runner.run(self.pipeline, self.registry, model_name=self.name, settings=self.settings,
+                                 tags={TRAINING_TAG: decision_id, "retrain_alert": alert_id}, labelled=trained_on,
+                                 compute=self.compute)
+        except Stopped:
+            raise
         except StageFailed as exc:
             links = {"training_run_id": str(getattr(exc, "summary", {}).get("mlflow_run_id", "")),
                      **({"label_wait": waited} if waited else {})}
@@ -247,8 +259,8 @@ class Controller:
         if production is None:
             return True, "no Production version to compare with: the pipeline's holdout gate decided alone"
         x = rows[list(MODEL_FEATURES)].to_numpy(np.float32)
-        scores = {version: onnx_positive_proba(models.load(self.name, version, self.registry.backend).onnx_path
-                                               .read_bytes(), x) for version in (candidate, production.version)}
+        scores = {version: self.compute.score(models.load(self.name, version, self.registry.backend).onnx_path
+                                              .read_bytes(), x) for version in (candidate, production.version)}
         result = compare(rows[LABEL].to_numpy(), scores[candidate], scores[production.version],
                          self.settings.decision_threshold, gate.confidence)
         self.log.metrics(decision_id, result.to_dict())
