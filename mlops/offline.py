@@ -5,11 +5,12 @@ newest at the transaction's ``event_timestamp`` (and within the feature view's t
 transaction never reaches that transaction's row. The same join as :func:`point_in_time`, done by the feature
 store the service reads online, so training and serving share one definition of the features.
 
-Batch scoring joins millions of rows a chunk at a time: Feast's file offline store re-reads and re-joins the
-source for every call (tens of thousands of rows a second here). :class:`AsOfJoin` takes the feature view's
-definition from Feast's registry (source file, timestamp field, ttl), loads the source once and joins each
-chunk with :func:`point_in_time`; the tests hold it equal to ``get_historical_features``. Feature views on
-other sources go through Feast.
+Batch scoring joins millions of rows a chunk at a time, and the training pipeline the whole history, here or
+in parts by customer on Ray: Feast's file offline store re-reads and re-joins the source for every call, and
+its Ray store is slower still. :class:`AsOfJoin` takes the feature view's definition from Feast's registry
+(source file, timestamp field, ttl), loads the source once and joins with :func:`point_in_time`
+(:func:`join_training_rows` for training rows); the tests hold it equal to ``get_historical_features``.
+Feature views on other sources go through Feast.
 """
 
 from __future__ import annotations

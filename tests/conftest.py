@@ -7,9 +7,11 @@ bentoml or mlflow is imported so tests never touch the user's model store or reg
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +27,14 @@ tempfile.tempdir = None  # recomputed from TMPDIR
 
 import pytest  # noqa: E402
 
-from tests.support import MLFLOW_CREDENTIALS, Workspace, prepare_workspace, server_backend, start_server  # noqa: E402
+from tests.support import (  # noqa: E402
+    MLFLOW_CREDENTIALS,
+    Workspace,
+    prepare_workspace,
+    ray_turn_held,
+    server_backend,
+    start_server,
+)
 
 # Helpers Python's multiprocessing starts for this pytest process itself; they end when it does.
 OWN_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
@@ -148,10 +157,15 @@ def mlflow_backend(request, tmp_path):
 
 
 @pytest.fixture
-def ray_cluster(workspace, tmp_path):
+def ray_turn() -> Iterator[None]:
+    with ray_turn_held():
+        yield
+
+
+@pytest.fixture
+def ray_cluster(workspace, tmp_path, ray_turn):
     """A one-node Ray cluster started as an operator starts one (`ray start --head`), reached by its address:
     the driver is only a client, the tasks run in the cluster's own worker processes."""
-    import contextlib
     import signal
     import subprocess
     import sys

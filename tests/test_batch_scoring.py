@@ -99,7 +99,7 @@ def test_a_batch_score_is_what_predict_answers_for_the_same_row(workspace, serve
         assert answer["label"] == row.label
 
 
-def test_point_in_time_features_and_ray_gives_the_single_process_output(workspace, tmp_path, score_here):
+def test_point_in_time_features_and_ray_gives_the_single_process_output(workspace, tmp_path, score_here, ray_turn):
     """Historical rows get the snapshot that was newest at their time (not today's), and Ray Data over many
     partitions writes what the single process writes."""
     from mlops.offline import features_as_of

@@ -17,7 +17,7 @@ from lifecycle.pipeline.compute import Compute
 from lifecycle.registry import Registry
 from lifecycle.tracking import Backend
 from mlops import offline
-from tests.support import feast_pipeline
+from tests.support import feast_pipeline, ray_turn_held
 from tests.test_training import _history_case
 from tools import feast_cli
 
@@ -27,9 +27,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def on_ray():
-    """One Ray for the module (each join and run below uses it as it is, as on a cluster)."""
-    with ray_runtime.session(workers=2):
+    """One Ray for the module (each join and run below uses it as it is, as on a cluster), in its turn."""
+    with ray_turn_held(), ray_runtime.session(workers=2):
         yield
+
+
+def test_pipeline_run_by_address_joins_and_trains_on_a_running_cluster(workspace, tmp_path, ray_cluster):
+    """`--address`: the driver is a client of a cluster started as an operator starts one; the join's parts
+    and the training run in the cluster's own workers (which import the project from their PYTHONPATH)."""
+    import subprocess
+    import sys
+
+    path = feast_pipeline(workspace.feature_repo, tmp_path)
+    uri = Backend.for_uri(str(tmp_path / "mlflow.db")).uri
+    done = subprocess.run([sys.executable, "-m", "lifecycle.pipeline", "run", "--pipeline", str(path),
+                           "--mlflow-uri", uri, "--name", "cluster_model"], cwd=ROOT, capture_output=True, text=True,
+                          env={**workspace.env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
+                               "MLOPS_RAY_ADDRESS": ray_cluster}, timeout=300)  # the address alone: engine auto
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["registered"]["stage"] == "Staging"
+    run = Registry(Backend.for_uri(uri)).client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["compute"] == "ray" and run.data.tags["point_in_time_join.how"].endswith("on Ray")
 
 
 def test_a_join_on_ray_gives_the_rows_of_feasts_own_join(workspace, on_ray):
@@ -71,25 +90,6 @@ def test_pipeline_run_on_ray_trains_gates_and_registers(workspace, tmp_path, on_
     run = Registry(Backend.for_uri(uri)).client.get_run(summary["mlflow_run_id"])
     assert run.data.tags["compute"] == "ray"
     assert run.data.tags["point_in_time_join.how"].endswith("on Ray")
-
-
-def test_pipeline_run_by_address_joins_and_trains_on_a_running_cluster(workspace, tmp_path, ray_cluster):
-    """`--address`: the driver is a client of a cluster started as an operator starts one; the join's parts
-    and the training run in the cluster's own workers (which import the project from their PYTHONPATH)."""
-    import subprocess
-    import sys
-
-    path = feast_pipeline(workspace.feature_repo, tmp_path)
-    uri = Backend.for_uri(str(tmp_path / "mlflow.db")).uri
-    done = subprocess.run([sys.executable, "-m", "lifecycle.pipeline", "run", "--pipeline", str(path),
-                           "--mlflow-uri", uri, "--name", "cluster_model"], cwd=ROOT, capture_output=True, text=True,
-                          env={**workspace.env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
-                               "MLOPS_RAY_ADDRESS": ray_cluster}, timeout=300)  # the address alone: engine auto
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout)
-    assert summary["registered"]["stage"] == "Staging"
-    run = Registry(Backend.for_uri(uri)).client.get_run(summary["mlflow_run_id"])
-    assert run.data.tags["compute"] == "ray" and run.data.tags["point_in_time_join.how"].endswith("on Ray")
 
 
 def test_scoring_on_ray_gives_the_graphs_answers_in_order(workspace, on_ray, monkeypatch):
