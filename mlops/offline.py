@@ -52,7 +52,11 @@ def join_training_rows(transactions: pd.DataFrame, history: pd.DataFrame, ttl: t
     workers by customer. The rows kept keep their position in ``transactions`` as their index."""
     events = transactions.reset_index(drop=True)  # (the rows kept are named by their position)
     events[TIMESTAMP] = pd.to_datetime(events[TIMESTAMP], utc=True).astype(NS_UTC)
-    features = point_in_time(events, history, ttl)
+    return _with_features(events, point_in_time(events, history, ttl))
+
+
+def _with_features(events: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
+    """Training rows: each event's columns beside its store features (same positions), those without dropped."""
     frame = pd.concat([events[[ENTITY, "transaction_amount", LABEL, TIMESTAMP]], features], axis=1)
     return frame[TRAINING_COLUMNS].dropna(subset=list(STORE_FEATURES))
 
@@ -89,8 +93,7 @@ def training_frame(repo: Path, transactions: pd.DataFrame, redis_address: str = 
         raise OfflineStoreError(f"transactions lack columns {missing}")
     events = transactions.reset_index(drop=True)
     features = features_as_of(repo, events, redis_address, store=open_store(repo, redis_address, offline_store))
-    frame = pd.concat([events[[ENTITY, "transaction_amount", LABEL, TIMESTAMP]], features], axis=1)
-    return frame[TRAINING_COLUMNS].dropna(subset=list(STORE_FEATURES)).reset_index(drop=True)
+    return _with_features(events, features).reset_index(drop=True)
 
 
 def features_as_of(repo: Path, entities: pd.DataFrame, redis_address: str = "127.0.0.1:6379",
